@@ -1,0 +1,232 @@
+"""The deployment plan: what to rent, how to group GPUs into replicas, and how to route between them.
+
+This is the contract between the planner (writes plans), the controller (makes the cluster match the
+plan), and the gateway (routes by the plan's weights). It is plain data with no heavy imports, so the
+gateway can use it without the search code.
+
+Plan JSON (``Plan.to_json()``), every field documented here and in the README:
+
+```
+{
+  "version": 3,                      # bumped by the state store on every publish (0 = never published)
+  "model": "llama-3.1-8b",           # model catalog name (or a HF config path)
+  "strategy": "thunderserve",        # thunderserve | colocated | distserve | hexgen | greedy | no-bandwidth
+  "seed": 0,
+  "instances": [                     # what is rented (or, with --pool, what is already owned)
+    {"id": "n0", "instance_type": "1x_L40S_SECURE", "gpu_type": "L40S", "gpu_count": 1,
+     "spot": true, "price_per_hour": 0.86, "region": "US", "cloud": "runpod"}
+  ],
+  "replicas": [                      # one model copy each; GPUs of a replica are used by it alone
+    {"id": "r0", "node_ids": ["n0"], "gpus": [["n0", 0]], "tp": 1, "pp": 1,
+     "layer_split": [32], "role": "prefill"}          # role: prefill | decode | both (colocated)
+  ],
+  "routing": [                       # joint distribution over (prefill, decode) pairs; weights sum to 1
+    {"prefill": "r0", "decode": "r1", "weight": 0.6, "kv_compression": "none"}
+  ],                                 # a colocated replica r is the pair (r, r)
+  "expected": {"goodput_rps": 3.2, "slo_attainment": 0.93, "cost_per_hour": 4.1,
+               "goodput_per_dollar": 0.78},
+  "workload": {...}, "slo": {...},   # what the plan was made for (free-form, from the planner)
+  "created_at": 1764290000.0
+}
+```
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+Role = Literal["prefill", "decode", "both"]
+KvCompression = Literal["none", "int8", "int4"]
+ROLES: tuple[str, ...] = ("prefill", "decode", "both")
+KV_COMPRESSIONS: tuple[str, ...] = ("none", "int8", "int4")
+
+
+class PlanError(ValueError):
+    """A plan that breaks its own invariants (unknown ids, bad weights, a GPU used twice)."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One rented machine (a node). ``id`` is stable for the life of the node."""
+
+    id: str
+    instance_type: str
+    gpu_type: str
+    gpu_count: int
+    spot: bool
+    price_per_hour: float
+    region: str = ""
+    cloud: str = ""
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One model replica: the GPUs it owns, its parallelism, its phase."""
+
+    id: str
+    node_ids: list[str]
+    gpus: list[tuple[str, int]]
+    tp: int
+    pp: int
+    role: Role
+    layer_split: list[int] = field(default_factory=list)
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.gpus)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Fraction of all requests whose prefill runs on ``prefill`` and decode on ``decode``."""
+
+    prefill: str
+    decode: str
+    weight: float
+    kv_compression: KvCompression = "none"
+
+
+@dataclass
+class Plan:
+    """A complete deployment decision. See the module docstring for the JSON layout."""
+
+    model: str
+    instances: list[Instance]
+    replicas: list[ReplicaSpec]
+    routing: list[Route]
+    strategy: str = "thunderserve"
+    seed: int = 0
+    version: int = 0
+    expected: dict[str, float] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
+    slo: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def cost_per_hour(self) -> float:
+        return round(sum(i.price_per_hour for i in self.instances), 6)
+
+    def replica(self, replica_id: str) -> ReplicaSpec:
+        for r in self.replicas:
+            if r.id == replica_id:
+                return r
+        raise KeyError(replica_id)
+
+    def instance(self, node_id: str) -> Instance:
+        for i in self.instances:
+            if i.id == node_id:
+                return i
+        raise KeyError(node_id)
+
+    def replicas_with_role(self, role: str) -> list[ReplicaSpec]:
+        return [r for r in self.replicas if r.role == role]
+
+    def per_prefill_weights(self) -> dict[str, dict[str, float]]:
+        """Routing as a conditional distribution: for each prefill, decode -> weight (sums to 1)."""
+        rows: dict[str, dict[str, float]] = defaultdict(dict)
+        for r in self.routing:
+            rows[r.prefill][r.decode] = rows[r.prefill].get(r.decode, 0.0) + r.weight
+        out: dict[str, dict[str, float]] = {}
+        for p, row in rows.items():
+            total = sum(row.values())
+            out[p] = {d: (w / total if total > 0 else 0.0) for d, w in row.items()}
+        return out
+
+    # -- checks --------------------------------------------------------------------------------
+    def validate(self, budget_per_hour: float | None = None, tol: float = 1e-6) -> None:
+        """Raise PlanError if an invariant does not hold (ids, GPU ownership, weights, budget)."""
+        node_ids = [i.id for i in self.instances]
+        if len(set(node_ids)) != len(node_ids):
+            raise PlanError("duplicate instance id")
+        nodes = {i.id: i for i in self.instances}
+        replica_ids = [r.id for r in self.replicas]
+        if len(set(replica_ids)) != len(replica_ids):
+            raise PlanError("duplicate replica id")
+        used: set[tuple[str, int]] = set()
+        for r in self.replicas:
+            if r.role not in ROLES:
+                raise PlanError(f"replica {r.id}: unknown role {r.role!r}")
+            if r.tp < 1 or r.pp < 1 or r.tp * r.pp != len(r.gpus):
+                raise PlanError(f"replica {r.id}: tp*pp={r.tp * r.pp} but {len(r.gpus)} GPUs")
+            for node, idx in r.gpus:
+                if node not in nodes:
+                    raise PlanError(f"replica {r.id}: unknown node {node}")
+                if not 0 <= idx < nodes[node].gpu_count:
+                    raise PlanError(f"replica {r.id}: node {node} has no GPU {idx}")
+                if (node, idx) in used:
+                    raise PlanError(f"GPU {node}:{idx} used by two replicas")
+                used.add((node, idx))
+            if set(r.node_ids) != {n for n, _ in r.gpus}:
+                raise PlanError(f"replica {r.id}: node_ids do not match its GPUs")
+        roles = {r.id: r.role for r in self.replicas}
+        for route in self.routing:
+            if route.weight < -tol:
+                raise PlanError("negative routing weight")
+            if route.kv_compression not in KV_COMPRESSIONS:
+                raise PlanError(f"unknown kv_compression {route.kv_compression!r}")
+            p, d = roles.get(route.prefill), roles.get(route.decode)
+            if p is None or d is None:
+                raise PlanError(f"route {route.prefill}->{route.decode}: unknown replica")
+            colocated = route.prefill == route.decode and p == "both"
+            if not colocated and (p != "prefill" or d != "decode"):
+                raise PlanError(f"route {route.prefill}->{route.decode}: roles {p}->{d}")
+        if self.routing:
+            total = sum(r.weight for r in self.routing)
+            if abs(total - 1.0) > 1e-4:
+                raise PlanError(f"routing weights sum to {total}, not 1")
+        if budget_per_hour is not None and self.cost_per_hour > budget_per_hour + tol:
+            raise PlanError(f"plan costs ${self.cost_per_hour:.2f}/h, over the ${budget_per_hour:.2f}/h budget")
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["replicas"] = [{**asdict(r), "gpus": [list(g) for g in r.gpus]} for r in self.replicas]
+        d["expected"] = {**self.expected, "cost_per_hour": self.cost_per_hour}
+        return d
+
+    def to_json(self, indent: bool = False) -> bytes:
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2 if indent else 0)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        try:
+            return cls(
+                model=d["model"],
+                instances=[Instance(**i) for i in d["instances"]],
+                replicas=[
+                    ReplicaSpec(
+                        id=r["id"],
+                        node_ids=list(r["node_ids"]),
+                        gpus=[(str(n), int(i)) for n, i in r["gpus"]],
+                        tp=int(r["tp"]),
+                        pp=int(r["pp"]),
+                        role=r["role"],
+                        layer_split=list(r.get("layer_split", [])),
+                    )
+                    for r in d["replicas"]
+                ],
+                routing=[Route(**r) for r in d.get("routing", [])],
+                strategy=d.get("strategy", "thunderserve"),
+                seed=int(d.get("seed", 0)),
+                version=int(d.get("version", 0)),
+                expected={k: v for k, v in d.get("expected", {}).items() if k != "cost_per_hour"},
+                workload=dict(d.get("workload", {})),
+                slo=dict(d.get("slo", {})),
+                created_at=float(d.get("created_at", time.time())),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"malformed plan JSON: {e!r}") from e
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Plan:
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise PlanError(f"plan is not JSON: {e}") from e
+        return cls.from_dict(raw)

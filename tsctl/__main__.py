@@ -1,0 +1,3 @@
+from tsctl.main import main
+
+main()
