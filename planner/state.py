@@ -11,7 +11,8 @@ write node records and events. Keys are namespaced per deployment as ``ts:{deplo
 - ``ts:{d}:plan`` (string): the current plan JSON (``planner.plan.Plan``) with its ``version`` set.
 - ``ts:{d}:plan:version`` (string, int): version of the current plan; bumped on every publish.
 - ``ts:{d}:plan:{v}`` (string): plan history, one key per version (the last ``PLAN_HISTORY`` kept).
-- ``ts:{d}:plan-updates`` (pub/sub channel): message = new plan version; gateways swap tables on it.
+- ``ts:{d}:plan-updates`` (pub/sub channel): message = plan version, sent on every publish and on every
+  replica record change (``announce``); gateways re-read plan and replicas and swap tables on it.
 - ``ts:{d}:events`` (stream): the audit log (preemptions, reschedules, role switches, provisioning);
   fields kind, reason, data (JSON), ts.
 - ``ts:{d}:hb:{node}`` (string with TTL): last heartbeat of a node agent; expiry = node presumed lost.
@@ -20,6 +21,10 @@ write node records and events. Keys are namespaced per deployment as ``ts:{deplo
   one key in one minute window.
 - ``ts:{d}:controller:leader`` (string with TTL): the controller holding the lease; one acts at a time.
 - ``ts:{d}:meta`` (hash): deployment facts (gateway URL, budget, model, local/cloud, started_at).
+- ``ts:{d}:budget:limit`` (string, int micro-USD/h): the hourly budget the provisioners enforce.
+- ``ts:{d}:budget:holds`` (hash): node id -> micro-USD/h held for a pending or live instance; the
+  provisioners' budget ledger (``provisioner.budget``) reserves with one Lua script, so the sum of holds
+  never exceeds the limit even with several writers.
 
 Read-modify-write of a record uses WATCH/MULTI (``_update_json_field``); the plan publish uses
 WATCH/MULTI on the version key; the rate limit is one Lua script, so concurrent gateways never lose an
@@ -215,6 +220,14 @@ class StateStore:
     def heartbeat_key(self, node_id: str) -> str:
         return self.key("hb", node_id)
 
+    @property
+    def budget_limit_key(self) -> str:
+        return self.key("budget", "limit")
+
+    @property
+    def budget_holds_key(self) -> str:
+        return self.key("budget", "holds")
+
     # -- generic record helpers --------------------------------------------------------------------
     async def _put(self, hkey: str, rec_id: str, rec: Any) -> None:
         await self.r.hset(hkey, rec_id, orjson.dumps(asdict(rec)))
@@ -271,6 +284,7 @@ class StateStore:
     # -- replicas ----------------------------------------------------------------------------------
     async def put_replica(self, rep: ReplicaRecord) -> None:
         await self._put(self.replicas_key, rep.id, rep)
+        await self.announce()
 
     async def get_replica(self, replica_id: str) -> ReplicaRecord | None:
         return await self._get(self.replicas_key, replica_id, ReplicaRecord)
@@ -281,14 +295,19 @@ class StateStore:
     async def update_replica(self, replica_id: str, **changes: Any) -> ReplicaRecord:
         if "status" in changes and changes["status"] not in REPLICA_STATUSES:
             raise ValueError(f"unknown replica status {changes['status']!r}")
-        return await self._update(self.replicas_key, replica_id, ReplicaRecord, lambda r: _assign(r, changes))
+        rec = await self._update(self.replicas_key, replica_id, ReplicaRecord, lambda r: _assign(r, changes))
+        await self.announce()
+        return rec
 
     async def modify_replica(self, replica_id: str, change: Callable[[ReplicaRecord], None]) -> ReplicaRecord:
         """Apply ``change`` to the stored record atomically (retried if another writer got there first)."""
-        return await self._update(self.replicas_key, replica_id, ReplicaRecord, change)
+        rec = await self._update(self.replicas_key, replica_id, ReplicaRecord, change)
+        await self.announce()
+        return rec
 
     async def delete_replica(self, replica_id: str) -> None:
         await self.r.hdel(self.replicas_key, replica_id)
+        await self.announce()
 
     # -- plans ---------------------------------------------------------------------------------------
     async def publish_plan(self, plan: Plan) -> int:
@@ -315,6 +334,14 @@ class StateStore:
 
         await self.r.transaction(txn, self.plan_version_key)
         return published[0]
+
+    async def announce(self) -> None:
+        """Re-announce the current plan version: replica records changed, so routers re-read both.
+
+        Every replica write calls this, so a worker turning ready, draining or failed reaches every
+        gateway at once instead of at its next periodic refresh.
+        """
+        await self.r.publish(self.plan_channel, str(await self.plan_version()))
 
     async def get_plan(self, version: int | None = None) -> Plan | None:
         raw = await self.r.get(self.plan_key if version is None else self.key("plan", version))

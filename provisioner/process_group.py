@@ -1,0 +1,88 @@
+"""A virtual node's processes: its own process group, tagged, killed all at once.
+
+A local node is a node agent started in a new session (``start_new_session=True``), so it and the
+engines it starts share a process group we can signal as one, the way a cloud VM disappears as one.
+Each process also carries ``TS_LOCAL_NODE=<deployment>/<node>`` in its environment (inherited by every
+child), so a process that left the group (``setsid``) is still found and nothing outlives its node.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+NODE_TAG_ENV = "TS_LOCAL_NODE"
+
+
+def node_tag(deployment: str, node_id: str) -> str:
+    return f"{deployment}/{node_id}"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def node_processes(pgid: int | None, tag: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes of a node: members of its group, or carrying its tag."""
+    me = os.getpid()
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        if proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if (pgid is not None and _pgid(proc.pid) == pgid) or proc.environ().get(NODE_TAG_ENV) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def signal_node(pgid: int | None, tag: str, sig: signal.Signals) -> int:
+    """Send ``sig`` to the node's group and to every tagged process; returns how many were signalled."""
+    if pgid is not None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    procs = node_processes(pgid, tag)
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return len(procs)
+
+
+def wait_gone(pgid: int | None, tag: str, timeout_s: float, poll_s: float = 0.05) -> list[psutil.Process]:
+    """Wait until the node has no live process; returns the survivors (empty on success)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = node_processes(pgid, tag)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(poll_s)
+
+
+def kill_node(pgid: int | None, tag: str, timeout_s: float = 10.0) -> list[psutil.Process]:
+    """SIGKILL everything of the node at once, without warning (a preemption); returns survivors."""
+    left: list[psutil.Process] = []
+    for _ in range(3):  # again for children forked while the previous sweep ran
+        signal_node(pgid, tag, signal.SIGKILL)
+        left = wait_gone(pgid, tag, timeout_s / 3)
+        if not left:
+            break
+    return left
+
+
+def stop_node(pgid: int | None, tag: str, grace_s: float = 5.0, kill_timeout_s: float = 10.0) -> list[psutil.Process]:
+    """SIGTERM the node, SIGKILL what is left after ``grace_s``; returns survivors (should be none)."""
+    signal_node(pgid, tag, signal.SIGTERM)
+    if not wait_gone(pgid, tag, grace_s):
+        return []
+    return kill_node(pgid, tag, kill_timeout_s)
