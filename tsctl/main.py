@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from tsctl import __version__
+from tsctl.deploy_cmd import chaos_app, down, restart, status, up
 from tsctl.doctor import doctor
+from tsctl.plan_cmd import plan, reschedule, simulate
 
 app = typer.Typer(
     name="tsctl",
@@ -27,7 +29,15 @@ def version() -> None:
     typer.echo(f"thunderserve {__version__}")
 
 
+app.command()(up)
+app.command()(status)
+app.command()(down)
+app.command()(restart)
+app.add_typer(chaos_app, name="chaos")
 app.command()(doctor)
+app.command()(plan)
+app.command()(simulate)
+app.command()(reschedule)
 
 
 def main() -> None:

@@ -1,0 +1,520 @@
+"""The controller: keeps the running cluster equal to the plan in Redis, and heals it after a loss.
+
+One controller acts at a time (a lease in Redis); it is restartable: everything it needs (its config,
+the plan, the nodes, the replicas) is in Redis, and the provisioner adopts the nodes a previous
+controller left running. The loop:
+
+- reconcile, every ``tick_s`` and after every node event: rent the plan's nodes that do not exist yet,
+  start the plan's replicas on ready nodes through their agents, switch the role of a replica whose
+  role differs from the plan's (after draining), stop replicas and release nodes the plan dropped;
+- on a lost node (preempted, terminated, failed, or found dead on restart): the lightweight reschedule
+  (``planner.reschedule``: survivors keep their GPUs and parallelism; only phases and routing change),
+  published at once so gateways route around the loss; then replacement capacity within the budget,
+  folded into the plan when it is ready.
+
+Every decision goes to the events stream with its reason and timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from planner.plan import Instance, Plan
+from planner.state import NodeRecord, ReplicaRecord, StateStore
+
+log = logging.getLogger("planner.controller")
+
+LOST = ("preempted", "terminated", "failed")
+CONFIG_META_KEY = "controller_config"
+
+
+@dataclass
+class ControllerConfig:
+    """What the deployment was asked for; stored in Redis meta so a restarted controller knows it."""
+
+    model: str  # planner catalog name (e.g. "llama-3.1-8b", "smollm2")
+    budget: float  # $/h for everything rented
+    provider: str = "local"  # local | skypilot
+    engine: str = "reference"  # what agents run: reference (CPU engine) | sglang
+    engine_model: str = ""  # the engine's --model: reference smollm2|tiny|emulated; sglang a model path
+    rate: float = 1.0
+    input_len: int = 256
+    output_len: int = 64
+    ttft_s: float = 2.0
+    tpot_s: float = 0.2
+    attainment: float = 0.9
+    spot: bool = True
+    catalogs: list[str] = field(default_factory=list)
+    kv_compression: str = "auto"
+    seed: int = 0
+    plan_time_limit_s: float = 10.0
+    max_nodes: int = 64
+    max_batch: int | None = None
+    replace_lost: bool = True
+    drain_timeout_s: float = 30.0
+    workdir: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ControllerConfig:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def workload_of(cfg: ControllerConfig) -> Any:
+    """The (Workload, SLO) pair the deployment was asked to serve."""
+    from planner.workload import SLO, Lengths, Workload
+
+    return (
+        Workload(cfg.rate, Lengths.fixed(cfg.input_len), Lengths.fixed(cfg.output_len)),
+        SLO(cfg.ttft_s, cfg.tpot_s, cfg.attainment),
+    )
+
+
+def offers_of(cfg: ControllerConfig) -> list[Any] | None:
+    """Offers to rent from: the given catalogs; the local catalog with --local; else the planner's default."""
+    from planner.offers import load_offers
+
+    if cfg.catalogs:
+        return load_offers(cfg.catalogs)
+    if cfg.provider == "local":
+        from provisioner.catalog import default_local_catalog_path
+
+        return load_offers([default_local_catalog_path()])
+    return None
+
+
+def plan_for_config(cfg: ControllerConfig) -> Plan:
+    """A fresh plan for the configured model, workload and budget (CPU-bound: run it in a thread)."""
+    from planner.scheduler import plan_deployment
+
+    workload, slo = workload_of(cfg)
+    return plan_deployment(
+        cfg.model, workload, slo, budget=cfg.budget, offers=offers_of(cfg), spot=cfg.spot,
+        kv_compression=cfg.kv_compression, seed=cfg.seed, time_limit_s=cfg.plan_time_limit_s,
+        max_gpus=cfg.max_nodes,
+    )
+
+
+class Controller:
+    """Reconciles the plan with reality. Construct with a started StateStore and a provisioner."""
+
+    def __init__(self, state: StateStore, provisioner: Any, config: ControllerConfig, *, tick_s: float = 0.5,
+                 owner: str | None = None) -> None:
+        self.state = state
+        self.provisioner = provisioner
+        self.cfg = config
+        self.tick_s = tick_s
+        self.owner = owner or f"controller-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.plan: Plan | None = None
+        self._plan_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._busy: set[str] = set()  # replica ids with a start/stop/switch in flight
+        self._replacing: dict[str, str] = {}  # lost node id -> replacement node id
+        self._handled_lost: set[str] = set()
+        self._refused: set[str] = set()  # node ids whose acquire the budget refused (logged once)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._agents: dict[str, Any] = {}
+
+    # -- planning -----------------------------------------------------------------------------------
+    def _workload(self) -> Any:
+        return workload_of(self.cfg)
+
+    def make_plan(self) -> Plan:
+        return plan_for_config(self.cfg)
+
+    async def _publish(self, plan: Plan, kind: str, reason: str, **data: Any) -> int:
+        version = await self.state.publish_plan(plan)
+        self.plan = plan
+        await self.state.emit(kind, reason, plan_version=version, **data)
+        log.info("%s: plan v%d (%s)", kind, version, reason)
+        return version
+
+    # -- main loop ------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Act as the controller until ``stop`` is set (then leave nodes running for a successor)."""
+        await self._wait_for_lease(stop)
+        if stop.is_set():
+            return
+        lease = asyncio.create_task(self._keep_lease(stop))
+        await self.state.set_meta(**{CONFIG_META_KEY: asdict(self.cfg)})
+        events = self.provisioner.watch()
+        await self.provisioner.start()
+        await self.state.emit("controller.started", "took the lease", owner=self.owner)
+        try:
+            self.plan = await self.state.get_plan()
+            if self.plan is None:
+                t0 = time.perf_counter()
+                plan = await asyncio.to_thread(self.make_plan)
+                await self._publish(plan, "plan.created", "initial plan", plan_s=time.perf_counter() - t0,
+                                    cost_per_hour=plan.cost_per_hour, replicas=len(plan.replicas))
+            watcher = asyncio.create_task(self._follow_events(events))
+            while not stop.is_set():
+                try:
+                    await self.reconcile()
+                except Exception:  # one bad pass must not kill the controller; the next one retries
+                    log.exception("reconcile failed")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_any(stop), self.tick_s)
+            watcher.cancel()
+        finally:
+            lease.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            events.close()
+            for agent in self._agents.values():
+                await agent.close()
+            await self.state.release_leader(self.owner)
+
+    async def _wait_any(self, stop: asyncio.Event) -> None:
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self._wake.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _wait_for_lease(self, stop: asyncio.Event) -> None:
+        announced = False
+        while not stop.is_set():
+            if await self.state.acquire_leader(self.owner, ttl_s=5.0):
+                return
+            if not announced:
+                log.warning("another controller holds the lease; waiting")
+                announced = True
+            await asyncio.sleep(1.0)
+
+    async def _keep_lease(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            if not await self.state.acquire_leader(self.owner, ttl_s=5.0):
+                log.error("lost the controller lease; stopping")
+                stop.set()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_task_error)
+
+    async def _follow_events(self, events: Any) -> None:
+        async for ev in events:
+            if ev.kind in LOST:
+                self._spawn(self.handle_lost([ev.node_id], seen_at=ev.at, cause=f"{ev.kind}: {ev.reason}"),
+                            f"lost-{ev.node_id}")
+            self._wake.set()
+
+    # -- loss and replacement -----------------------------------------------------------------------------
+    async def handle_lost(self, node_ids: list[str], seen_at: float | None = None, cause: str = "") -> None:
+        """Reschedule without the lost nodes (no weight reload), publish, then ask for replacements."""
+        seen_at = time.time() if seen_at is None else seen_at
+        async with self._plan_lock:
+            plan = self.plan
+            lost = [n for n in node_ids if plan is not None and n in {i.id for i in plan.instances}
+                    and n not in self._handled_lost]
+            if plan is None or not lost:
+                return
+            self._handled_lost.update(lost)
+            from planner.reschedule import reschedule
+
+            workload, slo = self._workload()
+            t0 = time.perf_counter()
+            try:
+                new_plan, changes = await asyncio.to_thread(reschedule, plan, lost_nodes=lost, workload=workload,
+                                                            slo=slo)
+            except Exception as e:
+                await self.state.emit("reschedule.failed", f"lost {lost}: {e}", lost=lost)
+                new_plan, changes = _without_nodes(plan, lost), None
+            solve_s = time.perf_counter() - t0
+            lost_replicas = [r.id for r in plan.replicas if set(r.node_ids) & set(lost)]
+            for rid in lost_replicas:
+                await self.state.delete_replica(rid)
+            version = await self._publish(
+                new_plan, "reschedule", f"lost {', '.join(lost)} ({cause})" if cause else f"lost {', '.join(lost)}",
+                lost=lost, dropped_replicas=lost_replicas, solve_ms=round(solve_s * 1000, 2),
+                reschedule_ms=round((time.time() - seen_at) * 1000, 2),
+                changes=_changes_dict(changes), expected=new_plan.expected,
+            )
+            log.info("rescheduled after losing %s in %.1f ms (plan v%d)", lost, (time.time() - seen_at) * 1000,
+                     version)
+        self._wake.set()
+        if self.cfg.replace_lost:
+            for node_id in lost:
+                self._spawn(self.replace(node_id), f"replace-{node_id}")
+
+    async def replace(self, lost_id: str) -> None:
+        """Rent a node like the lost one (spot first; on-demand fallback; within budget) and fold it in."""
+        from provisioner.budget import BudgetExceeded
+
+        t0 = time.time()
+        try:
+            rec = await self.provisioner.replace(lost_id)
+        except BudgetExceeded as e:
+            await self.state.emit("replacement.refused", str(e), lost=lost_id)
+            return
+        except Exception as e:
+            await self.state.emit("replacement.failed", f"{type(e).__name__}: {e}", lost=lost_id)
+            return
+        self._replacing[lost_id] = rec.id
+        try:
+            ready = await self.provisioner.wait_ready(rec.id, timeout_s=600)
+        except Exception as e:
+            await self.state.emit("replacement.failed", f"{rec.id}: {e}", lost=lost_id, node=rec.id)
+            self._replacing.pop(lost_id, None)
+            return
+        await self.fold_in([ready], reason=f"replacement for {lost_id}", started_at=t0)
+        self._replacing.pop(lost_id, None)
+
+    async def fold_in(self, nodes: list[NodeRecord], reason: str, started_at: float | None = None) -> None:
+        """Re-plan with new nodes added (survivors keep their groups); their replicas start on reconcile."""
+        from planner.reschedule import reschedule
+
+        async with self._plan_lock:
+            plan = self.plan
+            if plan is None:
+                return
+            new = [Instance(n.id, n.instance_type, n.gpu_type, n.gpu_count, n.spot, n.price_per_hour, n.region,
+                            n.cloud) for n in nodes if n.id not in {i.id for i in plan.instances}]
+            if not new:
+                return
+            workload, slo = self._workload()
+            t0 = time.perf_counter()
+            new_plan, changes = await asyncio.to_thread(reschedule, plan, new_instances=new, workload=workload,
+                                                        slo=slo)
+            await self._publish(
+                new_plan, "replan", reason, added=[n.id for n in new],
+                solve_ms=round((time.perf_counter() - t0) * 1000, 2),
+                replace_s=round(time.time() - started_at, 3) if started_at else None,
+                changes=_changes_dict(changes), expected=new_plan.expected,
+            )
+        self._wake.set()
+
+    # -- reconcile -------------------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        plan = self.plan
+        if plan is None:
+            return
+        nodes = await self.state.nodes()
+        records = await self.state.replicas()
+        plan_nodes = {i.id for i in plan.instances}
+        # 1. nodes: rent what the plan has and nobody asked for yet; notice losses we missed
+        dead = [n for n in plan_nodes if n in nodes and nodes[n].status in LOST and n not in self._handled_lost]
+        if dead:
+            self._spawn(self.handle_lost(dead, cause="found lost on reconcile"), "lost-reconcile")
+        for inst in plan.instances:
+            if inst.id not in nodes:
+                await self._acquire(inst)
+        # 2. replicas the plan wants
+        for spec in plan.replicas:
+            if spec.id in self._busy:
+                continue
+            hosts = [nodes.get(n) for n in spec.node_ids]
+            if any(h is None or h.status != "ready" for h in hosts):
+                continue
+            rec = records.get(spec.id)
+            if rec is None or rec.status == "stopped":
+                self._run_busy(spec.id, self._start_replica(plan, spec.id, hosts))
+            elif rec.role != spec.role and rec.status == "ready":
+                self._run_busy(spec.id, self._switch_role(rec, spec.role, hosts[0]))
+        # 3. replicas the plan no longer has
+        wanted = {r.id for r in plan.replicas}
+        for rid, rec in records.items():
+            if rid not in wanted and rid not in self._busy:
+                self._run_busy(rid, self._stop_replica(rec, nodes))
+        # 4. nodes the plan no longer has (not awaited replacements)
+        awaited = set(self._replacing.values())
+        for nid, node in nodes.items():
+            if nid not in plan_nodes and nid not in awaited and node.status in ("pending", "ready") \
+                    and f"release-{nid}" not in self._busy:
+                self._run_busy(f"release-{nid}", self._release(nid, "not in the plan"))
+
+    def _run_busy(self, key: str, coro: Any) -> None:
+        self._busy.add(key)
+
+        async def wrapped() -> None:
+            try:
+                await coro
+            finally:
+                self._busy.discard(key)
+                self._wake.set()
+
+        self._spawn(wrapped(), f"busy-{key}")
+
+    async def _acquire(self, inst: Instance) -> None:
+        from provisioner.base import NodeRequest
+        from provisioner.budget import BudgetExceeded
+
+        try:
+            await self.provisioner.acquire(NodeRequest.from_instance(inst))
+            self._refused.discard(inst.id)
+        except BudgetExceeded as e:
+            if inst.id not in self._refused:
+                self._refused.add(inst.id)
+                await self.state.emit("node.deferred", f"{inst.id}: {e}", node=inst.id)
+
+    def _agent(self, node: NodeRecord) -> Any:
+        from replicas.agent_client import AgentClient
+
+        agent = self._agents.get(node.agent_url)
+        if agent is None:
+            agent = self._agents[node.agent_url] = AgentClient(node.agent_url, timeout_s=60)
+        return agent
+
+    def _kv_compression(self, plan: Plan, replica_id: str) -> str:
+        modes = Counter(r.kv_compression for r in plan.routing if replica_id in (r.prefill, r.decode))
+        return modes.most_common(1)[0][0] if modes else "none"
+
+    async def _start_replica(self, plan: Plan, replica_id: str, hosts: list[NodeRecord | None]) -> None:
+        spec = plan.replica(replica_id)
+        head = hosts[0]
+        assert head is not None
+        body: dict[str, Any] = {
+            "id": spec.id, "engine": self.cfg.engine, "model": self.cfg.engine_model or self.cfg.model,
+            "role": spec.role, "tp": spec.tp, "pp": spec.pp,
+            "gpus": [i for n, i in spec.gpus if n == head.id],
+            "kv_compression": self._kv_compression(plan, spec.id),
+        }
+        if self.cfg.max_batch:
+            body["max_batch"] = self.cfg.max_batch
+        if len(spec.node_ids) > 1:  # one replica over several nodes (PP across nodes): the head's agent
+            body["extra_args"] = {"nnodes": len(spec.node_ids), "layer_split": spec.layer_split}
+        t0 = time.perf_counter()
+        try:
+            res = await self._agent(head).start_replica(body)
+        except Exception as e:
+            await self.state.emit("replica.start_failed", f"{spec.id} on {head.id}: {e}", replica=spec.id)
+            await asyncio.sleep(2.0)
+            return
+        await self.state.emit("replica.started", f"{spec.id} as {spec.role} on {head.id}", replica=spec.id,
+                              node=head.id, role=spec.role, url=res.get("url"),
+                              start_ms=round((time.perf_counter() - t0) * 1e3, 2))
+
+    async def _switch_role(self, rec: ReplicaRecord, role: str, head: NodeRecord | None) -> None:
+        assert head is not None
+        t0 = time.perf_counter()
+        try:
+            res = await self._agent(head).switch_role(rec.id, role, drain=True, timeout_s=self.cfg.drain_timeout_s)
+        except Exception as e:
+            await self.state.emit("role_switch.failed", f"{rec.id} {rec.role}->{role}: {e}", replica=rec.id)
+            await asyncio.sleep(1.0)
+            return
+        await self.state.emit("role_switch", f"{rec.id} {rec.role} -> {role}", replica=rec.id, old_role=rec.role,
+                              new_role=role, switch_ms=round((time.perf_counter() - t0) * 1000, 2), result=res)
+
+    async def _stop_replica(self, rec: ReplicaRecord, nodes: dict[str, NodeRecord]) -> None:
+        host = nodes.get(rec.node_ids[0]) if rec.node_ids else None
+        if host is not None and host.status == "ready":
+            with contextlib.suppress(Exception):
+                await self._agent(host).stop_replica(rec.id)
+        await self.state.delete_replica(rec.id)
+        await self.state.emit("replica.stopped", f"{rec.id}: not in the plan", replica=rec.id)
+
+    async def _release(self, node_id: str, reason: str) -> None:
+        try:
+            await self.provisioner.release(node_id, reason)
+        except Exception as e:
+            await self.state.emit("node.release_failed", f"{node_id}: {e}", node=node_id)
+
+
+def _without_nodes(plan: Plan, lost: list[str]) -> Plan:
+    """The plan minus the lost nodes and their replicas, routing renormalised (the no-solver fallback)."""
+    from planner.plan import Route
+
+    keep = [r for r in plan.replicas if not set(r.node_ids) & set(lost)]
+    ids = {r.id for r in keep}
+    routes = [r for r in plan.routing if r.prefill in ids and r.decode in ids]
+    total = sum(r.weight for r in routes) or 1.0
+    return Plan(plan.model, [i for i in plan.instances if i.id not in lost], keep,
+                [Route(r.prefill, r.decode, r.weight / total, r.kv_compression) for r in routes], plan.strategy,
+                plan.seed, plan.version, {}, plan.workload, plan.slo)
+
+
+def _changes_dict(changes: Any) -> Any:
+    if changes is None:
+        return None
+    if hasattr(changes, "to_dict"):
+        return changes.to_dict()
+    with contextlib.suppress(TypeError):
+        return asdict(changes)
+    return str(changes)
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("controller task %s failed", task.get_name(), exc_info=task.exception())
+
+
+# -- process entry point ------------------------------------------------------------------------------------
+def build_provisioner(state: StateStore, redis_url: str, cfg: ControllerConfig) -> Any:
+    from provisioner.budget import BudgetLedger
+
+    ledger = BudgetLedger(state)
+    if cfg.provider == "local":
+        from provisioner.local import LocalProvisioner
+
+        catalog = cfg.catalogs[0] if cfg.catalogs else None
+        return ledger, LocalProvisioner(state, ledger, redis_url=redis_url, catalog=catalog,
+                                        workdir=cfg.workdir or None)
+    if cfg.provider == "skypilot":
+        from provisioner.skypilot import SkyPilotProvisioner
+
+        return ledger, SkyPilotProvisioner(state, ledger, redis_url=redis_url)
+    raise ValueError(f"unknown provider {cfg.provider!r} (local or skypilot)")
+
+
+async def serve(redis_url: str, deployment: str, config: ControllerConfig | None) -> None:
+    state = StateStore.from_url(redis_url, deployment)
+    if config is None:
+        meta = await state.meta()
+        if CONFIG_META_KEY not in meta:
+            raise SystemExit(f"error: deployment {deployment!r} has no controller config in Redis; pass --config")
+        config = ControllerConfig.from_dict(meta[CONFIG_META_KEY])
+    ledger, provisioner = build_provisioner(state, redis_url, config)
+    await ledger.set_limit(config.budget)
+    stop = asyncio.Event()
+    release_on_exit = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # SIGTERM = `tsctl down`: stop and release every node. SIGINT/SIGHUP: stop, leave nodes for a successor.
+    loop.add_signal_handler(signal.SIGTERM, lambda: (release_on_exit.set(), stop.set()))
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    controller = Controller(state, provisioner, config)
+    try:
+        await controller.run(stop)
+    finally:
+        await provisioner.close(release_nodes=release_on_exit.is_set())
+        if release_on_exit.is_set():
+            await state.emit("controller.stopped", "shut down; nodes released", owner=controller.owner)
+        await state.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import orjson
+
+    p = argparse.ArgumentParser(prog="python -m planner.controller", description=__doc__.split("\n")[0])
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--deployment", default="default")
+    p.add_argument("--config", help="ControllerConfig as JSON (default: the one stored in Redis)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = ControllerConfig.from_dict(orjson.loads(args.config)) if args.config else None
+    try:
+        import uvloop
+
+        uvloop.run(serve(args.redis_url, args.deployment, config))
+    except ImportError:
+        asyncio.run(serve(args.redis_url, args.deployment, config))
+
+
+if __name__ == "__main__":
+    main()

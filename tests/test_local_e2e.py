@@ -1,0 +1,205 @@
+"""The product end to end, as a user runs it: `tsctl up --local`, chat, preempt, heal, restart, `tsctl down`.
+
+One deployment (real Redis, controller, gateway, node agents in their own process groups, reference CPU
+engines computing with PyTorch) is shared by the tests of this module, in order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(home=tmp_path_factory.mktemp("tshome"), name=f"e2e{uuid.uuid4().hex[:6]}")
+    t0 = time.monotonic()
+    proc = c.tsctl("up", "--local", "--budget", "2", "--engine-model", "tiny", "-d", c.name, "--timeout", "300",
+                   "--port", "0", timeout=400, check=False)
+    print(f"\n`tsctl up --local` took {time.monotonic() - t0:.1f}s")
+    if proc.returncode != 0:
+        c.tsctl("down", "-d", c.name, check=False, timeout=120)
+        raise AssertionError(f"tsctl up failed:\n{proc.stdout}\n{proc.stderr}\ncontroller:\n{c.log('controller')[-3000:]}")
+    yield c
+    if (c.home / "deployments" / c.name / "deployment.json").exists():  # a failed test left it up
+        c.tsctl("down", "-d", c.name, check=False, timeout=180)
+
+
+def client(c: LocalCluster) -> openai.OpenAI:
+    dep = c.deployment()
+    return openai.OpenAI(base_url=dep["gateway_url"] + "/v1", api_key=dep["api_key"], max_retries=0, timeout=120)
+
+
+def model_id(c: LocalCluster) -> str:
+    return client(c).models.list().data[0].id
+
+
+def chat(c: LocalCluster, text: str, max_tokens: int = 16, stream: bool = True) -> str:
+    kwargs: dict[str, Any] = {"model": model_id(c), "messages": [{"role": "user", "content": text}],
+                              "max_tokens": max_tokens, "temperature": 0}
+    if not stream:
+        return client(c).chat.completions.create(**kwargs).choices[0].message.content or ""
+    out = []
+    for chunk in client(c).chat.completions.create(stream=True, **kwargs):
+        if chunk.choices and chunk.choices[0].delta.content:
+            out.append(chunk.choices[0].delta.content)
+    return "".join(out)
+
+
+class SteadyLoad:
+    """A few concurrent streaming clients in a loop; every failure is kept with its message."""
+
+    def __init__(self, c: LocalCluster, streams: int = 3) -> None:
+        self.c, self.streams = c, streams
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(streams)]
+        self._lock = threading.Lock()
+
+    def _run(self, i: int) -> None:
+        cl = client(self.c)
+        model = model_id(self.c)
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                text = []
+                for chunk in cl.chat.completions.create(
+                    model=model, stream=True, max_tokens=24, temperature=0,
+                    messages=[{"role": "user", "content": f"stream {i} request {n}: count to ten"}],
+                ):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text.append(chunk.choices[0].delta.content)
+                with self._lock:
+                    self.ok += 1
+            except Exception as e:  # noqa: BLE001 - every failure is the test's business
+                with self._lock:
+                    self.failures.append(f"stream {i} request {n}: {type(e).__name__}: {e}")
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+
+def events_of(snap: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e for e in snap["events"] if e["kind"] == kind]
+
+
+def test_up_brings_mixed_gpu_nodes_and_answers_chat(cluster: LocalCluster) -> None:
+    snap = cluster.status()
+    ready = [n for n in snap["nodes"] if n["status"] == "ready"]
+    assert len(ready) >= 3, snap["nodes"]
+    assert len({n["gpu_type"] for n in ready}) >= 2, f"expected mixed GPU types: {[n['gpu_type'] for n in ready]}"
+    roles = {r["role"] for r in snap["replicas"] if r["status"] == "ready"}
+    assert {"prefill", "decode"} <= roles, snap["replicas"]
+    assert snap["spend_per_hour"] <= snap["budget_per_hour"]
+    assert chat(cluster, "Hello!", stream=False)
+    assert chat(cluster, "Hello again!", stream=True)
+
+
+def test_preemption_loses_no_request_and_heals(cluster: LocalCluster) -> None:
+    before = cluster.status()
+    decode_nodes = [r["node_ids"][0] for r in before["replicas"] if r["role"] == "decode" and r["status"] == "ready"]
+    victim = decode_nodes[0]
+    with SteadyLoad(cluster, streams=3) as load:
+        time.sleep(3)
+        t_kill = time.time()
+        cluster.tsctl("chaos", "preempt", victim, "-d", cluster.name)
+        snap = cluster.wait_for(lambda s: events_of(s, "reschedule"), 60, "the reschedule after the preemption")
+        healed = cluster.wait_for(
+            lambda s: [e for e in events_of(s, "replan") if e["ts"] > t_kill], 240, "a replacement node folded in")
+        # let traffic reach the replacement
+        new_nodes = {n["id"] for n in cluster.status()["nodes"] if n["created_at"] > t_kill and n["status"] == "ready"}
+        cluster.wait_for(lambda s: any(r["status"] == "ready" and r["node_ids"][0] in new_nodes
+                                       for r in s["replicas"]), 180, "the replacement's replica to be ready")
+        time.sleep(6)
+    after = cluster.status()
+    print(f"\nsteady load: {load.ok} requests ok, {len(load.failures)} failed")
+    assert not load.failures, load.failures[:5]
+    assert load.ok > 0
+    resched = events_of(snap, "reschedule")[-1]
+    detected = [e for e in events_of(snap, "node.preempted") if e["ts"] >= t_kill - 1]
+    print(f"preemption of {victim}: detected {detected[0]['ts'] - t_kill:.3f}s after the kill; reschedule event "
+          f"{resched['ts'] - detected[0]['ts']:.3f}s after detection; replan {healed[-1]['ts'] - t_kill:.1f}s after the kill")
+    assert resched["ts"] - detected[0]["ts"] < 1.0, (resched, detected)
+    assert after["spend_per_hour"] <= after["budget_per_hour"]
+    served = _served_by_node(cluster, after)
+    print(f"requests served per node after healing: {served}")
+    assert any(served.get(n, 0) > 0 for n in new_nodes), (served, new_nodes)
+
+
+def _served_by_node(c: LocalCluster, snap: dict[str, Any]) -> dict[str, float]:
+    """Generation tokens each node's replicas produced (their own /metrics)."""
+    import asyncio
+
+    async def scrape() -> dict[str, float]:
+        out: dict[str, float] = {}
+        async with aiohttp.ClientSession() as http:
+            for r in snap["replicas"]:
+                if not r["url"]:
+                    continue
+                try:
+                    async with http.get(r["url"] + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        text = await resp.text()
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+                total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith("sglang:prompt_tokens_total"))
+                out[r["node_ids"][0]] = out.get(r["node_ids"][0], 0.0) + total
+        return out
+
+    return asyncio.run(scrape())
+
+
+def test_controller_and_gateway_restart_resume_from_redis(cluster: LocalCluster) -> None:
+    before = cluster.status()
+    with SteadyLoad(cluster, streams=2) as load:
+        time.sleep(2)
+        cluster.tsctl("restart", "controller", "-d", cluster.name)
+        cluster.wait_for(lambda s: [e for e in s["events"] if e["kind"] == "controller.started"
+                                    and e["ts"] > time.time() - 60], 60, "the new controller to take the lease")
+        time.sleep(4)
+    assert not load.failures, load.failures[:5]
+    mid = cluster.status()
+    assert mid["plan_version"] >= before["plan_version"]
+    assert {n["id"] for n in mid["nodes"] if n["status"] == "ready"} == \
+        {n["id"] for n in before["nodes"] if n["status"] == "ready"}, "the restarted controller must adopt the nodes"
+    cluster.tsctl("restart", "gateway", "-d", cluster.name)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert chat(cluster, "after the gateway restart")  # same API key: it lives in Redis
+            break
+        except (openai.APIConnectionError, openai.InternalServerError, openai.APIStatusError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_down_leaves_nothing_behind(cluster: LocalCluster) -> None:
+    procs = cluster.processes()
+    assert procs, "the deployment should be running before down"
+    cluster.tsctl("down", "-d", cluster.name, timeout=180)
+    time.sleep(0.5)
+    left = cluster.processes()
+    assert not left, [(p.pid, p.cmdline()) for p in left]
+    assert not Path(cluster.home, "deployments", cluster.name, "deployment.json").exists()

@@ -1,0 +1,530 @@
+"""`tsctl up`, `status`, `down` and `chaos`: bring a deployment up, watch it, break it, take it down.
+
+`up` plans (so a bad budget fails here, at once, with one line), publishes the plan to Redis, creates an
+API key, starts the controller and the gateway as detached services, shows each node and replica come
+up, and prints the URL, the key and a `curl` line. The controller does the renting and the healing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from planner.controller import CONFIG_META_KEY, ControllerConfig
+from planner.embedded_redis import REDIS_URL_ENV, EmbeddedRedis, RedisUnavailable, check_redis, free_port
+from planner.state import StateStore
+from tsctl.runtime import Deployment, DeploymentNotFound, alive, python_module, spawn_detached, stop_process
+
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(1)
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# -- up ------------------------------------------------------------------------------------------------------
+def up(
+    budget: float = typer.Option(..., "--budget", help="hourly budget in USD for everything rented"),
+    local: bool = typer.Option(False, "--local", help="virtual nodes on this machine, CPU engine, no cloud"),
+    model: str = typer.Option("", "--model", help="model catalog name (default: smollm2 with --local)"),
+    rate: float = typer.Option(1.0, "--rate", help="expected requests/s"),
+    input_len: int = typer.Option(256, "--input-len"),
+    output_len: int = typer.Option(64, "--output-len"),
+    ttft: float = typer.Option(0.0, "--ttft", help="TTFT target, s (default 2 in the cloud, 5 with --local)"),
+    tpot: float = typer.Option(0.0, "--tpot", help="TPOT target, s (default 0.1 in the cloud, 0.5 with --local)"),
+    spot: bool = typer.Option(True, "--spot/--no-spot", help="spot instances first"),
+    catalog: list[str] = typer.Option([], "--catalog", help="SkyPilot vms.csv file(s) to rent from"),
+    engine_model: str = typer.Option("", "--engine-model",
+                                     help="with --local: the CPU engine's model (smollm2, tiny, emulated)"),
+    max_nodes: int = typer.Option(0, "--max-nodes", help="cap on nodes (default 4 with --local)"),
+    deployment: str = typer.Option("default", "--deployment", "-d"),
+    port: int = typer.Option(8000, "--port", help="gateway port (0, or taken: any free port)"),
+    seed: int = typer.Option(0, "--seed"),
+    timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait until the gateway is ready"),
+) -> None:
+    """Plan, rent, start workers and the gateway; print the URL, an API key and a curl line."""
+    try:
+        existing = Deployment.load(deployment)
+        if any(alive(p) for p in existing.pids().values()):
+            raise fail(f"deployment {deployment!r} is already up ({existing.gateway_url}); "
+                       f"`tsctl down -d {deployment}` first")
+    except DeploymentNotFound:
+        pass
+    if not local:
+        import importlib.util
+
+        if importlib.util.find_spec("sky") is None:
+            raise fail("the cloud path needs SkyPilot: pip install 'thunderserve[cloud]' (or use --local)")
+    cfg = ControllerConfig(
+        model=model or ("smollm2" if local else "llama-3.1-8b"), budget=budget,
+        provider="local" if local else "skypilot", engine="reference" if local else "sglang",
+        engine_model=(engine_model or "smollm2") if local else "", rate=rate, input_len=input_len,
+        output_len=output_len, ttft_s=ttft or (5.0 if local else 2.0), tpot_s=tpot or (0.5 if local else 0.1),
+        spot=spot, catalogs=[os.path.abspath(c) for c in catalog], seed=seed,
+        max_nodes=max_nodes or (4 if local else 64),
+    )
+    dep = Deployment(name=deployment, mode="local" if local else "cloud", redis_url="", budget=budget, model=cfg.model)
+    cfg.workdir = str(dep.dir / "nodes")
+    try:
+        _bring_up(dep, cfg, port, timeout)
+    except RedisUnavailable as e:
+        raise fail(str(e)) from None
+
+
+def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float) -> None:
+    from planner.scheduler import PlanningError
+
+    # 1. Redis: the user's, or our own embedded one that outlives this command
+    url = os.environ.get(REDIS_URL_ENV)
+    if url:
+        check_redis(url)
+        dep.redis_url = url
+    else:
+        server = EmbeddedRedis(workdir=str(dep.dir / "redis"))
+        (dep.dir / "redis").mkdir(parents=True, exist_ok=True)
+        dep.redis_url = server.start(detach=True)
+        dep.redis_pid = server.pid
+    dep.save()
+    # 2. the plan, made here so that a budget too small fails now with one line
+    from planner.controller import plan_for_config
+
+    console.print(f"[bold]planning[/bold] {cfg.model} under ${cfg.budget:.2f}/h ...")
+    try:
+        plan = plan_for_config(cfg)
+    except (PlanningError, ValueError) as e:
+        _stop_services(dep)
+        raise fail(str(e)) from None
+    from tsctl.plan_cmd import print_plan
+
+    print_plan(plan, title=f"plan for {dep.name}")
+
+    async def seed_state() -> tuple[str, str]:
+        state = StateStore.from_url(dep.redis_url, dep.name)
+        try:
+            await state.wipe()
+            await state.set_meta(**{CONFIG_META_KEY: _asdict(cfg)}, budget=cfg.budget, model=cfg.model,
+                                 mode=dep.mode, started_at=time.time())
+            await state.publish_plan(plan)
+            await state.emit("deployment.up", f"tsctl up ({dep.mode})", budget=cfg.budget, model=cfg.model)
+            key = await state.create_api_key("tsctl-up")
+            return key, secrets.token_urlsafe(24)
+        finally:
+            await state.close()
+
+    dep.api_key, dep.admin_key = _run(seed_state())
+    # 3. the controller and the gateway, detached
+    dep.controller_pid = spawn_detached(
+        python_module("planner.controller", "--redis-url", dep.redis_url, "--deployment", dep.name,
+                      "--config", orjson.dumps(_asdict(cfg)).decode()),
+        dep.log_path("controller"),
+    )
+    gw_port = port if port and _port_free(port) else free_port()
+    dep.gateway_url = f"http://127.0.0.1:{gw_port}"
+    dep.gateway_pid = spawn_detached(
+        python_module("gateway", "--host", "127.0.0.1", "--port", str(gw_port), "--redis-url", dep.redis_url,
+                      "--deployment", dep.name, "--admin-key", dep.admin_key),
+        dep.log_path("gateway"),
+    )
+    dep.save()
+    # 4. watch it come up
+    ok = _run(_watch_until_ready(dep, wait_s=timeout))
+    if not ok:
+        err.print(f"[red]error:[/red] not ready after {timeout:.0f}s; logs in {dep.dir}; `tsctl down -d {dep.name}`")
+        raise typer.Exit(1)
+    model_id = _served_model(dep)
+    console.print(f"\n[bold green]ready[/bold green]  {dep.gateway_url}   (deployment {dep.name}, logs {dep.dir})")
+    console.print(f"API key: {dep.api_key}")
+    body = orjson.dumps({"model": model_id, "messages": [{"role": "user", "content": "Hello!"}],
+                         "max_tokens": 32}).decode()
+    console.print(
+        escape(f"curl {dep.gateway_url}/v1/chat/completions -H 'Authorization: Bearer {dep.api_key}' "
+               f"-H 'Content-Type: application/json' -d '{body}'"),
+        soft_wrap=True,
+    )
+
+
+def _asdict(cfg: ControllerConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _served_model(dep: Deployment) -> str:
+    import urllib.request
+
+    try:
+        req = urllib.request.Request(dep.gateway_url + "/v1/models", headers={"Authorization": f"Bearer {dep.api_key}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return orjson.loads(r.read())["data"][0]["id"]
+    except Exception:
+        return dep.model
+
+
+async def _watch_until_ready(dep: Deployment, wait_s: float) -> bool:
+    state = StateStore.from_url(dep.redis_url, dep.name)
+    deadline = time.monotonic() + wait_s
+    try:
+        async with aiohttp.ClientSession() as http:
+            with Live(console=console, refresh_per_second=4, transient=False) as live:
+                while time.monotonic() < deadline:
+                    snap = await snapshot(state)
+                    ready = await _gateway_ready(http, dep.gateway_url)
+                    live.update(progress_table(snap, ready))
+                    if ready:
+                        return True
+                    for name, pid in (("controller", dep.controller_pid), ("gateway", dep.gateway_pid)):
+                        if not alive(pid):
+                            err.print(f"[red]{name} exited[/red]; last lines of {dep.log_path(name)}:")
+                            err.print(escape(_tail(dep.log_path(name))))
+                            return False
+                    await asyncio.sleep(0.5)
+        return False
+    finally:
+        await state.close()
+
+
+async def _gateway_ready(http: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with http.get(url + "/ready", timeout=aiohttp.ClientTimeout(total=2)) as r:
+            return r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def _tail(path: Any, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def progress_table(snap: dict[str, Any], gateway_ready: bool) -> Table:
+    t = Table(title=f"plan v{snap['plan_version']}  gateway {'ready' if gateway_ready else 'waiting'}")
+    for col in ("node", "type", "GPU", "spot", "$/h", "node state", "replica", "role", "replica state"):
+        t.add_column(col)
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for r in snap["replicas"]:
+        for n in r["node_ids"][:1]:
+            by_node.setdefault(n, []).append(r)
+    for n in snap["nodes"]:
+        reps = by_node.get(n["id"]) or [{}]
+        for r in reps:
+            t.add_row(n["id"], n["instance_type"], f"{n['gpu_count']}x{n['gpu_type']}", "yes" if n["spot"] else "no",
+                      f"{n['price_per_hour']:.2f}", _color(n["status"]), r.get("id", ""), r.get("role", ""),
+                      _color(r.get("status", "")))
+    return t
+
+
+def _color(status: str) -> str:
+    colors = {"ready": "green", "pending": "yellow", "starting": "yellow", "switching": "cyan",
+              "draining": "cyan", "preempted": "red", "failed": "red", "terminated": "dim", "stopped": "dim"}
+    c = colors.get(status)
+    return f"[{c}]{status}[/{c}]" if c else status
+
+
+# -- status ----------------------------------------------------------------------------------------------------
+async def snapshot(state: StateStore, events: int = 10) -> dict[str, Any]:
+    """Everything `tsctl status` shows, as plain data (also the --json output)."""
+    nodes = await state.nodes()
+    replicas = await state.replicas()
+    plan = await state.get_plan()
+    meta = await state.meta()
+    recent = await state.recent_events(events)
+    live = [n for n in nodes.values() if n.status in ("pending", "ready")]
+    spend = sum(n.price_per_hour for n in live)
+    alive_map = await state.alive([n.id for n in live])
+    return {
+        "deployment": state.deployment,
+        "plan_version": plan.version if plan else 0,
+        "model": plan.model if plan else meta.get("model"),
+        "budget_per_hour": meta.get("budget"),
+        "spend_per_hour": round(spend, 4),
+        "expected": plan.expected if plan else {},
+        "nodes": [{**_public(n), "heartbeat": alive_map.get(n.id, False)} for n in
+                  sorted(nodes.values(), key=lambda n: (n.created_at, n.id))],
+        "replicas": [_public(r) for r in sorted(replicas.values(), key=lambda r: r.id)],
+        "plan_replicas": [{"id": r.id, "role": r.role, "tp": r.tp, "pp": r.pp, "node_ids": r.node_ids}
+                          for r in (plan.replicas if plan else [])],
+        "routing": [{"prefill": r.prefill, "decode": r.decode, "weight": round(r.weight, 4)}
+                    for r in (plan.routing if plan else [])],
+        "events": [{"id": e.id, "ts": e.ts, "kind": e.kind, "reason": e.reason} for e in recent],
+    }
+
+
+def _public(rec: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(rec)
+
+
+async def _worker_loads(dep: Deployment | None) -> dict[str, Any]:
+    """Per-worker load from the gateway's admin route, when we know where it is."""
+    if dep is None or not dep.gateway_url or not dep.admin_key:
+        return {}
+    try:
+        async with aiohttp.ClientSession() as http, http.get(
+            dep.gateway_url + "/admin/workers", headers={"Authorization": f"Bearer {dep.admin_key}"},
+            timeout=aiohttp.ClientTimeout(total=2),
+        ) as r:
+            if r.status != 200:
+                return {}
+            data = orjson.loads(await r.read())
+    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+        return {}
+    workers = data.get("workers", data) if isinstance(data, dict) else data
+    out: dict[str, Any] = {}
+    for w in workers if isinstance(workers, list) else []:
+        if isinstance(w, dict) and w.get("url"):
+            out[w["url"]] = w
+    return out
+
+
+def status_tables(snap: dict[str, Any], loads: dict[str, Any]) -> list[Any]:
+    budget = snap.get("budget_per_hour")
+    head = (f"deployment [bold]{snap['deployment']}[/bold]  model {snap['model']}  plan v{snap['plan_version']}  "
+            f"spend ${snap['spend_per_hour']:.2f}/h" + (f" of ${budget:.2f}/h budget" if budget else ""))
+    nodes = Table(title="nodes")
+    for col in ("node", "type", "GPUs", "spot", "$/h", "state", "heartbeat", "region"):
+        nodes.add_column(col)
+    for n in snap["nodes"]:
+        nodes.add_row(n["id"], n["instance_type"], f"{n['gpu_count']}x{n['gpu_type']}", "yes" if n["spot"] else "no",
+                      f"{n['price_per_hour']:.2f}", _color(n["status"]), "ok" if n["heartbeat"] else "-",
+                      n.get("region", ""))
+    plan_roles = {r["id"]: r for r in snap["plan_replicas"]}
+    reps = Table(title="replicas")
+    for col in ("replica", "node", "role", "plan role", "TP/PP", "state", "url", "in flight"):
+        reps.add_column(col)
+    for r in snap["replicas"]:
+        planned = plan_roles.get(r["id"], {})
+        load = loads.get(r["url"], {})
+        inflight = load.get("outstanding", load.get("in_flight", ""))
+        reps.add_row(r["id"], ",".join(r["node_ids"]), r["role"], planned.get("role", "(not in plan)"),
+                     f"{r['tp']}/{r['pp']}", _color(r["status"]), r["url"], str(inflight))
+    events = Table(title="recent events")
+    for col in ("time", "event", "reason"):
+        events.add_column(col)
+    for e in snap["events"]:
+        events.add_row(time.strftime("%H:%M:%S", time.localtime(e["ts"])), e["kind"], escape(e["reason"][:100]))
+    return [head, nodes, reps, events]
+
+
+def _state_for(deployment: str, redis_url: str | None) -> tuple[Deployment | None, StateStore]:
+    dep = None
+    url = redis_url or os.environ.get(REDIS_URL_ENV)
+    try:
+        dep = Deployment.load(deployment)
+        url = url or dep.redis_url
+    except DeploymentNotFound as e:
+        if not url:
+            raise fail(str(e)) from None
+    assert url is not None
+    try:
+        check_redis(url)
+    except RedisUnavailable as e:
+        raise fail(str(e)) from None
+    return dep, StateStore.from_url(url, deployment)
+
+
+def status(
+    deployment: str = typer.Option("default", "--deployment", "-d"),
+    redis_url: str = typer.Option("", "--redis-url", help="default: the deployment's, or REDIS_URL"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="refresh every second until Ctrl-C"),
+    as_json: bool = typer.Option(False, "--json", help="print the status as JSON"),
+    events: int = typer.Option(10, "--events", help="how many recent events to show"),
+) -> None:
+    """Nodes, replicas, plan version, spend against the budget, recent events."""
+    dep, state = _state_for(deployment, redis_url or None)
+
+    async def once() -> tuple[dict[str, Any], dict[str, Any]]:
+        return await snapshot(state, events), await _worker_loads(dep)
+
+    async def main() -> None:
+        try:
+            if as_json:
+                snap, _ = await once()
+                typer.echo(orjson.dumps(snap, option=orjson.OPT_INDENT_2).decode())
+                return
+            if not watch:
+                for part in status_tables(*(await once())):
+                    console.print(part)
+                return
+            from rich.console import Group
+
+            with Live(console=console, refresh_per_second=2) as live:
+                while True:
+                    live.update(Group(*status_tables(*(await once()))))
+                    await asyncio.sleep(1.0)
+        finally:
+            await state.close()
+
+    try:
+        _run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+# -- down ------------------------------------------------------------------------------------------------------
+def _stop_services(dep: Deployment) -> list[str]:
+    """Stop gateway, controller (which releases the nodes), then Redis; return what would not stop."""
+    left = []
+    if not stop_process(dep.gateway_pid, grace_s=10):
+        left.append(f"gateway pid {dep.gateway_pid}")
+    if not stop_process(dep.controller_pid, grace_s=60):
+        left.append(f"controller pid {dep.controller_pid}")
+    return left
+
+
+def down(
+    deployment: str = typer.Option("default", "--deployment", "-d"),
+    keep_state: bool = typer.Option(False, "--keep-state", help="leave the deployment's keys in Redis"),
+) -> None:
+    """Stop everything and release every node; nothing is left running."""
+    try:
+        dep = Deployment.load(deployment)
+    except DeploymentNotFound as e:
+        raise fail(str(e)) from None
+    console.print(f"stopping deployment [bold]{dep.name}[/bold] ...")
+    left = _stop_services(dep)
+    leftovers = _run(_release_leftovers(dep, wipe=not keep_state)) if _redis_up(dep) else []
+    left += leftovers
+    if dep.redis_pid and not stop_process(dep.redis_pid, grace_s=10):
+        left.append(f"redis pid {dep.redis_pid}")
+    if left:
+        raise fail("still running: " + ", ".join(left))
+    dep.remove()
+    console.print("[green]down[/green]: nodes released, controller, gateway and Redis stopped")
+
+
+def _redis_up(dep: Deployment) -> bool:
+    try:
+        check_redis(dep.redis_url, timeout_s=1.0)
+        return True
+    except RedisUnavailable:
+        return False
+
+
+async def _release_leftovers(dep: Deployment, wipe: bool) -> list[str]:
+    """Kill local nodes a dead controller could not release; cloud nodes are reported, not guessed at."""
+    from provisioner.process_group import kill_node, node_tag
+
+    state = StateStore.from_url(dep.redis_url, dep.name)
+    left: list[str] = []
+    try:
+        for n in (await state.nodes()).values():
+            if n.provider_ref.startswith("local:"):
+                pgid = _pgid_of(n.provider_ref)
+                survivors = await asyncio.to_thread(kill_node, pgid, node_tag(dep.name, n.id))
+                if survivors:
+                    left.append(f"node {n.id} ({len(survivors)} processes)")
+            elif n.status in ("pending", "ready"):
+                left.append(f"cloud node {n.id} ({n.provider_ref}): run `sky down {n.provider_ref}`")
+        if wipe and not left:
+            await state.wipe()
+    finally:
+        await state.close()
+    return left
+
+
+def _pgid_of(provider_ref: str) -> int | None:
+    try:
+        return int(provider_ref.split(":")[-1])
+    except ValueError:
+        return None
+
+
+# -- chaos -----------------------------------------------------------------------------------------------------
+chaos_app = typer.Typer(help="Break things on purpose, to watch the deployment heal.", no_args_is_help=True)
+
+
+@chaos_app.command("preempt")
+def chaos_preempt(
+    nodes: list[str] = typer.Argument(..., help="node id(s) to take away"),
+    deployment: str = typer.Option("default", "--deployment", "-d"),
+) -> None:
+    """Take nodes away without warning, as a spot reclaim does (local: SIGKILL the node's process group)."""
+    _, state = _state_for(deployment, None)
+
+    async def main() -> list[str]:
+        from provisioner.process_group import kill_node, node_tag
+
+        done = []
+        try:
+            records = await state.nodes()
+            for node_id in nodes:
+                rec = records.get(node_id)
+                live = sorted(k for k, v in records.items() if v.status in ("pending", "ready"))
+                if rec is None or rec.status not in ("pending", "ready"):
+                    raise fail(f"no live node {node_id!r} (live: {', '.join(live) or 'none'})")
+                if not rec.provider_ref.startswith("local:"):
+                    raise fail(f"node {node_id} is a cloud node: take it away with `sky down {rec.provider_ref}`")
+                await state.emit("node.preempt_injected", "tsctl chaos preempt", node_id=node_id)
+                t0 = time.perf_counter()
+                await asyncio.to_thread(kill_node, _pgid_of(rec.provider_ref), node_tag(deployment, node_id))
+                done.append(f"{node_id} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+        finally:
+            await state.close()
+        return done
+
+    killed = _run(main())
+    console.print(f"preempted: {', '.join(killed)}; watch it heal with `tsctl status -w -d {deployment}`")
+
+
+# -- restart -----------------------------------------------------------------------------------------------------
+def restart(
+    service: str = typer.Argument(..., help="controller or gateway"),
+    deployment: str = typer.Option("default", "--deployment", "-d"),
+) -> None:
+    """Restart the controller or the gateway; it resumes from what Redis holds (plan, nodes, keys)."""
+    try:
+        dep = Deployment.load(deployment)
+    except DeploymentNotFound as e:
+        raise fail(str(e)) from None
+    if service not in ("controller", "gateway"):
+        raise fail(f"service must be controller or gateway, not {service!r}")
+    if not _redis_up(dep):
+        raise fail(f"Redis at {dep.redis_url} is not answering; the deployment is gone: `tsctl down -d {deployment}`")
+    pid = dep.controller_pid if service == "controller" else dep.gateway_pid
+    stop_process(pid, grace_s=10)
+    if service == "controller":
+        # no --config: the restarted controller reads its config, the plan and the nodes from Redis
+        dep.controller_pid = spawn_detached(
+            python_module("planner.controller", "--redis-url", dep.redis_url, "--deployment", dep.name),
+            dep.log_path("controller"),
+        )
+    else:
+        gw_port = dep.gateway_url.rsplit(":", 1)[1]
+        dep.gateway_pid = spawn_detached(
+            python_module("gateway", "--host", "127.0.0.1", "--port", gw_port, "--redis-url", dep.redis_url,
+                          "--deployment", dep.name, "--admin-key", dep.admin_key),
+            dep.log_path("gateway"),
+        )
+    dep.save()
+    console.print(f"{service} restarted (pid {dep.controller_pid if service == 'controller' else dep.gateway_pid})")
