@@ -1,0 +1,24 @@
+"""Model backends: one interface (``base.Backend``), an emulated model and a PyTorch one."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replicas.engine.backends.base import Backend
+    from replicas.engine.config import EngineConfig
+
+
+def load_backend(cfg: EngineConfig) -> Backend:
+    """Build the backend ``--model`` names; torch is imported only for real models."""
+    if cfg.model == "emulated":
+        from replicas.engine.backends.emulated import EmulatedBackend
+
+        return EmulatedBackend(
+            context_length=cfg.context_length,
+            prefill_ms_per_token=cfg.emulate_prefill_ms_per_token,
+            decode_ms_per_step=cfg.emulate_decode_ms_per_step,
+        )
+    from replicas.engine.backends.torch_model import TorchBackend
+
+    return TorchBackend(cfg.model, threads=cfg.threads, context_length=cfg.context_length)

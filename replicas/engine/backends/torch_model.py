@@ -1,0 +1,97 @@
+"""Real models on PyTorch + transformers (CPU, float32): ``smollm2``, the seeded ``tiny`` Llama, or a folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from replicas.engine.backends.base import PrefillResult
+from replicas.engine.backends.kv_cache import SeqKV, TorchDecodeBatch
+from replicas.engine.model_store import (
+    SMOLLM2_NAME,
+    TINY_NAME,
+    ModelUnavailable,
+    build_tiny_model,
+    smollm2_dir,
+)
+from replicas.engine.tokenizer import HFTokenizer
+
+DEFAULT_CONTEXT = 4096
+
+
+class TorchBackend:
+    kind = "torch"
+    inline = False
+
+    def __init__(self, model: str, threads: int | None = None, context_length: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        if model == "smollm2":
+            folder = smollm2_dir()
+            self.tokenizer = HFTokenizer(str(folder))
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            self.model_path = SMOLLM2_NAME
+        elif model == "tiny":
+            self.tokenizer = HFTokenizer(str(smollm2_dir()))
+            self.model = build_tiny_model(self.tokenizer.vocab_size)
+            self.model_path = TINY_NAME
+        else:
+            folder = Path(model)
+            if not (folder / "config.json").exists():
+                raise ModelUnavailable(f"--model {model!r}: not smollm2, tiny, emulated, or a folder with config.json")
+            self.tokenizer = HFTokenizer(str(folder))
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            self.model_path = os.path.abspath(model)
+        self.model.eval()
+        cfg = self.model.config
+        self.model_type = cfg.model_type
+        self.architecture = type(self.model).__name__
+        self.kv_layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        max_pos = getattr(cfg, "max_position_embeddings", DEFAULT_CONTEXT)
+        self.context_length = min(context_length or min(max_pos, DEFAULT_CONTEXT), max_pos)
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        """Model identity for the PD handshake: shape plus a sample of the weights (not the path or name)."""
+        cfg = self.model.config
+        shape = (cfg.model_type, cfg.vocab_size, cfg.hidden_size, self.kv_layers, self.kv_heads, self.head_dim)
+        h = hashlib.sha256(repr(shape).encode())
+        for _, p in list(self.model.named_parameters())[:4]:
+            h.update(p.detach().reshape(-1)[:256].float().numpy().tobytes())
+        return f"{cfg.model_type}-{self.kv_layers}L:{h.hexdigest()[:16]}"
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], logits_rows: int = 1) -> PrefillResult:
+        rows = max(1, min(logits_rows, len(ids)))
+        cache = DynamicCache()
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), cache=cache, use_cache=True,
+                         logits_to_keep=rows)
+        logits = out.logits[0].float().numpy()
+        return PrefillResult(kv=SeqKV.from_cache(out.cache), logits=logits[-1],
+                             prompt_logits=logits if logits_rows > 1 else None)
+
+    def kv_length(self, kv: Any) -> int:
+        return kv.length
+
+    def export_kv(self, kv: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        return kv.to_numpy()
+
+    def import_kv(self, layers: list[tuple[np.ndarray, np.ndarray]], ids: list[int]) -> Any:
+        return SeqKV.from_numpy(layers)
+
+    def new_batch(self) -> TorchDecodeBatch:
+        return TorchDecodeBatch(self.model, self.kv_layers)
+
+    def prefill_delay_s(self, tokens: int) -> float:
+        return 0.0
+
+    def decode_delay_s(self) -> float:
+        return 0.0
