@@ -1,0 +1,74 @@
+"""The gateway's shared state: config, the current routing table, the upstream session, auth, tokenizer.
+
+One object, built once at startup and attached to the aiohttp app; handlers read ``gw.table`` once
+per attempt, and the plan watcher replaces it in a single assignment (atomic for asyncio).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.routing import Pair, RoutingTable
+from gateway.tokenizer import GatewayTokenizer
+from gateway.upstream import Exchange
+from gateway.upstream_http import UpstreamPool
+from gateway.workers import WorkerPool
+from planner.plan import Plan
+from planner.state import StateStore
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class ModelInfo:
+    """What clients may name in `model`, and the context length if a worker told us."""
+
+    ids: list[str] = field(default_factory=list)
+    context_length: int | None = None
+    owned_by: str = "thunderserve"
+
+    def accepts(self, name: str) -> bool:
+        return not self.ids or name in self.ids
+
+
+@dataclass
+class Gateway:
+    cfg: GatewayConfig
+    metrics: GatewayMetrics
+    pool: WorkerPool
+    auth: Authenticator
+    table: RoutingTable
+    state: StateStore | None = None
+    session: aiohttp.ClientSession | None = None  # health checks and discovery (off the hot path)
+    upstream: UpstreamPool = field(default_factory=UpstreamPool)  # the dispatch legs
+    tokenizer: GatewayTokenizer | None = None
+    model: ModelInfo = field(default_factory=ModelInfo)
+    rng: random.Random = field(default_factory=random.Random)
+    plan: Plan | None = None  # the plan in use (plan mode), for /admin/plan
+
+    def exchange(self, pair: Pair, path: bytes, tokens: int, stream: bool) -> Exchange:
+        """One attempt on ``pair``. A stream may stay silent for --upstream-read-timeout-s; a non-stream
+        answer comes all at once at the end, so it gets the whole --request-timeout-s."""
+        silence = self.cfg.upstream_read_timeout_s if stream else self.cfg.request_timeout_s
+        return Exchange(self.upstream, pair, path, tokens, self.metrics, silence)
+
+    def swap_table(self, table: RoutingTable) -> None:
+        """Make ``table`` the one new requests use; requests in flight keep theirs."""
+        old = self.table
+        self.table = table
+        self.metrics.plan_version.set(table.version)
+        self.pool.prune(table.workers())
+        if old.version != table.version or len(old.pairs) != len(table.pairs):
+            log.info("routing table v%s: %s", table.version,
+                     ", ".join(f"{p.label()}={p.weight:.3f}" for p in table.pairs) or "empty")
+
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)

@@ -1,0 +1,63 @@
+"""Run the gateway: `python -m gateway --host H --port P ...` (see gateway.config for the flags)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import ConfigError, GatewayConfig, parse_config
+from gateway.tokenizer import TokenizerUnavailable
+
+log = logging.getLogger("gateway")
+
+READY_LINE = "gateway listening on "  # followed by the URL; gateway.launcher waits for this line
+
+
+async def serve(cfg: GatewayConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); then stop accepting, finish, and clean up."""
+    app = create_app(cfg)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes both upstream legs.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=75)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    if cfg.no_auth:
+        log.warning("--no-auth: anyone who can reach http://%s:%s can use it without an API key", host, port)
+    print(f"{READY_LINE}http://{host}:{port}", flush=True)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a core dependency off Windows
+        runner = asyncio.run
+    try:
+        runner(serve(cfg))
+    except TokenizerUnavailable as e:
+        print(f"error: --tokenizer {cfg.tokenizer}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,133 @@
+"""A burst of bad requests while good traffic flows: each bad one gets its 4xx, no good one fails.
+
+Bad: malformed JSON, wrong types, huge bodies (declared and chunked), unknown routes and methods,
+missing and wrong keys, unknown model, and slowloris-style slow bodies on raw sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+
+from gateway.launcher import GatewayProcess
+from replicas.process import EngineProcess
+
+KEY = "good-key"
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def gateway() -> GatewayProcess:
+    engines = [EngineProcess("emulated", role="prefill"), EngineProcess("emulated", role="decode")]
+    for e in engines:
+        e.start()
+    p, d = engines
+    gw = GatewayProcess(["--prefill", p.url, str(p.bootstrap_port), "--decode", d.url, "--api-key", KEY,
+                         "--max-body-bytes", str(LIMIT), "--body-timeout-s", "1"])
+    try:
+        gw.start()
+        gw.wait_ready()
+        yield gw
+    finally:
+        gw.stop()
+        for e in engines:
+            e.stop()
+
+
+async def slow_body(url: str) -> tuple[int, float]:
+    """Send headers promising 100 bytes, then trickle one byte every 0.2 s; return (status, seconds)."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    t0 = time.perf_counter()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+
+    async def trickle() -> None:
+        for _ in range(99):
+            await asyncio.sleep(0.2)
+            writer.write(b" ")
+            await writer.drain()
+
+    task = asyncio.create_task(trickle())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        task.cancel()
+        writer.close()
+    return int(status_line.split()[1]), time.perf_counter() - t0
+
+
+async def test_bad_requests_get_their_4xx_while_good_traffic_flows(gateway: GatewayProcess) -> None:
+    url = gateway.url
+    auth = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "emulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    stop = asyncio.Event()
+    good: list[int] = []
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def good_traffic(i: int) -> None:
+            while not stop.is_set():
+                if i % 2:
+                    req = session.post(url + "/v1/chat/completions", json=chat, headers=auth)
+                else:
+                    req = session.post(url + "/generate", headers=auth,
+                                       json={"text": "hello", "sampling_params": {"max_new_tokens": 4}})
+                async with req as r:
+                    await r.read()
+                    good.append(r.status)
+
+        async def bad(method: str, path: str, expect: int, param: str | None = None, **kw: object) -> None:
+            async with session.request(method, url + path, **kw) as r:  # type: ignore[arg-type]
+                body = await r.json(content_type=None)
+                assert r.status == expect, (path, kw, body)
+                assert set(body["error"]) == {"message", "type", "param", "code"}
+                if param is not None:
+                    assert body["error"]["param"] == param
+
+        async def chunked_huge() -> None:
+            async def gen():
+                for _ in range(64):
+                    yield b"x" * 4096
+
+            try:
+                await bad("POST", "/generate", 413, headers=auth, data=gen())
+            except aiohttp.ClientError:
+                pass  # the server cut the upload off before the client read the 413: refused either way
+
+        workers = [asyncio.create_task(good_traffic(i)) for i in range(4)]
+        await asyncio.sleep(0.3)
+        burst = []
+        for _ in range(5):
+            burst += [
+                bad("POST", "/v1/chat/completions", 400, None, data=b"{not json", headers=auth),
+                bad("POST", "/v1/chat/completions", 400, "messages", json={"model": "emulated", "messages": 5},
+                    headers=auth),
+                bad("POST", "/v1/chat/completions", 400, "max_tokens", json={**chat, "max_tokens": "many"},
+                    headers=auth),
+                bad("POST", "/v1/completions", 400, "prompt", json={"model": "emulated", "prompt": [1, "a"]},
+                    headers=auth),
+                bad("POST", "/generate", 400, "sampling_params.max_new_tokens",
+                    json={"text": "a", "sampling_params": {"max_new_tokens": -5}}, headers=auth),
+                bad("POST", "/v1/chat/completions", 413, None, data=b"x" * (LIMIT + 1), headers=auth),
+                bad("POST", "/v1/chat/completions", 404, "model", json={**chat, "model": "nope"}, headers=auth),
+                bad("GET", "/v1/nothing", 404),
+                bad("GET", "/v1/chat/completions", 405),
+                bad("POST", "/v1/chat/completions", 401, None, json=chat),
+                bad("POST", "/v1/chat/completions", 401, None, json=chat, headers={"Authorization": "Bearer bad"}),
+                bad("POST", "/generate", 400, None, data=b"", headers=auth),
+            ]
+        slow = [slow_body(url) for _ in range(10)]
+        results = await asyncio.gather(*burst, *slow, chunked_huge())
+        stop.set()
+        await asyncio.gather(*workers)
+
+    slow_results = [r for r in results if isinstance(r, tuple)]
+    assert [s for s, _ in slow_results] == [408] * 10
+    assert all(0.9 < t < 5 for _, t in slow_results)  # cut off at the 1 s body deadline, not served
+    assert len(good) > 20 and set(good) == {200}
