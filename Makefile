@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tsctl doctor
+	$(BIN)/python scripts/demo_local.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

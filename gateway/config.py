@@ -49,6 +49,7 @@ class GatewayConfig:
     upstream_read_timeout_s: float = 120.0
     max_attempts: int = 3
     max_migrations: int = 3
+    wait_for_pair_s: float = 30.0  # hold a request this long for a usable pair (a node lost, a role switching)
     retry_backoff_ms: float = 50.0
     # health and circuit breaker
     health_interval_s: float = 2.0
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest silence from a worker before it counts as failed")
     lim.add_argument("--max-attempts", type=int, default=3, help="pairs tried before the first byte")
     lim.add_argument("--max-migrations", type=int, default=3, help="mid-stream moves to a new pair")
+    lim.add_argument("--wait-for-pair-s", type=float, default=30.0,
+                     help="how long a request waits for a usable (prefill, decode) pair before a 503, e.g. while "
+                          "the controller reschedules after a lost node")
     lim.add_argument("--retry-backoff-ms", type=float, default=50.0)
     h = p.add_argument_group("health")
     h.add_argument("--health-interval-s", type=float, default=2.0)
@@ -179,6 +183,7 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
         upstream_read_timeout_s=ns.upstream_read_timeout_s,
         max_attempts=ns.max_attempts,
         max_migrations=ns.max_migrations,
+        wait_for_pair_s=ns.wait_for_pair_s,
         retry_backoff_ms=ns.retry_backoff_ms,
         health_interval_s=ns.health_interval_s,
         health_timeout_s=ns.health_timeout_s,

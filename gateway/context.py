@@ -6,8 +6,10 @@ per attempt, and the plan watcher replaces it in a single assignment (atomic for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -16,7 +18,7 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.routing import Pair, RoutingTable
+from gateway.routing import NoWorkers, Pair, RoutingTable
 from gateway.tokenizer import GatewayTokenizer
 from gateway.upstream import Exchange
 from gateway.upstream_http import UpstreamPool
@@ -53,6 +55,32 @@ class Gateway:
     model: ModelInfo = field(default_factory=ModelInfo)
     rng: random.Random = field(default_factory=random.Random)
     plan: Plan | None = None  # the plan in use (plan mode), for /admin/plan
+    table_changed: asyncio.Event = field(default_factory=asyncio.Event)  # set on every swap
+
+    async def choose_pair(self, avoid: set | None = None) -> Pair:
+        """A pair from the current table; when none is usable, wait (up to --wait-for-pair-s) for the
+        table to change or a worker to recover instead of failing at once: after a lost node the
+        controller's new plan, or a role switch finishing, gives a pair within moments."""
+        try:
+            return self.table.choose(self.rng, avoid)
+        except NoWorkers:
+            if self.cfg.wait_for_pair_s <= 0:
+                raise
+        self.metrics.pair_waits.inc()
+        deadline = time.monotonic() + self.cfg.wait_for_pair_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self.table.choose(self.rng, avoid)  # raises NoWorkers if still none
+            self.table_changed.clear()
+            try:  # a table swap wakes us at once; health recoveries are seen on the short poll
+                await asyncio.wait_for(self.table_changed.wait(), min(left, 0.1))
+            except TimeoutError:
+                pass
+            try:
+                return self.table.choose(self.rng, avoid)
+            except NoWorkers:
+                continue
 
     def exchange(self, pair: Pair, path: bytes, tokens: int, stream: bool) -> Exchange:
         """One attempt on ``pair``. A stream may stay silent for --upstream-read-timeout-s; a non-stream
@@ -64,6 +92,7 @@ class Gateway:
         """Make ``table`` the one new requests use; requests in flight keep theirs."""
         old = self.table
         self.table = table
+        self.table_changed.set()
         self.metrics.plan_version.set(table.version)
         self.pool.prune(table.workers())
         if old.version != table.version or len(old.pairs) != len(table.pairs):

@@ -140,7 +140,7 @@ class TokenGeneration:
                 self.finish_reason = "length"
                 return
             try:
-                pair = gw.table.choose(gw.rng, avoid)
+                pair = await gw.choose_pair(avoid)
             except NoWorkers as e:
                 raise ApiError(503, str(e), code="no_workers") from e
             self.pairs_used.append(pair.label())

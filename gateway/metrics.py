@@ -82,6 +82,9 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.retries = Counter("ts_gateway_retries", "Attempts on a new pair before the first byte", registry=r)
+        self.pair_waits = Counter(
+            "ts_gateway_pair_waits", "Requests held because no (prefill, decode) pair was usable", registry=r
+        )
         self.migrations = Counter(
             "ts_gateway_migrations", "Streams moved to a new pair after bytes reached the client", registry=r
         )

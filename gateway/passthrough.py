@@ -95,7 +95,7 @@ async def serve_passthrough(request: web.Request, gw: Gateway, raw: bytes, path:
     path_bytes = path.encode()
     while True:
         try:
-            pair = gw.table.choose(gw.rng, avoid)
+            pair = await gw.choose_pair(avoid)
         except NoWorkers as e:
             raise ApiError(503, str(e), code="no_workers") from e
         ex = gw.exchange(pair, path_bytes, tokens, stream)

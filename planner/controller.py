@@ -47,13 +47,14 @@ class ControllerConfig:
     provider: str = "local"  # local | skypilot
     engine: str = "reference"  # what agents run: reference (CPU engine) | sglang
     engine_model: str = ""  # the engine's --model: reference smollm2|tiny|emulated; sglang a model path
-    rate: float = 1.0
+    rate: float = 0.0  # requests/s to plan for; 0 = as much as the budget buys
     input_len: int = 256
     output_len: int = 64
     ttft_s: float = 2.0
     tpot_s: float = 0.2
     attainment: float = 0.9
     spot: bool = True
+    disaggregate: bool = False  # only prefill and decode replicas (no colocated ones)
     catalogs: list[str] = field(default_factory=list)
     kv_compression: str = "auto"
     seed: int = 0
@@ -101,7 +102,7 @@ def plan_for_config(cfg: ControllerConfig) -> Plan:
     return plan_deployment(
         cfg.model, workload, slo, budget=cfg.budget, offers=offers_of(cfg), spot=cfg.spot,
         kv_compression=cfg.kv_compression, seed=cfg.seed, time_limit_s=cfg.plan_time_limit_s,
-        max_gpus=cfg.max_nodes,
+        max_gpus=cfg.max_nodes, disaggregate=cfg.disaggregate,
     )
 
 
@@ -151,6 +152,7 @@ class Controller:
         await self.provisioner.start()
         await self.state.emit("controller.started", "took the lease", owner=self.owner)
         try:
+            await asyncio.to_thread(_warm_up)  # so the first reschedule after a loss pays no imports
             self.plan = await self.state.get_plan()
             if self.plan is None:
                 t0 = time.perf_counter()
@@ -403,6 +405,14 @@ class Controller:
     async def _switch_role(self, rec: ReplicaRecord, role: str, head: NodeRecord | None) -> None:
         assert head is not None
         t0 = time.perf_counter()
+        if "both" in (rec.role, role):
+            # SGLang switches prefill <-> decode in place; to or from colocated takes a restart (weights reload)
+            with contextlib.suppress(Exception):
+                await self._agent(head).stop_replica(rec.id)
+            await self.state.delete_replica(rec.id)
+            await self.state.emit("replica.restart_for_role", f"{rec.id} {rec.role} -> {role}: restart, no in-place "
+                                  "switch to or from colocated", replica=rec.id, old_role=rec.role, new_role=role)
+            return  # the next reconcile pass starts it with the plan's role
         try:
             res = await self._agent(head).switch_role(rec.id, role, drain=True, timeout_s=self.cfg.drain_timeout_s)
         except Exception as e:
@@ -425,6 +435,12 @@ class Controller:
             await self.provisioner.release(node_id, reason)
         except Exception as e:
             await self.state.emit("node.release_failed", f"{node_id}: {e}", node=node_id)
+
+
+def _warm_up() -> None:
+    """Import the search code (numpy, scipy, HiGHS) before it is needed on the clock."""
+    import planner.reschedule
+    import planner.scheduler  # noqa: F401
 
 
 def _without_nodes(plan: Plan, lost: list[str]) -> Plan:

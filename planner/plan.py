@@ -26,6 +26,8 @@ Plan JSON (``Plan.to_json()``), every field documented here and in the README:
   "expected": {"goodput_rps": 3.2, "slo_attainment": 0.93, "cost_per_hour": 4.1,
                "goodput_per_dollar": 0.78},
   "workload": {...}, "slo": {...},   # what the plan was made for (free-form, from the planner)
+  "network": {"inter_node_gbps": 25.0, "links": [["n0", "n1", 5.0]], "zones": {}},  # optional: the
+                                     # bandwidths the plan assumed (planner.cluster); {} = defaults
   "created_at": 1764290000.0
 }
 ```
@@ -106,6 +108,7 @@ class Plan:
     workload: dict[str, Any] = field(default_factory=dict)
     slo: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    network: dict[str, Any] = field(default_factory=dict)  # optional, added by the planner (issue 3)
 
     # -- derived views -------------------------------------------------------------------------
     @property
@@ -219,6 +222,7 @@ class Plan:
                 workload=dict(d.get("workload", {})),
                 slo=dict(d.get("slo", {})),
                 created_at=float(d.get("created_at", time.time())),
+                network=dict(d.get("network") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan JSON: {e!r}") from e

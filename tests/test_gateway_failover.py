@@ -171,7 +171,8 @@ async def test_client_disconnect_aborts_both_legs() -> None:
 
 
 async def test_no_healthy_worker_gives_503_and_ready_says_so() -> None:
-    async with cluster([("prefill", []), ("decode", [])], "--health-interval-s", "0.2") as (gw, (_, d), session):
+    async with cluster([("prefill", []), ("decode", [])], "--health-interval-s", "0.2",
+                       "--wait-for-pair-s", "0.5") as (gw, (_, d), session):
         freeze_and_kill(d)
         for _ in range(50):
             async with session.get(gw.url + "/ready") as r:
@@ -182,6 +183,29 @@ async def test_no_healthy_worker_gives_503_and_ready_says_so() -> None:
         assert status == 503 and ready["decode"]["healthy"] == 0
         status, body = await generate(session, gw.url, BODY)
         assert status == 503 and orjson.loads(body)["error"]["code"] == "no_workers"
+
+
+async def test_request_waits_for_a_pair_to_come_back() -> None:
+    """No usable pair (the only decode is frozen, marked unhealthy): the request is held, not failed,
+    and is served as soon as the worker is healthy again (as after a controller's role switch)."""
+    async with cluster([("prefill", []), ("decode", [])], "--health-interval-s", "0.2",
+                       "--wait-for-pair-s", "30") as (gw, (_, d), session):
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            for _ in range(100):
+                async with session.get(gw.url + "/ready") as r:
+                    if r.status == 503:
+                        break
+                await asyncio.sleep(0.1)
+            pending = asyncio.create_task(generate(session, gw.url, BODY))
+            await asyncio.sleep(1.0)
+            assert not pending.done(), "the request must wait for a pair, not fail"
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        status, body = await asyncio.wait_for(pending, 30)
+        assert status == 200, body
+        assert orjson.loads(body)["meta_info"]["completion_tokens"] == 16
+        assert await metric(session, gw.url, "ts_gateway_pair_waits_total") >= 1
 
 
 async def test_silent_worker_gives_504_not_a_hang() -> None:

@@ -6,6 +6,8 @@ engines computing with PyTorch) is shared by the tests of this module, in order.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -16,8 +18,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-
-from tests.local_cluster import LocalCluster
+from local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     print(f"\n`tsctl up --local` took {time.monotonic() - t0:.1f}s")
     if proc.returncode != 0:
         c.tsctl("down", "-d", c.name, check=False, timeout=120)
-        raise AssertionError(f"tsctl up failed:\n{proc.stdout}\n{proc.stderr}\ncontroller:\n{c.log('controller')[-3000:]}")
+        raise AssertionError(f"tsctl up failed:\n{proc.stdout}\n{proc.stderr}\n"
+                             f"controller:\n{c.log('controller')[-3000:]}")
     yield c
     if (c.home / "deployments" / c.name / "deployment.json").exists():  # a failed test left it up
         c.tsctl("down", "-d", c.name, check=False, timeout=180)
@@ -85,7 +87,7 @@ class SteadyLoad:
                         text.append(chunk.choices[0].delta.content)
                 with self._lock:
                     self.ok += 1
-            except Exception as e:  # noqa: BLE001 - every failure is the test's business
+            except Exception as e:
                 with self._lock:
                     self.failures.append(f"stream {i} request {n}: {type(e).__name__}: {e}")
 
@@ -124,26 +126,30 @@ def test_preemption_loses_no_request_and_heals(cluster: LocalCluster) -> None:
         time.sleep(3)
         t_kill = time.time()
         cluster.tsctl("chaos", "preempt", victim, "-d", cluster.name)
-        snap = cluster.wait_for(lambda s: events_of(s, "reschedule"), 60, "the reschedule after the preemption")
+        rescheds = cluster.wait_for(lambda s: events_of(s, "reschedule"), 60, "the reschedule after the preemption")
         healed = cluster.wait_for(
             lambda s: [e for e in events_of(s, "replan") if e["ts"] > t_kill], 240, "a replacement node folded in")
         # let traffic reach the replacement
         new_nodes = {n["id"] for n in cluster.status()["nodes"] if n["created_at"] > t_kill and n["status"] == "ready"}
         cluster.wait_for(lambda s: any(r["status"] == "ready" and r["node_ids"][0] in new_nodes
                                        for r in s["replicas"]), 180, "the replacement's replica to be ready")
-        time.sleep(6)
+        served: dict[str, float] = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any(served.get(n, 0) > 0 for n in new_nodes):
+            time.sleep(1)
+            served = _served_by_node(cluster, cluster.status())
     after = cluster.status()
     print(f"\nsteady load: {load.ok} requests ok, {len(load.failures)} failed")
     assert not load.failures, load.failures[:5]
     assert load.ok > 0
-    resched = events_of(snap, "reschedule")[-1]
-    detected = [e for e in events_of(snap, "node.preempted") if e["ts"] >= t_kill - 1]
-    print(f"preemption of {victim}: detected {detected[0]['ts'] - t_kill:.3f}s after the kill; reschedule event "
-          f"{resched['ts'] - detected[0]['ts']:.3f}s after detection; replan {healed[-1]['ts'] - t_kill:.1f}s after the kill")
+    resched = rescheds[-1]
+    detected = [e for e in events_of(after, "node.preempted") if e["ts"] >= t_kill - 1]
+    print(f"preemption of {victim}: detected {detected[0]['ts'] - t_kill:.3f}s after the kill; reschedule "
+          f"event {resched['ts'] - detected[0]['ts']:.3f}s after detection; replan {healed[-1]['ts'] - t_kill:.1f}s "
+          "after the kill")
     assert resched["ts"] - detected[0]["ts"] < 1.0, (resched, detected)
     assert after["spend_per_hour"] <= after["budget_per_hour"]
-    served = _served_by_node(cluster, after)
-    print(f"requests served per node after healing: {served}")
+    print(f"prompt tokens served per node after healing: {served}")
     assert any(served.get(n, 0) > 0 for n in new_nodes), (served, new_nodes)
 
 
@@ -174,6 +180,8 @@ def test_controller_and_gateway_restart_resume_from_redis(cluster: LocalCluster)
     before = cluster.status()
     with SteadyLoad(cluster, streams=2) as load:
         time.sleep(2)
+        os.kill(cluster.deployment()["controller_pid"], signal.SIGKILL)  # a crash, not a clean stop
+        time.sleep(1)
         cluster.tsctl("restart", "controller", "-d", cluster.name)
         cluster.wait_for(lambda s: [e for e in s["events"] if e["kind"] == "controller.started"
                                     and e["ts"] > time.time() - 60], 60, "the new controller to take the lease")

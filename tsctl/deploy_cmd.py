@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import time
 from typing import Any
 
@@ -44,12 +45,16 @@ def up(
     budget: float = typer.Option(..., "--budget", help="hourly budget in USD for everything rented"),
     local: bool = typer.Option(False, "--local", help="virtual nodes on this machine, CPU engine, no cloud"),
     model: str = typer.Option("", "--model", help="model catalog name (default: smollm2 with --local)"),
-    rate: float = typer.Option(1.0, "--rate", help="expected requests/s"),
+    rate: float = typer.Option(0.0, "--rate", help="requests/s to plan for (0: as much as the budget buys)"),
     input_len: int = typer.Option(256, "--input-len"),
     output_len: int = typer.Option(64, "--output-len"),
     ttft: float = typer.Option(0.0, "--ttft", help="TTFT target, s (default 2 in the cloud, 5 with --local)"),
     tpot: float = typer.Option(0.0, "--tpot", help="TPOT target, s (default 0.1 in the cloud, 0.5 with --local)"),
     spot: bool = typer.Option(True, "--spot/--no-spot", help="spot instances first"),
+    disaggregate: bool | None = typer.Option(
+        None, "--disaggregate/--any-phases",
+        help="only prefill and decode replicas (default with --local, to run the PD path), or let the planner "
+             "also choose colocated replicas (default in the cloud)"),
     catalog: list[str] = typer.Option([], "--catalog", help="SkyPilot vms.csv file(s) to rent from"),
     engine_model: str = typer.Option("", "--engine-model",
                                      help="with --local: the CPU engine's model (smollm2, tiny, emulated)"),
@@ -77,7 +82,8 @@ def up(
         provider="local" if local else "skypilot", engine="reference" if local else "sglang",
         engine_model=(engine_model or "smollm2") if local else "", rate=rate, input_len=input_len,
         output_len=output_len, ttft_s=ttft or (5.0 if local else 2.0), tpot_s=tpot or (0.5 if local else 0.1),
-        spot=spot, catalogs=[os.path.abspath(c) for c in catalog], seed=seed,
+        spot=spot, disaggregate=local if disaggregate is None else disaggregate,
+        catalogs=[os.path.abspath(c) for c in catalog], seed=seed,
         max_nodes=max_nodes or (4 if local else 64),
     )
     dep = Deployment(name=deployment, mode="local" if local else "cloud", redis_url="", budget=budget, model=cfg.model)
@@ -512,7 +518,8 @@ def restart(
     if not _redis_up(dep):
         raise fail(f"Redis at {dep.redis_url} is not answering; the deployment is gone: `tsctl down -d {deployment}`")
     pid = dep.controller_pid if service == "controller" else dep.gateway_pid
-    stop_process(pid, grace_s=10)
+    # SIGINT: the controller hands over and leaves the nodes running (SIGTERM is `tsctl down`: release all)
+    stop_process(pid, grace_s=10, sig=signal.SIGINT if service == "controller" else signal.SIGTERM)
     if service == "controller":
         # no --config: the restarted controller reads its config, the plan and the nodes from Redis
         dep.controller_pid = spawn_detached(

@@ -100,16 +100,16 @@ def alive(pid: int | None) -> bool:
         return False
 
 
-def stop_process(pid: int | None, grace_s: float = 10.0) -> bool:
-    """SIGTERM the process (and its session's group), SIGKILL after ``grace_s``; True if it is gone."""
+def stop_process(pid: int | None, grace_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Send ``sig`` to the process (and its session's group), SIGKILL after ``grace_s``; True if it is gone."""
     if not alive(pid):
         return True
     assert pid is not None
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             return True
     deadline = time.monotonic() + grace_s

@@ -1,0 +1,180 @@
+"""Planner suite: ThunderServe's plan vs every baseline on simulated goodput per dollar, plus planner times.
+
+Each scenario (model 7B-70B, hourly budget, short or long prompts, 5 or 40 Gbps between nodes) rents
+from the SkyPilot catalogs in ``shared/data/catalogs`` (Lambda, RunPod, Vast). Every strategy plans
+with the same money; each plan is then run through the discrete-event simulator and its goodput
+(highest rate meeting the SLO attainment target) divided by its $/h. Ratios are ThunderServe's
+goodput per dollar over the best of the three baselines (colocated, distserve, hexgen), per
+scenario and on average (geometric mean), measured in the same run. Also timed: planning 32- and
+64-GPU owned pools (CPU seconds, one process) and a reschedule after losing a node.
+
+    python bench/planner.py            # full suite (~15-25 min on 2 shared cores)
+    python bench/planner.py --quick    # 4 scenarios, shorter searches
+Prints a rich table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from planner.offers import load_offers
+from planner.reschedule import reschedule
+from planner.scheduler import PlanningError, plan_deployment, plan_summary
+from planner.simulator import goodput
+from planner.workload import SLO, Lengths, Workload
+
+CATALOGS = Path(__file__).resolve().parents[1] / "tests" / "data" / "sky-catalogs"  # snapshot of shared/data/catalogs
+BASELINES = ("colocated", "distserve", "hexgen")
+ABLATIONS = ("greedy", "no-bandwidth")
+PROMPTS = {
+    "short": Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096),
+                      Lengths(256, "lognormal", 0.8, lo=2, hi=2048)),
+    "long": Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192),
+                     Lengths(128, "lognormal", 0.8, lo=2, hi=1024)),
+}
+SLOS = {"llama-2-7b": (1.0, 0.04), "llama-2-13b": (1.5, 0.05), "llama-30b": (2.5, 0.08), "llama-2-70b": (3.5, 0.1)}
+# Tight decode deadlines (the regime of the ThunderServe paper's "latency deadline" results): long prompts,
+# a generous TTFT, a TPOT close to what one decode step can do.
+TIGHT = {"llama-2-7b": (4.0, 0.02), "llama-2-13b": (4.0, 0.025), "llama-30b": (4.0, 0.05), "llama-2-70b": (6.0, 0.06)}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    model: str
+    budget: float
+    prompts: str
+    gbps: float
+    tight: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} ${self.budget:g}/h {self.prompts} {self.gbps:g}G" + (" tight-TPOT" if self.tight else "")
+
+    def slo(self) -> SLO:
+        if self.tight:
+            return SLO(*TIGHT[self.model], 0.9)
+        ttft, tpot = SLOS[self.model]
+        return SLO(ttft * (2 if self.prompts == "long" else 1), tpot, 0.9)
+
+
+SUITE = [
+    Scenario("llama-2-7b", 10, "short", 40), Scenario("llama-2-7b", 10, "long", 5),
+    Scenario("llama-2-13b", 20, "short", 5), Scenario("llama-2-13b", 20, "long", 40),
+    Scenario("llama-30b", 30, "short", 40), Scenario("llama-30b", 30, "long", 5),
+    Scenario("llama-2-70b", 40, "short", 40), Scenario("llama-2-70b", 40, "long", 5),
+    Scenario("llama-2-7b", 40, "long", 40), Scenario("llama-2-13b", 10, "short", 40),
+    Scenario("llama-2-7b", 10, "long", 5, tight=True), Scenario("llama-2-13b", 20, "long", 40, tight=True),
+    Scenario("llama-30b", 30, "long", 40, tight=True), Scenario("llama-2-70b", 40, "long", 40, tight=True),
+]
+QUICK = [SUITE[0], SUITE[3], SUITE[5], SUITE[11]]
+
+
+def run_scenario(sc: Scenario, offers, time_limit: float, strategies) -> dict:
+    out = {}
+    for strat in strategies:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            plan = plan_deployment(sc.model, PROMPTS[sc.prompts], sc.slo(), budget=sc.budget, offers=offers,
+                                   strategy=strat, inter_node_gbps=sc.gbps, time_limit_s=time_limit)
+        except PlanningError as e:
+            out[strat] = {"error": str(e), "gpd": 0.0}
+            continue
+        plan_s, plan_cpu = time.perf_counter() - t0, time.process_time() - c0
+        g = goodput(plan, PROMPTS[sc.prompts], sc.slo(), iters=6)
+        s = plan_summary(plan)
+        out[strat] = {"goodput": round(g, 3), "cost": round(plan.cost_per_hour, 3),
+                      "gpd": round(g / plan.cost_per_hour, 4) if plan.cost_per_hour else 0.0,
+                      "estimate": plan.expected.get("goodput_rps", 0.0), "plan_s": round(plan_s, 2),
+                      "plan_cpu_s": round(plan_cpu, 2),
+                      "mix": "+".join(sorted({f"{i.gpu_type}" for i in plan.instances})),
+                      "shape": f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C on {s['gpus']} GPUs"}
+    return out
+
+
+def time_pools(time_limit_32: float, time_limit_64: float) -> dict:
+    """CPU seconds to plan owned pools of 32 and 64 GPUs, and to reschedule after a node loss."""
+    wl, slo = PROMPTS["short"].with_rate(0.0), SLO(1.5, 0.05)
+    out = {}
+    for n, pool, limit in [(32, "8*2xL40S,4*2xRTX3090,2*4xA100-80GB", time_limit_32),
+                           (64, "8*4xL40S,4*4xRTX3090,2*8xA100-80GB", time_limit_64)]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        plan = plan_deployment("llama-2-13b", wl, slo, pool=pool, inter_node_gbps=10, time_limit_s=limit)
+        out[f"plan_{n}_gpus_cpu_s"] = round(time.process_time() - c0, 2)
+        out[f"plan_{n}_gpus_wall_s"] = round(time.perf_counter() - t0, 2)
+        out[f"plan_{n}_gpus_goodput"] = plan.expected["goodput_rps"]
+        victim = plan.replicas[0].node_ids[0]
+        c0 = time.process_time()
+        _, changes = reschedule(plan, lost_nodes=[victim])
+        out[f"reschedule_{n}_gpus_cpu_s"] = round(time.process_time() - c0, 3)
+        out[f"reschedule_{n}_gpus_flips"] = len(changes.role_flips)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--time-limit", type=float, default=None, help="search seconds per plan")
+    args = ap.parse_args()
+    console = Console(stderr=False)
+    offers = load_offers(sorted(CATALOGS.glob("*_vms.csv")))
+    suite = QUICK if args.quick else SUITE
+    limit = args.time_limit or (4.0 if args.quick else 8.0)
+    strategies = ("thunderserve", *BASELINES, *ABLATIONS)
+    table = Table(title="ThunderServe vs baselines: simulated goodput per $/h (req/s per $/h)")
+    for col in ("scenario", *strategies, "vs best baseline", "ours: plan", "plan s"):
+        table.add_column(col)
+    rows, ratios = [], []
+    for sc in suite:
+        res = run_scenario(sc, offers, limit, strategies)
+        best_base = max(res[b]["gpd"] for b in BASELINES)
+        ours = res["thunderserve"]["gpd"]
+        ratio = ours / best_base if best_base > 0 else math.inf
+        ratios.append(ratio)
+        rows.append({"scenario": sc.name, "ratio": round(ratio, 3), "results": res,
+                     "best_baseline": max(BASELINES, key=lambda b: res[b]["gpd"])})
+        ts = res["thunderserve"]
+        table.add_row(sc.name, *[f"{res[s]['gpd']:.3f}" for s in strategies], f"{ratio:.2f}x",
+                      f"{ts.get('mix', '-')}: {ts.get('shape', ts.get('error', ''))}", f"{ts.get('plan_s', 0):.1f}")
+        console.print(f"[dim]{sc.name}: {ratio:.2f}x[/dim]")
+    finite = [r for r in ratios if math.isfinite(r) and r > 0]
+    geo = math.exp(sum(math.log(r) for r in finite) / len(finite)) if finite else 0.0
+    console.print(table)
+    timing = time_pools(18.0 if not args.quick else 8.0, 55.0 if not args.quick else 15.0)
+    tt = Table(title="Planner time (one process)")
+    tt.add_column("what")
+    tt.add_column("value")
+    for k, v in timing.items():
+        tt.add_row(k, str(v))
+    console.print(tt)
+    def geo_of(names: list[str]) -> float:
+        vals = [r["ratio"] for r in rows if r["scenario"] in names and math.isfinite(r["ratio"]) and r["ratio"] > 0]
+        return round(math.exp(sum(math.log(v) for v in vals) / len(vals)), 3) if vals else 0.0
+
+    summary = {
+        "bench": "planner", "scenarios": len(rows), "time_limit_s": limit,
+        "ratio_geomean_tight_tpot": geo_of([sc.name for sc in suite if sc.tight]),
+        "ratio_geomean_other": geo_of([sc.name for sc in suite if not sc.tight]),
+        "ratio_vs_best_baseline": {r["scenario"]: r["ratio"] for r in rows},
+        "ratio_geomean": round(geo, 3), "ratio_mean": round(sum(finite) / len(finite), 3) if finite else 0.0,
+        "ratio_max": round(max(finite), 3) if finite else 0.0, "ratio_min": round(min(finite), 3) if finite else 0.0,
+        "wins": sum(1 for r in ratios if r > 1.01), "ties": sum(1 for r in ratios if 0.99 <= r <= 1.01),
+        "losses": sum(1 for r in ratios if r < 0.99),
+        "gpd": {r["scenario"]: {s: r["results"][s]["gpd"] for s in strategies} for r in rows},
+        **timing,
+    }
+    print(orjson.dumps(summary).decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Baselines at the same budget, each the best its own method can do, and two ablations of ours.
+
+* ``colocated`` (vLLM-style): one GPU type, as many instances as the budget buys, identical replicas
+  doing both phases; the best GPU type and replica size (TP) are searched.
+* ``distserve`` (DistServe-style): one GPU type, prefill and decode replicas with their own TP and
+  the best prefill:decode split; it assumes fast KV links (no bandwidth term, no compression), so
+  its routing ignores the network, as DistServe's placement does.
+* ``hexgen`` (HexGen-style): heterogeneous instances, asymmetric TP/PP replicas, but every replica
+  does both phases (no phase split); rent choice and grouping search restricted to colocated.
+* ``greedy`` (ablation): our rent choice and initial grouping/phases, no tabu search.
+* ``no-bandwidth`` (ablation): our full search, but blind to link bandwidth in routing and
+  scoring (KV transfer time and link capacity treated as free); deployed as chosen.
+
+Each returns (evaluator, evaluation) for ``planner.scheduler.build_plan``. When the user owns the
+pool, the homogeneous baselines use its largest single-GPU-type subset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from planner.cluster import Cluster, Node
+from planner.evaluate import Evaluation, Evaluator, Group
+from planner.offers import cheapest_per_type
+from planner.scheduler import Setting, plan_thunderserve
+from planner.search import initial_groups
+
+
+def _homogeneous_clusters(s: Setting) -> list[Cluster]:
+    """One cluster per instance type: as many instances as the budget buys (or the pool's own)."""
+    if s.pool is not None:
+        by_type: dict[str, list[Node]] = {}
+        for n in s.pool.nodes:
+            by_type.setdefault(n.gpu_type, []).append(n)
+        return [Cluster(nodes, s.pool.inter_node_gbps, s.pool.links_gbps) for nodes in by_type.values()]
+    assert s.offers is not None and s.budget is not None
+    out = []
+    seen: set[tuple[str, int, float]] = set()
+    for (cloud, region, gpu, count), (offer, price, is_spot) in sorted(cheapest_per_type(s.offers, s.spot).items()):
+        if (gpu, count, round(price, 4)) in seen:  # the same offer elsewhere plans the same
+            continue
+        seen.add((gpu, count, round(price, 4)))
+        k = min(math.floor(s.budget / price + 1e-9), max(1, s.max_gpus // count))
+        if s.workload.rate > 0:  # like ours: no more instances than the demand needs (with headroom)
+            k = min(k, _instances_for_rate(s, gpu, count, price))
+        if k < 1:
+            continue
+        nodes = [Node(f"n{i}", gpu, count, price, is_spot, region, "", cloud, offer.instance_type) for i in range(k)]
+        out.append(Cluster(nodes, inter_node_gbps=s.inter_node_gbps))
+    return out
+
+
+def _instances_for_rate(s: Setting, gpu: str, count: int, price: float) -> int:
+    """Instances of a type whose colocated capacity reaches the rent headroom over the demand."""
+    from planner.parallel import configure_group
+    from planner.scheduler import RENT_HEADROOM
+
+    node = Node("x0", gpu, count, price)
+    best = 0.0
+    for size in (1, 2, 4, 8):
+        if size > count or count % size:
+            continue
+        cfg = configure_group(s.context(Cluster([node])), node.gpu_ids()[:size], "both")
+        if cfg is not None:
+            best = max(best, cfg.capacity * (count // size))
+    if best <= 0:
+        return 1 << 30
+    return max(1, math.ceil(RENT_HEADROOM * s.workload.rate / best))
+
+
+def _cut(cluster: Cluster, size: int) -> list[Group] | None:
+    """Groups of ``size`` GPUs: whole nodes per group when size >= GPUs per node, else slices of nodes."""
+    per_node = cluster.nodes[0].gpu_count
+    groups: list[Group] = []
+    if size <= per_node:
+        if per_node % size:
+            return None
+        for n in cluster.nodes:
+            ids = n.gpu_ids()
+            groups.extend(tuple(ids[i : i + size]) for i in range(0, per_node, size))
+        return groups
+    if size % per_node:
+        return None
+    k = size // per_node
+    for i in range(0, len(cluster.nodes) - k + 1, k):
+        groups.append(tuple(g for n in cluster.nodes[i : i + k] for g in n.gpu_ids()))
+    return groups
+
+
+def _sizes(cluster: Cluster) -> list[int]:
+    per_node = cluster.nodes[0].gpu_count
+    total = per_node * len(cluster.nodes)
+    return [s for s in (1, 2, 4, 8, 16, 32) if s <= total]
+
+
+def _better(a: tuple[Evaluator, Evaluation] | None, b: tuple[Evaluator, Evaluation]) -> tuple[Evaluator, Evaluation]:
+    return b if a is None or b[1].score > a[1].score else a
+
+
+def colocated(s: Setting) -> tuple[Evaluator, Evaluation | None]:
+    best = None
+    for cluster in _homogeneous_clusters(s):
+        ev = s.evaluator(cluster, kv="none")
+        prices = {n.id: n.price_per_hour for n in cluster.nodes}
+        for size in _sizes(cluster):
+            groups = _cut(cluster, size)
+            if not groups or ev.config(groups[0], "both") is None:
+                continue
+            best = _better(best, (ev, ev.evaluate(groups, ["both"] * len(groups), prices)))
+    return best if best else (None, None)  # type: ignore[return-value]
+
+
+def distserve(s: Setting) -> tuple[Evaluator, Evaluation | None]:
+    best = None
+    for cluster in _homogeneous_clusters(s):
+        blind = s.evaluator(cluster, bandwidth_aware=False, kv="none")
+        prices = {n.id: n.price_per_hour for n in cluster.nodes}
+        total = len(cluster.gpus())
+        choice = None
+        for ps in _sizes(cluster):
+            pg = _cut(cluster, ps)
+            if not pg or blind.config(pg[0], "prefill") is None:
+                continue
+            pcap = blind.config(pg[0], "prefill").capacity  # type: ignore[union-attr]
+            for ds in _sizes(cluster):
+                dg = _cut(cluster, ds)
+                if not dg or blind.config(dg[0], "decode") is None:
+                    continue
+                dcap = blind.config(dg[0], "decode").capacity  # type: ignore[union-attr]
+                # n_p prefill groups then decode groups from what is left, on whole units of the larger size
+                for n_p in range(1, total // ps):
+                    groups = _pack(cluster, ps, n_p, ds)
+                    if groups is None:
+                        continue
+                    n_d = len(groups) - n_p
+                    if n_d < 1:
+                        continue
+                    value = min(n_p * pcap, n_d * dcap)  # DistServe's own (bandwidth-blind) estimate
+                    if choice is None or value > choice[0]:
+                        choice = (value, groups, n_p)
+        if choice is None:
+            continue
+        _, groups, n_p = choice
+        roles = ["prefill"] * n_p + ["decode"] * (len(groups) - n_p)
+        best = _better(best, (blind, blind.evaluate(groups, roles, prices)))
+    return best if best else (None, None)  # type: ignore[return-value]
+
+
+def _pack(cluster: Cluster, ps: int, n_p: int, ds: int) -> list[Group] | None:
+    """n_p prefill groups of ps GPUs first, then as many decode groups of ds GPUs as fit after them."""
+    gpus = cluster.gpus()
+    per_node = cluster.nodes[0].gpu_count
+    groups: list[Group] = []
+    pos = 0
+    for size, count in ((ps, n_p), (ds, 10**9)):
+        made = 0
+        while made < count and pos + size <= len(gpus):
+            if size >= per_node and pos % per_node:
+                pos += per_node - pos % per_node  # multi-node groups start on a node boundary
+                continue
+            if size < per_node and (pos % per_node) + size > per_node:
+                pos += per_node - pos % per_node
+                continue
+            groups.append(tuple(gpus[pos : pos + size]))
+            pos += size
+            made += 1
+        if size == ps and made < n_p:
+            return None
+    return groups
+
+
+def hexgen(s: Setting) -> tuple[Evaluator, Evaluation]:
+    return plan_thunderserve(s, phases=("both",))
+
+
+def greedy(s: Setting) -> tuple[Evaluator, Evaluation]:
+    return plan_thunderserve(s, tabu=False)
+
+
+def no_bandwidth(s: Setting) -> tuple[Evaluator, Evaluation]:
+    return plan_thunderserve(s, bandwidth_aware=False)
+
+
+BASELINES: dict[str, Callable[[Setting], tuple[Evaluator, Evaluation | None]]] = {
+    "colocated": colocated,
+    "distserve": distserve,
+    "hexgen": hexgen,
+    "greedy": greedy,
+    "no-bandwidth": no_bandwidth,
+}
+
+__all__ = ["BASELINES", "initial_groups"]

@@ -1,0 +1,194 @@
+"""Roofline cost model: how long a replica takes to prefill and to decode, and what fits in memory.
+
+A replica is ``pp`` pipeline stages of ``tp`` GPUs each (TP inside a node). For one stage holding
+``l`` layers, a forward pass over ``T`` tokens costs
+
+    max(FLOPs / (tp * peak_FLOPs * e_c),  bytes / (tp * peak_mem_bw * e_m))       # roofline
+    + l * per-layer overhead + l * 2 TP all-reduces + one PP activation send           # fixed + comm
+
+with FLOPs = 2 * params_per_layer * T * l + attention (2 * sum(s^2) * d_attn * l for a causal prefill,
+4 * context * d_attn * l for a decode step) + the LM head on the last stage; bytes = weights of the
+stage + the KV cache it reads or writes. A TP all-reduce of ``n`` bytes over a ring of ``tp`` GPUs
+moves 2 (tp-1)/tp * n over the GPU link; a PP send moves T * hidden * dtype bytes to the next stage
+(over the network when the next stage is on another node). Prefill latency is the sum over stages,
+its throughput the slowest stage (stages pipeline across batches); a decode step is the sum over stages.
+
+KV transfer from a prefill to a decode replica moves ``input_len * kv_bytes_per_token * q`` bytes,
+``q`` = 1 (none), 0.516 (int8 + an fp16 scale per 64 values) or 0.266 (int4), split by layer over
+the stage pairs whose layer ranges overlap (``kv_segments``), each over its own link.
+
+The efficiency factors (achieved fraction of peak) and the fixed overheads are the model's only
+fitted constants; ``bench/cost_model_check.py`` calibrates them for this CPU and compares predictions
+with measured forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.gpus import GpuSpec
+from planner.models import ModelSpec
+
+KV_FACTOR = {"none": 1.0, "int8": (1 + 2 / 64) / 2, "int4": (0.5 + 2 / 64) / 2}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of peak and fixed overheads (defaults: SGLang-class engines on GPUs)."""
+
+    compute: float = 0.6  # large bf16 GEMMs reach ~60-75% of dense peak in serving engines
+    memory: float = 0.8  # weight/KV streaming reaches ~80% of peak HBM/GDDR bandwidth
+    network: float = 0.8  # of nominal link bandwidth
+    layer_overhead_s: float = 6e-6  # per layer per forward (kernel launches, norms; CUDA graphs in decode)
+    step_overhead_s: float = 1.5e-3  # per forward pass (scheduler, sampling, detokenize)
+    mem_fraction: float = 0.88  # of device memory the engine may take (SGLang mem_fraction_static)
+    decode_compute: float | None = None  # skinny (batch x hidden) GEMMs of decode, if unlike ``compute``
+
+
+DEFAULT_EFF = Efficiency()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: ``tp`` GPUs of one type on one node holding ``layers`` layers."""
+
+    node: str
+    gpu: GpuSpec
+    tp: int
+    layers: int
+    first: bool
+    last: bool
+
+
+class ReplicaModel:
+    """Timing and memory of one replica (its stages, links and the model)."""
+
+    def __init__(self, model: ModelSpec, stages: list[Stage], pp_links: list[tuple[float, float]],
+                 eff: Efficiency = DEFAULT_EFF) -> None:
+        """``pp_links[s]`` = (bytes/s, latency s) from stage s to s+1."""
+        self.model = model
+        self.stages = stages
+        self.pp_links = pp_links
+        self.eff = eff
+        m = model
+        self._d_attn = m.heads * m.hd
+        self._head_flops_per_req = 2 * m.vocab * m.hidden
+        self._act_bytes_per_token = m.hidden * m.dtype_bytes
+        self.kv_tokens = self._kv_capacity_tokens()
+        self._precompute()
+
+    # -- memory --------------------------------------------------------------------------------
+    def stage_weight_bytes_per_gpu(self, s: Stage) -> float:
+        m = self.model
+        b = s.layers * m.layer_bytes
+        if s.first:
+            b += m.embed_params * m.dtype_bytes
+        if s.last:
+            b += m.head_params * m.dtype_bytes + m.hidden * m.dtype_bytes
+        return b / s.tp
+
+    def _kv_capacity_tokens(self) -> float:
+        """Tokens of KV cache the replica can hold (the tightest stage decides)."""
+        m, e = self.model, self.eff
+        cap = math.inf
+        for s in self.stages:
+            free = s.gpu.memory_bytes * e.mem_fraction - self.stage_weight_bytes_per_gpu(s)
+            per_token = m.kv_bytes_per_token_layer * s.layers / min(s.tp, m.kv_heads)
+            cap = min(cap, free / per_token if per_token > 0 else math.inf)
+        return max(cap, 0.0)
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(s.tp for s in self.stages)
+
+    # -- compute -------------------------------------------------------------------------------
+    def _precompute(self) -> None:
+        """Per-stage coefficients, so a step time is a few multiply-adds (the search calls it a lot)."""
+        m, e = self.model, self.eff
+        self._coef = []
+        self._dec_den: list[float] = []
+        for i, s in enumerate(self.stages):
+            last = s.last
+            f_tok = 2 * m.layer_params * s.layers + (self._head_flops_per_req if last else 0.0)  # per token/seq
+            f_sq = 2 * self._d_attn * s.layers  # prefill: x sum(s^2); decode: x2 x context
+            b_const = s.layers * m.layer_bytes + (m.head_params * m.dtype_bytes if last else 0.0)
+            b_kv = s.layers * m.kv_bytes_per_token_layer
+            f_den = s.tp * s.gpu.flops * e.compute
+            b_den = s.tp * s.gpu.mem_bytes_per_s * e.memory
+            fixed = s.layers * e.layer_overhead_s
+            comm_tok = 0.0
+            if s.tp > 1:  # two ring all-reduces per layer of tokens x hidden x dtype bytes
+                fixed += 2 * s.layers * 2 * (s.tp - 1) * 5e-6
+                comm_tok += 2 * s.layers * 2 * (s.tp - 1) / s.tp * self._act_bytes_per_token / (
+                    s.gpu.link_bytes_per_s * e.network)
+            if i < len(self.pp_links):
+                bw, lat = self.pp_links[i]
+                fixed += lat
+                comm_tok += self._act_bytes_per_token / (bw * e.network)
+            self._coef.append((f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last))
+            self._dec_den.append(s.tp * s.gpu.flops * (e.decode_compute or e.compute))
+
+    def prefill_stage_times(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> list[float]:
+        """Per-stage time to prefill ``tokens`` prompt tokens (``sum_sq`` = sum of squared prompt lengths)."""
+        if sum_sq is None:
+            sum_sq = tokens * tokens / max(n_req, 1)
+        head = self._head_flops_per_req
+        out = []
+        for f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last in self._coef:
+            flops = f_tok * tokens + f_sq * sum_sq
+            if last:  # the LM head runs on the last token of each prompt only
+                flops += head * (n_req - tokens)
+            out.append(max(flops / f_den, (b_const + b_kv * tokens) / b_den) + fixed + comm_tok * tokens)
+        return out
+
+    def prefill_time(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> float:
+        """Latency of one prefill batch (all stages, plus the per-pass overhead)."""
+        return sum(self.prefill_stage_times(tokens, sum_sq, n_req)) + self.eff.step_overhead_s
+
+    def prefill_bottleneck(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> float:
+        """Time the slowest stage is busy with one batch: the inverse of pipelined batch throughput."""
+        return max(self.prefill_stage_times(tokens, sum_sq, n_req)) + self.eff.step_overhead_s
+
+    def decode_step_time(self, batch: float, context_tokens: float) -> float:
+        """One decode iteration for ``batch`` sequences holding ``context_tokens`` tokens in total."""
+        if batch <= 0:
+            return 0.0
+        t = self.eff.step_overhead_s
+        for (f_tok, f_sq, b_const, b_kv, _, b_den, fixed, comm_tok, _), f_den in zip(self._coef, self._dec_den,
+                                                                                      strict=True):
+            flops = f_tok * batch + 2 * f_sq * context_tokens
+            t += max(flops / f_den, (b_const + b_kv * context_tokens) / b_den) + fixed + comm_tok * batch
+        return t
+
+    def kv_compress_time(self, tokens: float, compression: str) -> float:
+        """Quantize (or dequantize) the KV of ``tokens`` tokens: one memory-bound pass over it."""
+        if compression == "none":
+            return 0.0
+        m, e = self.model, self.eff
+        slow = min(s.gpu.mem_bytes_per_s * s.tp for s in self.stages) * e.memory
+        return tokens * m.kv_bytes_per_token * (1 + KV_FACTOR[compression]) / slow
+
+    def layer_ranges(self) -> list[tuple[int, int, str]]:
+        """(first layer, end layer, node) of each stage."""
+        out, start = [], 0
+        for s in self.stages:
+            out.append((start, start + s.layers, s.node))
+            start += s.layers
+        return out
+
+
+def kv_segments(src: ReplicaModel, dst: ReplicaModel) -> list[tuple[str, str, int]]:
+    """(source node, destination node, layers) for every overlap of source and destination stage
+    layer ranges: the KV of those layers travels that way (the pipeline routing between two splits)."""
+    segs: dict[tuple[str, str], int] = {}
+    for a0, a1, an in src.layer_ranges():
+        for b0, b1, bn in dst.layer_ranges():
+            overlap = min(a1, b1) - max(a0, b0)
+            if overlap > 0:
+                segs[(an, bn)] = segs.get((an, bn), 0) + overlap
+    return [(a, b, n) for (a, b), n in segs.items()]
+
+
+def kv_bytes(model: ModelSpec, tokens: float, layers: int, compression: str) -> float:
+    return tokens * model.kv_bytes_per_token_layer * layers * KV_FACTOR[compression]

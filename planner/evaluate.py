@@ -1,0 +1,217 @@
+"""Score one candidate deployment (GPU groups + their phases) on a cluster: configure each group,
+price the KV links between every prefill and decode replica, and solve the routing LP.
+
+Group configurations and pair terms are cached by what they depend on (which nodes, how many GPUs
+on each, the role), so the tabu search pays for each distinct group once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from planner.cluster import GpuId
+from planner.cost_model import KV_FACTOR, ReplicaModel, kv_bytes, kv_segments
+from planner.parallel import PlanContext, ReplicaConfig, configure_group
+from planner.routing import LINK_UTILISATION, RoutingProblem, RoutingSolution, solve_routing
+
+Group = tuple[GpuId, ...]
+
+
+@dataclass
+class PairTerms:
+    kv_time: float  # seconds to move one mean prompt's KV, compress + transfer + decompress
+    compression: str
+    link_use: list[tuple[tuple[str, str], float]]  # (link key, busy seconds per request)
+
+
+@dataclass
+class Evaluation:
+    """What a candidate is worth, with everything needed to write it down as a Plan."""
+
+    goodput: float  # estimated req/s within the SLO
+    cost: float  # $/h of the nodes it uses
+    score: float
+    groups: list[Group]
+    roles: list[str]
+    configs: list[ReplicaConfig | None]
+    routing: RoutingSolution
+    compression: dict[tuple[int, int], str] = field(default_factory=dict)  # (prefill idx, decode idx) -> mode
+
+    @property
+    def used_nodes(self) -> set[str]:
+        return {n for g, c in zip(self.groups, self.configs, strict=True) if c is not None for n, _ in g}
+
+
+def group_key(group: Group) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(Counter(n for n, _ in group).items()))
+
+
+class Evaluator:
+    """Caches group configurations and pair terms; evaluates candidates with the routing LP."""
+
+    def __init__(self, ctx: PlanContext, *, kv_compression: str = "auto", bandwidth_aware: bool = True,
+                 objective: str = "per_dollar", min_rate: float = 0.0, shared_cache: dict | None = None) -> None:
+        if kv_compression not in ("auto", *KV_FACTOR):
+            raise ValueError(f"kv_compression must be auto, none, int8 or int4, not {kv_compression!r}")
+        self.ctx = ctx
+        self.kv_compression = kv_compression
+        self.bandwidth_aware = bandwidth_aware
+        self.objective = objective  # per_dollar (renting) | goodput (owned pool)
+        self.min_rate = min_rate
+        # group configurations depend on the group's shape, not on which cluster it is in: share them
+        self._configs: dict[tuple, tuple[ReplicaConfig, tuple[str, ...]] | None] = (
+            shared_cache if shared_cache is not None else {})
+        self._pairs: dict[tuple, PairTerms] = {}
+        self.evaluations = 0
+
+    # -- groups --------------------------------------------------------------------------------
+    def _class_key(self, group: Group) -> tuple:
+        """What a group's configuration depends on: GPU type and count per node, and the links between
+        its nodes (not which nodes they are: identical nodes give identical replicas)."""
+        cl = self.ctx.cluster
+        per = group_key(group)
+        nodes = sorted(per, key=lambda nc: (cl.node(nc[0]).gpu_type, nc[1], nc[0]))
+        shape = tuple((cl.node(n).gpu_type, c) for n, c in nodes)
+        links = tuple(sorted(round(cl.bandwidth(a, b)) for i, (a, _) in enumerate(nodes) for b, _ in nodes[i + 1 :]))
+        return shape, links, tuple(n for n, _ in nodes)
+
+    def config(self, group: Group, role: str) -> ReplicaConfig | None:
+        shape, links, nodes = self._class_key(group)
+        key = (shape, links, role)
+        if key not in self._configs:
+            cfg = configure_group(self.ctx, list(group), role)
+            self._configs[key] = None if cfg is None else (cfg, nodes)
+        hit = self._configs[key]
+        if hit is None:
+            return None
+        cfg, cached_nodes = hit
+        if set(cfg.gpus) == set(group):
+            return cfg
+        # Same shape on other nodes or GPU indices: identical hardware, so re-label the GPUs.
+        node_map = dict(zip(cached_nodes, nodes, strict=True))
+        pool: dict[str, list[GpuId]] = {}
+        for g in sorted(group):
+            pool.setdefault(g[0], []).append(g)
+        taken: Counter[str] = Counter()
+        gpus = []
+        for node, _ in cfg.gpus:
+            target = node_map[node]
+            gpus.append(pool[target][taken[target]])
+            taken[target] += 1
+        rm = cfg.rm
+        if node_map and any(a != b for a, b in node_map.items()):
+            rm = ReplicaModel(rm.model, [replace(st, node=node_map[st.node]) for st in rm.stages], rm.pp_links, rm.eff)
+        return ReplicaConfig(tuple(gpus), cfg.tp, cfg.pp, cfg.layer_split, role, rm, cfg.capacity, cfg.curve)
+
+    # -- links ---------------------------------------------------------------------------------
+    def pair_terms(self, p: ReplicaConfig, d: ReplicaConfig) -> PairTerms:
+        key = (tuple(s.node for s in p.rm.stages), p.tp, p.layer_split, tuple(s.node for s in d.rm.stages), d.tp,
+               d.layer_split)
+        if key not in self._pairs:
+            self._pairs[key] = self._pair_terms(p.rm, d.rm)
+        return self._pairs[key]
+
+    def _pair_terms_mode(self, prm: ReplicaModel, drm: ReplicaModel, mode: str) -> PairTerms:
+        """Pair terms with a given compression (checking a plan's own per-link choice)."""
+        return self._pair_terms(prm, drm, [mode])
+
+    def _pair_terms(self, prm: ReplicaModel, drm: ReplicaModel, modes: list[str] | None = None) -> PairTerms:
+        ctx = self.ctx
+        cl, m, tokens = ctx.cluster, ctx.model, ctx.workload.mean_input
+        segs = kv_segments(prm, drm)
+        if modes is None:
+            modes = [self.kv_compression] if self.kv_compression != "auto" else ["none", "int8", "int4"]
+        best: PairTerms | None = None
+        for mode in modes:
+            per_src: dict[str, float] = {}
+            uses = []
+            for src, dst, layers in segs:
+                bw = cl.bandwidth(src, dst) * ctx.eff.network
+                busy = kv_bytes(m, tokens, layers, mode) / bw
+                per_src[src] = per_src.get(src, 0.0) + busy + cl.latency(src, dst)
+                uses.append(((("nic" if src != dst else "gpu"), src), busy))
+            t = max(per_src.values(), default=0.0)
+            t += prm.kv_compress_time(tokens, mode) + drm.kv_compress_time(tokens, mode)
+            best = PairTerms(t, mode, uses)
+            # auto: the least compression whose transfer stays a small part of the TTFT budget
+            if t <= 0.05 * ctx.slo.ttft_s:
+                break
+        assert best is not None
+        return best
+
+    def _kv_quantile(self, terms: PairTerms) -> float:
+        """KV time of a long prompt plus the queueing a link loaded to LINK_UTILISATION adds."""
+        wl, q = self.ctx.workload, self.ctx.targets.q
+        scale = wl.input.quantile(q) / wl.mean_input
+        busy = max((b for _, b in terms.link_use), default=0.0)
+        # mean M/G/1 wait at the utilisation cap; quantiles of the parts do not add up
+        wait = LINK_UTILISATION * busy * (1.0 + wl.input.scv) / (2 * (1 - LINK_UTILISATION))
+        return terms.kv_time * scale + wait
+
+    # -- candidates ----------------------------------------------------------------------------
+    def score_of(self, goodput: float, cost: float) -> float:
+        shortfall = min(1.0, goodput / self.min_rate) ** 2 if self.min_rate > 0 else 1.0
+        if self.objective == "goodput":
+            return goodput * shortfall
+        return (goodput / cost if cost > 0 else goodput) * shortfall
+
+    def configs_for(self, groups: list[Group], roles: list[str]) -> list[ReplicaConfig | None]:
+        return [self.config(g, r) for g, r in zip(groups, roles, strict=True)]
+
+    def bound(self, groups: list[Group], roles: list[str]) -> float:
+        """A fast upper bound on goodput (no links, full TTFT slack) to pre-screen candidates."""
+        cp = cd = cc = 0.0
+        for cfg in self.configs_for(groups, roles):
+            if cfg is None:
+                continue
+            if cfg.role == "prefill":
+                cp += cfg.capacity
+            elif cfg.role == "decode":
+                cd += cfg.capacity
+            else:
+                cc += cfg.capacity
+        return cc + min(cp, cd)
+
+    def evaluate(self, groups: list[Group], roles: list[str], node_prices: dict[str, float]) -> Evaluation:
+        return self.evaluate_configs(groups, roles, self.configs_for(groups, roles), node_prices)
+
+    def evaluate_configs(self, groups: list[Group], roles: list[str], configs: list[ReplicaConfig | None],
+                         node_prices: dict[str, float]) -> Evaluation:
+        """Route between given replica configurations (rescheduling keeps each replica's parallelism)."""
+        self.evaluations += 1
+        prob = RoutingProblem()
+        ids = [f"g{i}" for i in range(len(groups))]
+        compression: dict[tuple[int, int], str] = {}
+        tpot_wait = 0.5 * self.ctx.slo.tpot_s
+        for i, cfg in enumerate(configs):
+            if cfg is None:
+                continue
+            if cfg.role == "prefill":
+                prob.prefill.append(ids[i])
+            elif cfg.role == "decode":
+                prob.decode.append(ids[i])
+                prob.decode_cap[ids[i]] = cfg.capacity
+            else:
+                prob.colocated.append(ids[i])
+                prob.colocated_cap[ids[i]] = cfg.capacity
+        index = {ids[i]: i for i in range(len(groups))}
+        for p in prob.prefill:
+            pc = configs[index[p]]
+            for d in prob.decode:
+                dc = configs[index[d]]
+                assert pc is not None and dc is not None
+                terms = self.pair_terms(pc, dc)
+                compression[(index[p], index[d])] = terms.compression
+                kv = self._kv_quantile(terms) if self.bandwidth_aware else 0.0
+                prob.pair_cap[(p, d)] = pc.prefill_capacity(self.ctx.slo.ttft_s - kv - tpot_wait)
+                prob.pair_penalty[(p, d)] = min(0.99, kv / self.ctx.slo.ttft_s)
+                if self.bandwidth_aware:
+                    for link, busy in terms.link_use:  # a pair's KV may leave one NIC in several segments
+                        use = prob.link_use.setdefault(link, {})
+                        use[(p, d)] = use.get((p, d), 0.0) + busy
+        sol = solve_routing(prob)
+        used = {n for g, c in zip(groups, configs, strict=True) if c is not None for n, _ in g}
+        cost = sum(node_prices.get(n, 0.0) for n in used)
+        return Evaluation(sol.total, cost, self.score_of(sol.total, cost), list(groups), list(roles), configs, sol,
+                          compression)

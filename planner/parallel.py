@@ -1,0 +1,198 @@
+"""Parallel configuration of one GPU group: TP degree, pipeline stages, and a layer split balanced to
+unequal GPUs, chosen for the group's phase.
+
+TP stays inside a node (every node's share of the group is a multiple of ``tp``); stages run across
+nodes (and, for nodes with more GPUs than ``tp``, inside them). Layers go to stages so that the slowest
+stage is as fast as possible under each stage's memory cap: the smallest bottleneck time ``T`` with
+``sum_s min(cap_s, (T - fixed_s) / cost_s) >= layers`` is found by bisection (exact for this min-max
+split, the same answer as HexGen's dynamic program), then the split is trimmed to the layer count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.capacity import (
+    Targets,
+    colocated_capacity,
+    decode_capacity,
+    prefill_curve,
+    rate_for_slack,
+)
+from planner.cluster import Cluster, GpuId
+from planner.cost_model import DEFAULT_EFF, Efficiency, ReplicaModel, Stage
+from planner.models import ModelSpec
+from planner.workload import SLO, Workload
+
+TP_CHOICES = (1, 2, 4, 8)
+
+
+@dataclass
+class ReplicaConfig:
+    """A GPU group made into a replica for one role, with its capacity at the SLO."""
+
+    gpus: tuple[GpuId, ...]  # stage by stage, tp GPUs per stage
+    tp: int
+    pp: int
+    layer_split: tuple[int, ...]
+    role: str
+    rm: ReplicaModel
+    capacity: float  # req/s at the SLO (prefill: with the whole TTFT as slack)
+    curve: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # prefill: rate -> TTFT
+
+    @property
+    def nodes(self) -> list[str]:
+        return sorted({n for n, _ in self.gpus})
+
+    def prefill_capacity(self, slack: float) -> float:
+        if self.curve is None:
+            return 0.0
+        return rate_for_slack(self.curve[0], self.curve[1], slack)
+
+
+@dataclass
+class PlanContext:
+    """Everything a replica's configuration depends on besides its GPUs."""
+
+    model: ModelSpec
+    workload: Workload
+    slo: SLO
+    cluster: Cluster
+    eff: Efficiency = DEFAULT_EFF
+    targets: Targets | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            self.targets = Targets.for_slo(self.slo)
+
+    def reserve_tokens(self, role: str) -> float:
+        """KV tokens a replica of this role must be able to hold to be worth running."""
+        wl = self.workload
+        longest = wl.input.p_max + wl.output.p_max
+        if role == "prefill":
+            return max(wl.input.p_max, min(self.targets.max_batch_tokens, 4 * wl.mean_input))
+        return max(longest, 8 * (wl.mean_input + wl.mean_output))
+
+
+def _stage_costs(ctx: PlanContext, gpu_spec, tp: int, role: str) -> tuple[float, float]:
+    """(seconds per layer, memory bytes per layer per GPU incl. the KV reserve) for balancing."""
+    m, e, wl = ctx.model, ctx.eff, ctx.workload
+    if role == "prefill":
+        tokens = max(wl.mean_input, 256.0)
+        flops = 2 * m.layer_params * tokens + 2 * tokens * tokens * m.heads * m.hd
+        nbytes = m.layer_bytes
+        comm_tokens = tokens
+    else:
+        b = 16.0
+        ctx_tokens = b * (wl.mean_input + wl.mean_output / 2)
+        flops = 2 * m.layer_params * b + 4 * ctx_tokens * m.heads * m.hd
+        nbytes = m.layer_bytes + ctx_tokens * m.kv_bytes_per_token_layer
+        comm_tokens = b
+    roof = max(flops / (tp * gpu_spec.flops * e.compute), nbytes / (tp * gpu_spec.mem_bytes_per_s * e.memory))
+    comm = 0.0
+    if tp > 1:
+        ring = 2 * (tp - 1) / tp * comm_tokens * m.hidden * m.dtype_bytes
+        comm = 2 * ring / (gpu_spec.link_bytes_per_s * e.network)
+    per_layer_time = roof + e.layer_overhead_s + comm
+    per_layer_mem = m.layer_bytes / tp + ctx.reserve_tokens(role) * m.kv_bytes_per_token_layer / min(tp, m.kv_heads)
+    return per_layer_time, per_layer_mem
+
+
+def balance_layers(layers: int, costs: list[float], fixed: list[float], caps: list[int]) -> list[int] | None:
+    """Layers per stage minimising the slowest stage ``fixed_s + n_s * cost_s`` with ``1 <= n_s <= cap_s``."""
+    if sum(caps) < layers or any(c < 1 for c in caps) or len(caps) > layers:
+        return None
+
+    def take(t: float) -> list[int]:
+        return [max(1, min(cap, math.floor((t - f) / c + 1e-9))) for c, f, cap in zip(costs, fixed, caps, strict=True)]
+
+    lo, hi = 0.0, max(f + cap * c for c, f, cap in zip(costs, fixed, caps, strict=True))
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(take(mid)) >= layers:
+            hi = mid
+        else:
+            lo = mid
+    split = take(hi)
+    while sum(split) > layers:  # trim from the slowest stage that can give one up
+        order = sorted(range(len(split)), key=lambda i: -(fixed[i] + split[i] * costs[i]))
+        for i in order:
+            if split[i] > 1:
+                split[i] -= 1
+                break
+        else:
+            return None
+    return split
+
+
+def _group_nodes(cluster: Cluster, gpus: list[GpuId]) -> list[tuple[str, list[GpuId]]]:
+    by_node: dict[str, list[GpuId]] = {}
+    for g in sorted(gpus):
+        by_node.setdefault(g[0], []).append(g)
+    # Faster GPUs first: the first stage holds the embedding, the last the LM head; order is stable.
+    return sorted(by_node.items(), key=lambda kv: (-cluster.node(kv[0]).gpu.flops, kv[0]))
+
+
+def build_replica_model(ctx: PlanContext, gpus: list[GpuId], tp: int, split: list[int]) -> ReplicaModel:
+    """The ReplicaModel of GPUs listed stage by stage (tp per stage) with a given layer split."""
+    cl = ctx.cluster
+    stages = []
+    pp = len(gpus) // tp
+    for s in range(pp):
+        node = gpus[s * tp][0]
+        stages.append(Stage(node, cl.node(node).gpu, tp, split[s], s == 0, s == pp - 1))
+    links = [(cl.bandwidth(stages[s].node, stages[s + 1].node), cl.latency(stages[s].node, stages[s + 1].node))
+             for s in range(pp - 1)]
+    return ReplicaModel(ctx.model, stages, links, ctx.eff)
+
+
+def role_capacity(ctx: PlanContext, rm: ReplicaModel, role: str) -> tuple[float, tuple[np.ndarray, np.ndarray] | None]:
+    t = ctx.targets
+    if role == "prefill":
+        curve = prefill_curve(rm, ctx.workload, t)
+        return rate_for_slack(curve[0], curve[1], ctx.slo.ttft_s), curve
+    if role == "decode":
+        return decode_capacity(rm, ctx.workload, ctx.slo, t), None
+    return colocated_capacity(rm, ctx.workload, ctx.slo, t), None
+
+
+def configure_group(ctx: PlanContext, gpus: list[GpuId], role: str) -> ReplicaConfig | None:
+    """The best (TP, stages, layer split) for this group and role, or None if the model does not fit."""
+    nodes = _group_nodes(ctx.cluster, gpus)
+    m = ctx.model
+    best: ReplicaConfig | None = None
+    for tp in TP_CHOICES:
+        if any(len(g) % tp for _, g in nodes) or m.heads % tp:
+            continue
+        ordered: list[GpuId] = []
+        costs, fixed, caps = [], [], []
+        for node_id, node_gpus in nodes:
+            spec = ctx.cluster.node(node_id).gpu
+            per_time, per_mem = _stage_costs(ctx, spec, tp, role)
+            usable = spec.memory_bytes * ctx.eff.mem_fraction
+            extra = (m.embed_params + m.head_params) * m.dtype_bytes / tp  # first/last stage extras, conservatively
+            for j in range(len(node_gpus) // tp):
+                ordered.extend(node_gpus[j * tp : (j + 1) * tp])
+                costs.append(per_time)
+                fixed.append(0.0)
+                caps.append(int(max(0.0, (usable - extra) // per_mem)))
+        split = balance_layers(m.layers, costs, fixed, caps)
+        if split is None:
+            continue
+        rm = build_replica_model(ctx, ordered, tp, split)
+        if rm.kv_tokens < ctx.reserve_tokens(role):
+            continue
+        cap, curve = role_capacity(ctx, rm, role)
+        if best is None or cap > best.capacity * 1.001:
+            best = ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), role, rm, cap, curve)
+    return best
+
+
+def config_from_spec(ctx: PlanContext, gpus: list[GpuId], tp: int, split: list[int], role: str) -> ReplicaConfig:
+    """Re-derive the model and capacity of an existing replica (kept parallelism, possibly new role)."""
+    rm = build_replica_model(ctx, gpus, tp, split)
+    cap, curve = role_capacity(ctx, rm, role)
+    return ReplicaConfig(tuple(gpus), tp, len(gpus) // tp, tuple(split), role, rm, cap, curve)

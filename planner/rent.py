@@ -1,0 +1,261 @@
+"""What to rent: a choice of instances under the hourly budget, made as a small integer program.
+
+For every place (cloud, region) the catalog offers, each instance type is turned into *units*: the
+smallest set of its instances that holds whole replicas of the model (several replicas when an
+instance has many GPUs, several instances per replica when one is too small), once per phase
+(prefill, decode, colocated), each with its capacity at the SLO from the cost model. The MIP (HiGHS,
+through ``scipy.optimize.milp``) picks how many units of each kind to rent to maximise the served
+rate ``rate_pd + rate_colocated`` with ``rate_pd <= prefill capacity``, ``rate_pd <= decode
+capacity``, the KV traffic within the prefill nodes' network, and total price <= budget. This is
+Mélange's bin-packing idea extended to phases; the tabu search then refines grouping and phases on
+the pool it returns. Places with the same offers and prices are solved once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from planner.cluster import DEFAULT_GBPS, Cluster, Node
+from planner.cost_model import KV_FACTOR
+from planner.offers import Offer, cheapest_per_type
+from planner.parallel import PlanContext, ReplicaConfig, configure_group
+
+MAX_UNITS_PER_KIND = 64
+
+
+class BudgetTooSmall(ValueError):
+    """Not even one replica of the model fits in the budget."""
+
+
+@dataclass(frozen=True)
+class InstanceChoice:
+    offer: Offer
+    price: float
+    spot: bool
+
+
+@dataclass
+class Unit:
+    """``instances`` instances of one type, holding ``len(groups)`` replicas of one role."""
+
+    kind: InstanceChoice
+    instances: int
+    gpus_per_replica: int
+    replicas: int
+    role: str
+    capacity: float  # req/s of all its replicas at the SLO
+    config: ReplicaConfig = field(repr=False, default=None)  # type: ignore[assignment]
+
+    @property
+    def cost(self) -> float:
+        return self.kind.price * self.instances
+
+    @property
+    def gpus(self) -> int:
+        return self.kind.offer.gpu_count * self.instances
+
+
+@dataclass
+class PoolChoice:
+    """A rented pool: the instances and the replica groups the MIP had in mind for them."""
+
+    site: tuple[str, str]
+    estimate: float  # MIP's served rate
+    cost: float
+    cluster: Cluster
+    groups: list[list[tuple[str, int]]]
+    roles: list[str]
+
+
+def _site_bandwidth(inter_node_gbps: float | None) -> float:
+    return inter_node_gbps if inter_node_gbps is not None else DEFAULT_GBPS["zone"]
+
+
+class UnitCatalog:
+    """Units per instance type, cached across places by what they depend on."""
+
+    def __init__(self, ctx_factory, phases: tuple[str, ...], gbps: float) -> None:
+        self.ctx_factory = ctx_factory  # Cluster -> PlanContext
+        self.phases = phases
+        self.gbps = gbps
+        self._cache: dict[tuple, list[tuple[int, int, int, str, float, ReplicaConfig]]] = {}
+
+    def shapes(self, gpu_type: str, count: int) -> list[tuple[int, int, int, str, float, ReplicaConfig]]:
+        """(instances, gpus per replica, replicas, role, capacity of the unit, config) per role: the
+        best way to cut this instance type into replicas of that role."""
+        key = (gpu_type, count)
+        if key in self._cache:
+            return self._cache[key]
+        out = []
+        for role in self.phases:
+            best = None
+            for per in [k for k in (1, 2, 4, 8) if k <= count and count % k == 0] + [count * n for n in (2, 4, 8)]:
+                n_inst = max(1, per // count)
+                nodes = [Node(f"t{i}", gpu_type, count, 1.0, region="x") for i in range(n_inst)]
+                cl = Cluster(nodes, inter_node_gbps=self.gbps)
+                ctx = self.ctx_factory(cl)
+                gpus = [g for node in nodes for g in node.gpu_ids()][:per]
+                cfg = configure_group(ctx, gpus, role)
+                if cfg is None or cfg.capacity <= 0:
+                    continue
+                reps = max(1, count // per) if per <= count else 1
+                cap = cfg.capacity * reps
+                value = cap / n_inst
+                if best is None or value > best[4] / best[0] * 1.001:
+                    best = (n_inst, per, reps, role, cap, cfg)
+                if per >= count:
+                    break  # bigger groups only cost more once the model fits
+            if best is not None:
+                out.append(best)
+        self._cache[key] = out
+        return out
+
+
+def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *, phases: tuple[str, ...],
+                 inter_node_gbps: float | None, kv_compression: str, max_gpus: int, top: int = 3,
+                 bandwidth_aware: bool = True, rate_cap: float = math.inf) -> list[PoolChoice]:
+    """The best ``top`` pools (one per place) by MIP-estimated rate per dollar; raises BudgetTooSmall.
+
+    ``rate_cap``: no need to rent for more than this rate (the demand with headroom); the cheapest
+    mix that reaches it wins, so a small demand does not spend the whole budget."""
+    gbps = _site_bandwidth(inter_node_gbps)
+    units_cat = UnitCatalog(ctx_factory, phases, gbps)
+    by_site: dict[tuple[str, str], list[InstanceChoice]] = {}
+    for (cloud, region, _gpu, _count), (offer, price, is_spot) in sorted(cheapest_per_type(offers, spot).items()):
+        by_site.setdefault((cloud, region), []).append(InstanceChoice(offer, price, is_spot))
+    solved: dict[tuple, tuple[float, float, list[tuple[Unit, int]]]] = {}
+    results: list[tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = []
+    cheapest_replica = math.inf
+    for site, kinds in by_site.items():
+        sig = tuple(sorted((k.offer.gpu_type, k.offer.gpu_count, round(k.price, 4)) for k in kinds))
+        if sig in solved:
+            continue
+        units = []
+        for k in kinds:
+            for n_inst, per, reps, role, cap, cfg in units_cat.shapes(k.offer.gpu_type, k.offer.gpu_count):
+                u = Unit(k, n_inst, per, reps, role, cap, cfg)
+                cheapest_replica = min(cheapest_replica, u.cost)
+                if u.cost <= budget and u.gpus <= max_gpus:
+                    units.append(u)
+        if not units:
+            solved[sig] = (0.0, 0.0, [])
+            continue
+        rate, cost, picks = _solve_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
+                                       rate_cap)
+        solved[sig] = (rate, cost, picks)
+        if rate > 0:
+            results.append((rate / cost, site, rate, cost, picks))
+    if not results:
+        what = f"${cheapest_replica:.2f}/h" if math.isfinite(cheapest_replica) else "no offer that holds it"
+        raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
+    results.sort(key=lambda r: (-r[0], -r[2], r[1]))
+    return [_pool_from_picks(site, rate, cost, picks) for _, site, rate, cost, picks in results[:top]]
+
+
+def _kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:
+    m = ctx.model
+    nbytes = ctx.workload.mean_input * m.kv_bytes_per_token
+    if mode == "auto":
+        for q in ("none", "int8", "int4"):
+            t = nbytes * KV_FACTOR[q] / (gbps * 1e9 / 8 * ctx.eff.network)
+            if t <= 0.05 * ctx.slo.ttft_s:
+                return t
+        return t
+    return nbytes * KV_FACTOR[mode] / (gbps * 1e9 / 8 * ctx.eff.network)
+
+
+def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps: float, kv_mode: str,
+               bandwidth_aware: bool, rate_cap: float = math.inf) -> tuple[float, float, list[tuple[Unit, int]]]:
+    """MIP over unit counts; variables [x_u..., rate_pd, rate_c]."""
+    n = len(units)
+    ctx = ctx_factory(Cluster([Node("x", units[0].kind.offer.gpu_type, 1)], inter_node_gbps=gbps))
+    kv_s = _kv_seconds_per_request(ctx, gbps, kv_mode) if bandwidth_aware else 0.0
+    c = np.zeros(n + 2)
+    c[n] = -1.0
+    c[n + 1] = -1.0
+    scale = rate_cap if math.isfinite(rate_cap) else max(u.capacity for u in units)
+    c[:n] = [1e-3 * scale * u.cost / max(budget, 1e-9) for u in units]  # among equal rates, the cheaper pool
+    rows, lo, hi = [], [], []
+
+    def row(coeffs: dict[int, float], lb: float, ub: float) -> None:
+        r = np.zeros(n + 2)
+        for i, v in coeffs.items():
+            r[i] = v
+        rows.append(r)
+        lo.append(lb)
+        hi.append(ub)
+
+    row({i: u.cost for i, u in enumerate(units)}, -np.inf, budget)
+    row({i: u.gpus for i, u in enumerate(units)}, -np.inf, max_gpus)
+    for kind_units in _by_limited_kind(units).values():  # the provider's capacity per instance type
+        row({i: u.instances for i, u in kind_units}, -np.inf, kind_units[0][1].kind.offer.capacity)
+    row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "prefill"}}, -np.inf, 0.0)
+    row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}}, -np.inf, 0.0)
+    row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "both"}}, -np.inf, 0.0)
+    if math.isfinite(rate_cap):
+        row({n: 1.0, n + 1: 1.0}, -np.inf, rate_cap)
+    if kv_s > 0:  # KV leaves prefill nodes over their NICs (at most LINK_UTILISATION busy each)
+        row({n: kv_s, **{i: -0.7 * u.instances for i, u in enumerate(units) if u.role == "prefill"}}, -np.inf, 0.0)
+    ub = [min(MAX_UNITS_PER_KIND, math.floor(budget / u.cost + 1e-9)) for u in units] + [np.inf, np.inf]
+    with _stdout_to_stderr():
+        res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=[1] * n + [0, 0],
+                   bounds=Bounds([0] * (n + 2), ub), options={"time_limit": 5.0, "mip_rel_gap": 1e-3})
+    if res.x is None:
+        return 0.0, 0.0, []
+    x = np.rint(res.x[:n]).astype(int)
+    picks = [(u, int(k)) for u, k in zip(units, x, strict=True) if k > 0]
+    rate = float(res.x[n] + res.x[n + 1])
+    cost = sum(u.cost * k for u, k in picks)
+    return rate, cost, picks
+
+
+def _by_limited_kind(units: list[Unit]) -> dict[int, list[tuple[int, Unit]]]:
+    """Units grouped by instance kind, for the kinds whose offer says how many exist."""
+    groups: dict[int, list[tuple[int, Unit]]] = {}
+    for i, u in enumerate(units):
+        if u.kind.offer.capacity is not None:
+            groups.setdefault(id(u.kind), []).append((i, u))
+    return groups
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """HiGHS's MIP code sometimes prints diagnostics from C on file descriptor 1; keep them off stdout,
+    where `tsctl plan --json` writes the plan."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _pool_from_picks(site: tuple[str, str], rate: float, cost: float, picks: list[tuple[Unit, int]]) -> PoolChoice:
+    nodes: list[Node] = []
+    groups: list[list[tuple[str, int]]] = []
+    roles: list[str] = []
+    for unit, count in sorted(picks, key=lambda p: (p[0].kind.offer.gpu_type, p[0].role)):
+        o = unit.kind.offer
+        for _ in range(count):
+            ids = []
+            for _ in range(unit.instances):
+                nid = f"n{len(nodes)}"
+                nodes.append(Node(nid, o.gpu_type, o.gpu_count, unit.kind.price, unit.kind.spot, o.region, "",
+                                  o.cloud, o.instance_type))
+                ids.append(nid)
+            gpus = [(nid, i) for nid in ids for i in range(o.gpu_count)]
+            per = unit.gpus_per_replica
+            for r in range(unit.replicas):
+                groups.append(gpus[r * per : (r + 1) * per])
+                roles.append(unit.role)
+    return PoolChoice(site, rate, cost, Cluster(nodes), groups, roles)

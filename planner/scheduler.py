@@ -1,0 +1,285 @@
+"""The scheduler: what to rent and how to deploy it, as a ``planner.plan.Plan``.
+
+``plan_deployment`` is the entry point the CLI and the controller call. For ``thunderserve``:
+
+1. instances under the budget (``planner.rent``: a MIP over per-phase replica units per place),
+   or the user's own ``pool``;
+2. for each candidate pool, tabu search over GPU grouping and phase (``planner.search``), each
+   candidate scored by per-group TP/PP/layer-split configuration (``planner.parallel``) and the
+   prefill->decode routing LP with KV-link capacities (``planner.routing``);
+3. the best plan by goodput per dollar (owned pool: by goodput), written down with routing weights
+   and per-link KV compression, instances that ended up unused dropped.
+
+Other strategies (the baselines and ablations) live in ``planner.baselines`` and share the steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.cluster import Cluster, pool_from_spec
+from planner.cost_model import DEFAULT_EFF, Efficiency
+from planner.evaluate import Evaluation, Evaluator
+from planner.models import ModelSpec, load_model
+from planner.offers import CatalogError, Offer, builtin_offers, sky_cached_clouds, sky_offers
+from planner.parallel import PlanContext
+from planner.plan import Instance, Plan, ReplicaSpec, Route
+from planner.rent import BudgetTooSmall, choose_pools
+from planner.search import State, TabuSearch, initial_groups, label_phases
+from planner.workload import SLO, Workload
+
+RENT_HEADROOM = 1.5  # rent for up to this multiple of the requested rate, not the whole budget
+STRATEGIES = ("thunderserve", "colocated", "distserve", "hexgen", "greedy", "no-bandwidth")
+
+
+class PlanningError(ValueError):
+    """No plan can be made (nothing fits, no offers, bad arguments); the message says why."""
+
+
+@dataclass
+class Setting:
+    """One planning problem, shared by every strategy."""
+
+    model: ModelSpec
+    workload: Workload
+    slo: SLO
+    budget: float | None
+    offers: list[Offer] | None
+    pool: Cluster | None
+    spot: bool
+    inter_node_gbps: float | None
+    kv_compression: str
+    seed: int
+    time_limit_s: float
+    max_gpus: int
+    eff: Efficiency
+    verify: bool = True  # simulate the finalists and keep the best (see plan_thunderserve)
+    stats: dict[str, float] = field(default_factory=dict)
+    config_cache: dict = field(default_factory=dict)  # group configurations, shared by all evaluators
+
+    @property
+    def objective(self) -> str:
+        """Owned pool, or no rate given (rent what the budget buys): most goodput. A demanded rate:
+        most goodput per dollar among plans that serve it (renting stops at RENT_HEADROOM x rate)."""
+        return "goodput" if self.pool is not None or self.workload.rate <= 0 else "per_dollar"
+
+    def context(self, cluster: Cluster) -> PlanContext:
+        return PlanContext(self.model, self.workload, self.slo, cluster, self.eff)
+
+    def evaluator(self, cluster: Cluster, *, bandwidth_aware: bool = True, kv: str | None = None) -> Evaluator:
+        return Evaluator(self.context(cluster), kv_compression=kv or self.kv_compression,
+                         bandwidth_aware=bandwidth_aware, objective=self.objective,
+                         min_rate=self.workload.rate, shared_cache=self.config_cache)
+
+
+def resolve_offers(offers: list[Offer] | None) -> list[Offer]:
+    """Offers given, else SkyPilot's catalog where its local cache has one, else the built-in table.
+
+    SkyPilot downloads missing catalogs on first use; planning never waits on that, so only clouds
+    already cached are read.
+    """
+    if offers:
+        return offers
+    import importlib.util
+
+    clouds = sky_cached_clouds()
+    if clouds and importlib.util.find_spec("sky") is not None:
+        try:
+            return sky_offers(clouds)
+        except CatalogError:
+            pass
+    return builtin_offers()
+
+
+def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, budget: float | None = None,
+                    offers: list[Offer] | None = None, pool: Cluster | str | None = None,
+                    strategy: str = "thunderserve", spot: bool = True, inter_node_gbps: float | None = None,
+                    kv_compression: str = "auto", seed: int = 0, time_limit_s: float = 20.0, max_gpus: int = 64,
+                    disaggregate: bool = False, verify: bool = True, eff: Efficiency = DEFAULT_EFF) -> Plan:
+    """Plan a deployment of ``model`` for ``workload`` under ``slo``.
+
+    Renting: ``budget`` ($/h) and ``offers`` (default: SkyPilot's catalog, else a built-in table).
+    Owned GPUs: ``pool`` (a Cluster or a spec like ``2xL40S,4xRTX4090`` / a YAML path); no budget.
+    ``disaggregate``: only prefill and decode replicas (at least one of each), never colocated ones.
+    ``verify``: spend the last quarter of ``time_limit_s`` simulating the best candidates.
+    ``workload.rate`` 0 means "as much as the budget buys"; otherwise renting stops at 1.5x the rate.
+    Raises PlanningError (BudgetTooSmall included) with a one-line reason.
+    """
+    t0 = time.perf_counter()
+    if strategy not in STRATEGIES:
+        raise PlanningError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    if kv_compression not in ("auto", "none", "int8", "int4"):
+        raise PlanningError(f"kv_compression must be auto, none, int8 or int4, not {kv_compression!r}")
+    spec = load_model(model) if isinstance(model, str) else model
+    cluster = pool_from_spec(pool, inter_node_gbps) if isinstance(pool, str) else pool
+    if cluster is None:
+        if budget is None or budget <= 0:
+            raise PlanningError("a positive --budget ($/h) is needed to rent (or pass --pool to use your own GPUs)")
+        offers = resolve_offers(offers)
+    s = Setting(spec, workload, slo, budget, offers, cluster, spot, inter_node_gbps, kv_compression, seed,
+                time_limit_s, max_gpus, eff, verify=verify)
+    try:
+        if strategy == "thunderserve":
+            ev, evaluation = plan_thunderserve(s, phases=("prefill", "decode") if disaggregate else
+                                               ("prefill", "decode", "both"))
+        else:
+            from planner.baselines import BASELINES
+
+            ev, evaluation = BASELINES[strategy](s)
+    except BudgetTooSmall as e:
+        raise PlanningError(str(e)) from e
+    if evaluation is None or evaluation.goodput <= 0:
+        raise PlanningError(f"no deployment of {spec.name} meets TTFT {slo.ttft_s}s / TPOT {slo.tpot_s}s on "
+                            f"{'the pool' if cluster else 'any instance mix within the budget'}")
+    s.stats["plan_seconds"] = round(time.perf_counter() - t0, 3)
+    return build_plan(s, ev, evaluation, strategy)
+
+
+def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "decode", "both"),
+                      bandwidth_aware: bool = True, tabu: bool = True) -> tuple[Evaluator, Evaluation]:
+    """Rent (or take the pool), tabu-search grouping and phases on each candidate pool, then check the
+    best few candidates (best overall, best disaggregated, best colocated, ...) in the simulator and
+    keep the one with the best simulated goodput per dollar (the cost model ranks; the simulator, which
+    models queueing and interference request by request, decides among the finalists)."""
+    t0 = time.perf_counter()
+    search_s = s.time_limit_s * (1 - VERIFY_SHARE if s.verify else 1.0)
+    shortlist = _search_pools(s, phases, bandwidth_aware, tabu, t0, t0 + search_s * (0.7 if _extra_pass(s, phases)
+                                                                                      else 1.0))
+    if _extra_pass(s, phases):  # the colocated-only pass rents a different pool; it belongs to our space too
+        shortlist += _search_pools(s, ("both",), bandwidth_aware, tabu, time.perf_counter(), t0 + search_s)
+    if not shortlist:
+        raise PlanningError("no GPU group in the pool can hold the model")
+    s.stats["search_seconds"] = round(time.perf_counter() - t0, 3)
+    if not s.verify or len(shortlist) == 1:
+        return max(shortlist, key=lambda c: c[1].score)
+    return _select_by_simulation(s, shortlist, t0 + s.time_limit_s)
+
+
+VERIFY_SHARE = 0.25  # of the time limit, for simulating the finalists
+FINALISTS = 4
+
+
+def _extra_pass(s: Setting, phases: tuple[str, ...]) -> bool:
+    return s.verify and s.pool is None and "both" in phases and len(phases) > 1
+
+
+def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, tabu: bool, t0: float,
+                  deadline: float) -> list[tuple[Evaluator, Evaluation]]:
+    """Search every candidate pool; return the best evaluation of each phase class on each pool."""
+    candidates: list[tuple[Cluster, State | None]] = []
+    if s.pool is not None:
+        candidates.append((s.pool, None))
+    else:
+        assert s.offers is not None and s.budget is not None
+        pools = choose_pools(s.offers, s.budget, s.spot, s.context, phases=phases,
+                             inter_node_gbps=s.inter_node_gbps, kv_compression=s.kv_compression,
+                             max_gpus=s.max_gpus, bandwidth_aware=bandwidth_aware,
+                             rate_cap=RENT_HEADROOM * s.workload.rate if s.workload.rate > 0 else math.inf)
+        for pc in pools:
+            pc.cluster.inter_node_gbps = s.inter_node_gbps
+            candidates.append((pc.cluster, State([tuple(sorted(g)) for g in pc.groups], list(pc.roles))))
+        s.stats["rent_seconds"] = round(s.stats.get("rent_seconds", 0.0) + time.perf_counter() - t0, 3)
+    out: list[tuple[Evaluator, Evaluation]] = []
+    for k, (cluster, start) in enumerate(candidates):
+        ev = s.evaluator(cluster, bandwidth_aware=bandwidth_aware)
+        starts = [start] if start is not None else []
+        groups = initial_groups(ev, cluster)
+        if groups:
+            starts.append(State(groups, label_phases(ev, groups, phases)))
+            if "both" in phases and len(phases) > 1:
+                starts.append(State(groups, ["both"] * len(groups)))
+                starts.append(State(groups, label_phases(ev, groups, ("prefill", "decode"))))
+        if not starts:
+            continue
+        prices = {n.id: n.price_per_hour for n in cluster.nodes}
+        start_evals = [ev.evaluate(st.groups, st.roles, prices) for st in starts]
+        order = sorted(range(len(starts)), key=lambda i: -start_evals[i].score)
+        found = [start_evals[order[0]]]
+        if tabu:
+            remaining = deadline - time.perf_counter()
+            left = len(candidates) - k
+            share = remaining * (1.0 if left == 1 else 0.6 if k == 0 else 1.0 / left)
+            n_gpus = len(cluster.gpus())
+            search = TabuSearch(ev, cluster, phases=phases, seed=s.seed, max_iters=120 + 4 * n_gpus,
+                                patience=40 + n_gpus, time_limit_s=max(0.5, share))
+            found.append(search.run_multi([starts[i] for i in order]))
+            found.extend(search.best_by_class.values())
+            s.stats["search_iterations"] = s.stats.get("search_iterations", 0) + search.stats.iterations
+            s.stats["search_evaluations"] = s.stats.get("search_evaluations", 0) + search.stats.evaluations
+            s.stats["stopped_by_time"] = float(search.stats.stopped_by == "time") or s.stats.get("stopped_by_time", 0)
+        out.extend((ev, e) for e in found if e.goodput > 0)
+    return out
+
+
+def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluation]],
+                          deadline: float) -> tuple[Evaluator, Evaluation]:
+    """Simulate the best few distinct candidates (by the cost model's score) and keep the best."""
+    from planner.simulator import goodput
+
+    seen: set[tuple] = set()
+    finalists = []
+    for ev, e in sorted(shortlist, key=lambda c: -c[1].score):
+        key = (id(ev.ctx.cluster), frozenset(zip(e.groups, e.roles, strict=True)))
+        if key not in seen:
+            seen.add(key)
+            finalists.append((ev, e))
+    best, best_value = finalists[0], -1.0
+    for i, (ev, e) in enumerate(finalists[:FINALISTS]):
+        if i > 0 and time.perf_counter() > deadline:
+            break
+        plan = build_plan(s, ev, e, "candidate")
+        wl = s.workload if s.workload.rate > 0 else s.workload.with_rate(e.goodput)
+        g = goodput(plan, wl, s.slo, iters=3, max_requests=4000)
+        value = g if s.objective == "goodput" else g / plan.cost_per_hour
+        if value > best_value:
+            best, best_value = (ev, e), value
+            s.stats["sim_goodput_rps"] = round(g, 4)
+    s.stats["finalists_simulated"] = float(min(len(finalists), FINALISTS))
+    return best
+
+
+def build_plan(s: Setting, ev: Evaluator, e: Evaluation, strategy: str) -> Plan:
+    """Write an Evaluation down as a Plan: replicas that carry traffic, the nodes they use, routing."""
+    cluster = ev.ctx.cluster
+    ids = {f"g{i}": i for i in range(len(e.groups))}
+    flows = {(ids[p], ids[d]): f for (p, d), f in e.routing.pairs.items()}
+    busy = {i for pair in flows for i in pair}
+    keep = [i for i, c in enumerate(e.configs) if c is not None and i in busy]
+    name = {i: f"r{k}" for k, i in enumerate(keep)}
+    replicas = []
+    for i in keep:
+        c = e.configs[i]
+        assert c is not None
+        replicas.append(ReplicaSpec(name[i], sorted({n for n, _ in c.gpus}), [(n, int(g)) for n, g in c.gpus], c.tp,
+                                    c.pp, c.role, list(c.layer_split)))  # type: ignore[arg-type]
+    used = {n for r in replicas for n in r.node_ids}
+    nodes = [n for n in cluster.nodes if n.id in used or s.pool is not None]
+    instances = [Instance(n.id, n.instance_type or f"{n.gpu_count}x_{n.gpu_type}", n.gpu_type, n.gpu_count, n.spot,
+                          n.price_per_hour, n.region, n.cloud) for n in nodes]
+    total = sum(flows.values())
+    routing = [Route(name[p], name[d], f / total, e.compression.get((p, d), "none") if p != d else "none")
+               for (p, d), f in sorted(flows.items())]
+    cost = sum(n.price_per_hour for n in nodes)
+    expected: dict[str, float] = {
+        "goodput_rps": round(e.goodput, 4),
+        "goodput_per_dollar": round(e.goodput / cost, 4) if cost > 0 else 0.0,
+        "slo_attainment": float(s.slo.attainment if e.goodput >= s.workload.rate else 0.0),
+        **s.stats,
+    }
+    plan = Plan(model=s.model.name if s.model.name else "custom", instances=instances, replicas=replicas,
+                routing=routing, strategy=strategy, seed=s.seed, expected=expected,
+                workload=s.workload.to_dict(), slo=s.slo.to_dict())
+    plan.network = cluster.network_dict()
+    plan.validate(budget_per_hour=s.budget if s.pool is None else None)
+    return plan
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """Counts that tables and benches print."""
+    roles = [r.role for r in plan.replicas]
+    return {"replicas": len(roles), "prefill": roles.count("prefill"), "decode": roles.count("decode"),
+            "colocated": roles.count("both"), "gpus": sum(r.gpu_count for r in plan.replicas),
+            "cost_per_hour": plan.cost_per_hour}

@@ -1,0 +1,558 @@
+"""Discrete-event simulation of a plan: continuous batching on every replica, KV transfer on every link.
+
+Per replica role:
+
+* ``prefill``: waiting prompts are batched up to ``max_batch_tokens`` (longer prompts are chunked);
+  a batch flows through the pipeline stages, each stage a FIFO server, so stage 1 takes the next
+  batch while stage 2 works; finished prompts ship their KV to the chosen decode replica.
+* ``decode``: a running batch; a request joins at an iteration boundary when its KV has arrived
+  and its full length fits in the KV cache (FIFO admission); its first token (computed by prefill)
+  is emitted on joining, then one token per iteration of ``decode_step_time(batch, context)``.
+* ``both`` (colocated): prefill first (SGLang's default): waiting prompts run as a prefill
+  iteration that stalls the running decode batch, else a decode iteration.
+
+KV transfer: the prompt's KV, split by layer over the stage pairs whose layer ranges overlap, each
+part queued on its source node's NIC (FIFO) when it crosses nodes, or over the GPU link when it
+does not; compressed parts add a quantize and a dequantize pass.
+
+A request's TTFT ends at its first token, TPOT = (finish - first token) / (output - 1); it attains
+the SLO when both are within target. Every admitted request finishes exactly once (the property
+tests check it); a request too long for its decode replica's KV cache is refused, not admitted.
+
+``Preemption`` replays a node loss at time t: replicas on the lost nodes die, their requests are
+resent (prompt + tokens so far, as the gateway's migration does) on the rescheduled plan, which
+takes over routing at t; flipped replicas finish their old-role work before switching; replicas
+new in the rescheduled plan start after ``load_s``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.cost_model import KV_FACTOR, ReplicaModel, kv_segments
+from planner.deployment import materialize
+from planner.plan import Plan
+from planner.workload import SLO, Request, Workload
+
+
+@dataclass(frozen=True)
+class Preemption:
+    at: float
+    lost_nodes: tuple[str, ...]
+    new_plan: Plan
+    load_s: float = 30.0  # weight load + start-up of replicas that are new in new_plan
+
+
+@dataclass
+class SimResult:
+    requests: int  # arrived
+    admitted: int
+    finished: int
+    attained: int
+    ttft: np.ndarray
+    tpot: np.ndarray
+    e2e: np.ndarray
+    duration_s: float
+    overloaded: bool = False
+    retried: int = 0
+    finished_ids: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def attainment(self) -> float:
+        return self.attained / self.requests if self.requests else 1.0
+
+    def percentiles(self) -> dict[str, float]:
+        def pct(a: np.ndarray, q: float) -> float:
+            return float(np.percentile(a, q)) if len(a) else math.nan
+
+        return {f"{name}_p{q}": pct(arr, q) for name, arr in (("ttft", self.ttft), ("tpot", self.tpot),
+                                                              ("e2e", self.e2e)) for q in (50, 90, 99)}
+
+
+class _Req:
+    __slots__ = ("arrival", "attempt", "chunk_left", "compression", "decode", "done_at", "first", "gen", "id", "inp",
+                 "join_iter", "out", "prefill", "total_out")
+
+    def __init__(self, r: Request) -> None:
+        self.id = r.id
+        self.arrival = r.arrival
+        self.inp = r.input_len
+        self.out = r.output_len
+        self.total_out = r.output_len
+        self.gen = 0  # tokens emitted so far
+        self.first: float | None = None
+        self.done_at: float | None = None
+        self.attempt = 0
+        self.prefill = self.decode = ""
+        self.join_iter = 0
+        self.chunk_left = 0
+        self.compression = "none"
+
+
+class _Replica:
+    def __init__(self, rid: str, role: str, rm: ReplicaModel, nodes: set[str], max_batch_tokens: int) -> None:
+        self.id, self.role, self.rm, self.nodes = rid, role, rm, nodes
+        self.pending_role: str | None = None
+        self.alive = True
+        self.ready_at = 0.0
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_q: deque[_Req] = deque()
+        self.stage_free = [0.0] * len(rm.stages)
+        self.prefill_busy = False  # stage 0 occupied (prefill role) / a prefill iteration running (both)
+        self.in_prefill = 0  # prompts inside the pipeline
+        self.wait_q: deque[_Req] = deque()  # decode: KV arrived, not yet admitted
+        self.active: list[_Req] = []
+        self.finish_heap: list[tuple[int, int, _Req]] = []
+        self.iter_no = 0
+        self.iterating = False
+        self.kv_used = 0.0
+        self.ctx_sum = 0.0
+        self.capacity = rm.kv_tokens
+
+    def idle(self) -> bool:
+        return (not self.prefill_q and not self.wait_q and not self.active and not self.iterating
+                and not self.prefill_busy and self.in_prefill == 0)
+
+
+class Simulator:
+    """One run of a plan over a list of requests."""
+
+    def __init__(self, plan: Plan, slo: SLO, *, workload: Workload | None = None, max_batch_tokens: int = 8192,
+                 seed: int = 0, overload_factor: float = 8.0) -> None:
+        self.slo = slo
+        self.seed = seed
+        self.max_batch_tokens = max_batch_tokens
+        self.overload_factor = overload_factor
+        self.workload = workload
+        self.events: list[tuple[float, int, str, object]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.replicas: dict[str, _Replica] = {}
+        self.egress_free: dict[str, float] = {}
+        self.rng = random.Random(seed + 7919)
+        self.finished: list[_Req] = []
+        self.finished_ids: set[int] = set()
+        self.retried = 0
+        self._install(plan, start=0.0, load_s=0.0)
+
+    # -- plan ----------------------------------------------------------------------------------
+    def _install(self, plan: Plan, start: float, load_s: float) -> None:
+        mat = materialize(plan, workload=self.workload, slo=self.slo)
+        self.ctx = mat.ctx
+        self.cluster = mat.ctx.cluster
+        for spec in plan.replicas:
+            rep = self.replicas.get(spec.id)
+            same = rep is not None and rep.alive and list(rep.rm.stages) == list(mat.models[spec.id].stages)
+            if same:
+                assert rep is not None
+                if rep.role != spec.role:
+                    rep.pending_role = spec.role
+                    if self._old_work_done(rep):
+                        rep.role, rep.pending_role = spec.role, None
+            else:
+                rep = _Replica(spec.id, spec.role, mat.models[spec.id], set(spec.node_ids), self.max_batch_tokens)
+                rep.ready_at = start + load_s
+                self.replicas[spec.id] = rep
+        live = {r.id for r in plan.replicas}
+        for rid, rep in self.replicas.items():
+            if rid not in live:
+                rep.alive = False
+        routes = [(r.prefill, r.decode, r.weight, r.kv_compression) for r in plan.routing]
+        self.routes = routes
+        w = np.array([r[2] for r in routes], dtype=float)
+        self.route_cum = list(np.cumsum(w / w.sum())) if w.sum() > 0 else [1.0] * len(routes)
+        self._segments: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
+
+    def _segs(self, p: _Replica, d: _Replica) -> list[tuple[str, str, int]]:
+        key = (p.id, d.id)
+        if key not in self._segments:
+            self._segments[key] = kv_segments(p.rm, d.rm)
+        return self._segments[key]
+
+    # -- events --------------------------------------------------------------------------------
+    def _push(self, t: float, kind: str, payload: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, payload))
+
+    def _dispatch(self, req: _Req) -> None:
+        if not self.routes:
+            self._refuse(req)
+            return
+        i = 0
+        if len(self.routes) > 1:
+            i = min(bisect.bisect_right(self.route_cum, self.rng.random()), len(self.routes) - 1)
+        p, d, _, comp = self.routes[i]
+        req.prefill, req.decode, req.compression = p, d, comp
+        req.attempt += 1
+        dec = self.replicas[d]
+        if req.inp + req.out > dec.capacity:
+            self._refuse(req)
+            return
+        rep = self.replicas[p]
+        req.chunk_left = req.inp
+        rep.prefill_q.append(req)
+        self._kick(rep)
+
+    def _refuse(self, req: _Req) -> None:
+        self.refused += 1
+
+    def _kick(self, rep: _Replica) -> None:
+        """Start whatever the replica can start now."""
+        if not rep.alive:
+            return
+        if rep.pending_role and self._old_work_done(rep):
+            rep.role, rep.pending_role = rep.pending_role, None
+        if self.now < rep.ready_at:
+            self._push(rep.ready_at, "wake", rep)
+            return
+        role = rep.role
+        if role == "prefill":
+            if not rep.prefill_busy and rep.prefill_q:
+                self._start_prefill(rep, pipelined=True)
+        elif role == "decode":
+            if not rep.iterating:
+                self._start_decode_iter(rep)
+        elif not rep.iterating and not rep.prefill_busy:  # both: prefill first, if its KV fits
+            head = rep.prefill_q[0] if rep.prefill_q else None
+            fits = head is not None and (head.chunk_left < head.inp
+                                         or rep.kv_used + head.inp + head.out <= rep.capacity)
+            if fits:
+                self._start_prefill(rep, pipelined=False)
+            else:
+                self._start_decode_iter(rep)
+
+    def _take_batch(self, rep: _Replica) -> list[tuple[_Req, int]]:
+        budget = rep.max_batch_tokens
+        batch: list[tuple[_Req, int]] = []
+        reserve = 0.0
+        while rep.prefill_q and budget > 0:
+            req = rep.prefill_q[0]
+            if rep.role == "both" and req.chunk_left == req.inp:
+                if rep.kv_used + reserve + req.inp + req.out > rep.capacity:
+                    break
+                reserve += req.inp + req.out
+            take = min(req.chunk_left, budget)
+            batch.append((req, take))
+            budget -= take
+            req.chunk_left -= take
+            if req.chunk_left == 0:
+                rep.prefill_q.popleft()
+        if rep.role == "both":
+            rep.kv_used += reserve
+        return batch
+
+    def _start_prefill(self, rep: _Replica, pipelined: bool) -> None:
+        batch = self._take_batch(rep)
+        if not batch:
+            if rep.role == "both":
+                self._start_decode_iter(rep)
+            return
+        tokens = sum(t for _, t in batch)
+        sq = float(sum(t * t for _, t in batch))
+        times = rep.rm.prefill_stage_times(tokens, sq, len(batch))
+        times[0] += rep.rm.eff.step_overhead_s
+        t = self.now
+        if pipelined:
+            for s, dur in enumerate(times):
+                t = max(t, rep.stage_free[s]) + dur
+                rep.stage_free[s] = t
+            rep.prefill_busy = True
+            rep.in_prefill += 1
+            self._push(rep.stage_free[0], "stage0_free", rep)
+        else:
+            t = self.now + sum(times)
+            rep.prefill_busy = True
+            rep.in_prefill += 1
+        done = [(req, req.attempt) for req, _ in batch if req.chunk_left == 0]
+        self._push(t, "prefill_done", (rep, done, pipelined))
+
+    def _start_decode_iter(self, rep: _Replica) -> None:
+        # admit arrived KV (decode) in FIFO order while it fits
+        while rep.wait_q and rep.role == "decode":
+            req = rep.wait_q[0]
+            need = req.inp + req.out
+            if rep.kv_used + need > rep.capacity:
+                break
+            rep.wait_q.popleft()
+            rep.kv_used += need
+            self._join(rep, req)
+        if not rep.active:
+            rep.iterating = False
+            if rep.pending_role and self._old_work_done(rep):
+                self._kick(rep)
+            return
+        b = len(rep.active)
+        dur = rep.rm.decode_step_time(b, rep.ctx_sum)
+        rep.iterating = True
+        self._push(self.now + dur, "decode_iter", rep)
+
+    def _join(self, rep: _Replica, req: _Req) -> None:
+        """Request enters the running batch with its first token already produced."""
+        if req.first is None:
+            req.first = self.now
+        if req.gen == 0:
+            req.gen = 1
+        if req.gen >= req.out:
+            self._finish(rep, req, ctx=0.0, held=req.inp + req.out)
+            return
+        req.join_iter = rep.iter_no
+        remaining = req.out - req.gen
+        heapq.heappush(rep.finish_heap, (rep.iter_no + remaining, req.id, req))
+        rep.active.append(req)
+        rep.ctx_sum += req.inp + req.gen
+
+    def _finish(self, rep: _Replica, req: _Req, ctx: float, held: float) -> None:
+        rep.kv_used -= held
+        rep.ctx_sum -= ctx
+        req.done_at = self.now
+        if req.id in self.finished_ids:
+            raise AssertionError(f"request {req.id} finished twice")
+        self.finished_ids.add(req.id)
+        self.finished.append(req)
+
+    def _kv_transfer(self, p: _Replica, req: _Req) -> None:
+        d = self.replicas[req.decode]
+        if not d.alive:
+            self._retry(req)
+            return
+        mode = req.compression
+        m = self.ctx.model
+        end = self.now + p.rm.kv_compress_time(req.inp, mode)
+        start = end
+        for src, dst, layers in self._segs(p, d):
+            nbytes = req.inp * m.kv_bytes_per_token_layer * layers * KV_FACTOR[mode]
+            dur = nbytes / (self.cluster.bandwidth(src, dst) * self.ctx.eff.network) + self.cluster.latency(src, dst)
+            if src == dst:
+                end = max(end, start + dur)
+            else:
+                s = max(start, self.egress_free.get(src, 0.0))
+                self.egress_free[src] = s + dur
+                end = max(end, s + dur)
+        end += d.rm.kv_compress_time(req.inp, mode)
+        self._push(end, "kv_done", (req, req.attempt))
+
+    def _retry(self, req: _Req) -> None:
+        """Resend prompt + tokens so far on the current routing (the gateway's migration)."""
+        self.retried += 1
+        req.inp += req.gen
+        req.out -= req.gen
+        req.gen = 0
+        if req.out <= 0:
+            self._finish_orphan(req)
+            return
+        self._dispatch(req)
+
+    def _finish_orphan(self, req: _Req) -> None:
+        req.done_at = self.now
+        if req.id in self.finished_ids:
+            raise AssertionError(f"request {req.id} finished twice")
+        self.finished_ids.add(req.id)
+        self.finished.append(req)
+
+    # -- handlers --------------------------------------------------------------------------------
+    def _on(self, kind: str, payload) -> None:
+        if kind == "arrive":
+            self._dispatch(payload)
+        elif kind == "wake":
+            self._kick(payload)
+        elif kind == "stage0_free":
+            rep = payload
+            rep.prefill_busy = False
+            if rep.alive:
+                self._kick(rep)
+        elif kind == "prefill_done":
+            rep, done, pipelined = payload
+            rep.in_prefill -= 1
+            if not pipelined:
+                rep.prefill_busy = False
+            for req, attempt in done:
+                if attempt != req.attempt or req.id in self.finished_ids:
+                    continue
+                if not rep.alive:  # the node died while the prompt was in its pipeline
+                    req.attempt += 1
+                    self._retry(req)
+                elif req.prefill == req.decode:  # colocated: KV reserved when the batch started
+                    self._join(rep, req)
+                else:  # the first token is emitted when the decode replica takes the request
+                    self._kv_transfer(rep, req)
+            if rep.alive:
+                self._kick(rep)
+        elif kind == "kv_done":
+            req, attempt = payload
+            if attempt != req.attempt:
+                return
+            d = self.replicas[req.decode]
+            if not d.alive or not self.replicas[req.prefill].alive:  # an end of the link died mid-transfer
+                req.attempt += 1
+                self._retry(req)
+                return
+            d.wait_q.append(req)
+            if not d.iterating:
+                self._kick(d)
+        elif kind == "decode_iter":
+            rep = payload
+            rep.iterating = False
+            if not rep.alive:
+                return
+            rep.iter_no += 1
+            b = len(rep.active)
+            rep.ctx_sum += b
+            while rep.finish_heap and rep.finish_heap[0][0] <= rep.iter_no:
+                _, _, req = heapq.heappop(rep.finish_heap)
+                req.gen = req.out
+                rep.active.remove(req)
+                self._finish(rep, req, ctx=req.inp + req.out, held=req.inp + req.out)
+            self._kick(rep)
+        elif kind == "preempt":
+            self._preempt(payload)
+
+    def _preempt(self, pre: Preemption) -> None:
+        lost = set(pre.lost_nodes)
+        victims: list[_Req] = []
+        for rep in self.replicas.values():
+            if rep.alive and rep.nodes & lost:
+                rep.alive = False
+                victims.extend(rep.prefill_q)
+                victims.extend(rep.wait_q)
+                for req in rep.active:
+                    req.gen = rep.iter_no - req.join_iter + req.gen  # tokens produced before the loss
+                    req.gen = min(req.gen, req.out - 1)
+                    victims.append(req)
+                rep.prefill_q.clear()
+                rep.wait_q.clear()
+                rep.active.clear()
+                rep.finish_heap.clear()
+        # requests in flight (inside a dead prefill pipeline or on a link to a dead decode) are
+        # caught when their event fires (attempt check) or retried here if their replica died
+        self._install(pre.new_plan, start=self.now, load_s=pre.load_s)
+        for rep in self.replicas.values():
+            if rep.alive:
+                self._kick(rep)
+        for req in victims:
+            if req.id not in self.finished_ids:
+                req.attempt += 1  # invalidate pending events of the dead attempt
+                self._retry(req)
+
+    # -- run -------------------------------------------------------------------------------------
+    def run(self, requests: list[Request], *, preemption: Preemption | None = None,
+            horizon_s: float | None = None) -> SimResult:
+        """Simulate until every admitted request finishes (or overload/horizon stops it)."""
+        self.refused = 0
+        reqs = [_Req(r) for r in requests]
+        for r in reqs:
+            self._push(r.arrival, "arrive", r)
+        if preemption is not None:
+            self._push(preemption.at, "preempt", preemption)
+        last_arrival = requests[-1].arrival if requests else 0.0
+        rate = len(requests) / max(last_arrival, 1e-9)
+        wl = self.workload
+        e2e_target = self.slo.ttft_s + self.slo.tpot_s * (wl.mean_output if wl else 128)
+        limit = self.overload_factor * rate * e2e_target + 200
+        horizon = horizon_s if horizon_s is not None else math.inf
+        overloaded = False
+        arrived = 0
+        while self.events:
+            t, _, kind, payload = heapq.heappop(self.events)
+            if t > horizon:
+                overloaded = True
+                break
+            self.now = t
+            if kind == "arrive":
+                arrived += 1
+                in_system = arrived - len(self.finished) - self.refused
+                if in_system > limit:
+                    overloaded = True
+                    break
+            self._on(kind, payload)
+        return self._result(reqs, overloaded)
+
+    @staticmethod
+    def _old_work_done(rep: _Replica) -> bool:
+        """Work of the replica's current role is finished, so a pending phase flip can happen."""
+        prefill_done = not rep.prefill_q and rep.in_prefill == 0 and not rep.prefill_busy
+        decode_done = not rep.wait_q and not rep.active and not rep.iterating
+        if rep.role == "prefill":
+            return prefill_done
+        if rep.role == "decode":
+            return decode_done
+        return prefill_done and decode_done
+
+    def _result(self, reqs: list[_Req], overloaded: bool) -> SimResult:
+        slo = self.slo
+        ttft, tpot, e2e = [], [], []
+        attained = 0
+        for r in self.finished:
+            first = r.first if r.first is not None else r.done_at
+            tt = first - r.arrival
+            tp = (r.done_at - first) / (r.total_out - 1) if r.total_out > 1 else 0.0
+            ttft.append(tt)
+            tpot.append(tp)
+            e2e.append(r.done_at - r.arrival)
+            if tt <= slo.ttft_s and tp <= slo.tpot_s:
+                attained += 1
+        return SimResult(len(reqs), len(reqs) - self.refused, len(self.finished), attained, np.array(ttft),
+                         np.array(tpot), np.array(e2e), self.now, overloaded, self.retried,
+                         sorted(self.finished_ids))
+
+
+def simulate(plan: Plan, workload: Workload, slo: SLO, *, duration_s: float | None = None,
+             n_requests: int | None = None, seed: int = 0, preemption: Preemption | None = None,
+             max_batch_tokens: int = 8192, overload_factor: float = 8.0) -> SimResult:
+    """Simulate ``plan`` under ``workload`` at its rate for ``duration_s`` (or ``n_requests``)."""
+    if duration_s is None and n_requests is None:
+        n_requests = 1000
+    reqs = workload.requests(duration_s, n=n_requests, seed=seed)
+    sim = Simulator(plan, slo, workload=workload, max_batch_tokens=max_batch_tokens, seed=seed,
+                    overload_factor=overload_factor)
+    return sim.run(reqs, preemption=preemption)
+
+
+def sim_requests_for(workload: Workload, slo: SLO, rate: float, *, min_duration_s: float = 40.0,
+                     max_requests: int = 20000) -> int:
+    """Enough requests to reach steady state: ~8 request lifetimes (at the SLO) of arrivals, at least
+    ``min_duration_s`` seconds of them."""
+    lifetime = slo.ttft_s + slo.tpot_s * workload.mean_output
+    duration = max(min_duration_s, 8 * lifetime)
+    return int(min(max_requests, max(400, rate * duration)))
+
+
+def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None = None, seed: int = 0,
+            hi: float | None = None, iters: int = 8, max_requests: int = 20000) -> float:
+    """Highest rate (req/s) at which the simulated SLO attainment meets the target (bisection).
+
+    Each probe simulates ``n_requests`` arrivals (default: ``sim_requests_for``) with common random
+    numbers, so probes at different rates see the same lengths and the same arrival pattern.
+    """
+
+    def ok(rate: float) -> bool:
+        n = n_requests or sim_requests_for(workload, slo, rate, max_requests=max_requests)
+        res = simulate(plan, workload.with_rate(rate), slo, n_requests=n, seed=seed)
+        return not res.overloaded and res.attainment >= slo.attainment
+
+    guess = hi or float(plan.expected.get("goodput_rps", 0.0)) or 1.0
+    lo, up = 0.0, guess * 1.25
+    while ok(up):  # grow until it fails
+        lo, up = up, up * 2
+        if up > 1e5:
+            return up
+    if lo == 0.0:
+        probe = guess * 0.5
+        while probe > 1e-3 and not ok(probe):
+            up, probe = probe, probe * 0.5
+        if probe <= 1e-3:
+            return 0.0
+        lo = probe
+    for _ in range(iters):
+        mid = (lo + up) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            up = mid
+    return lo

@@ -1,0 +1,231 @@
+"""What a deployment must serve: arrivals at a rate, input/output lengths, and latency targets.
+
+Lengths are fixed, drawn from a distribution, or resampled from a trace in the Azure LLM inference
+trace format (``TIMESTAMP,ContextTokens,GeneratedTokens``). Arrivals are Poisson, or gamma-distributed
+gaps with a coefficient of variation ``cv`` > 1 for bursty traffic. Trace lengths are replayed
+through the chosen arrival process at the chosen rate, as the ThunderServe paper does.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class WorkloadError(ValueError):
+    """A workload or trace that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency targets (seconds) and the fraction of requests that must meet both."""
+
+    ttft_s: float
+    tpot_s: float
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.ttft_s <= 0 or self.tpot_s <= 0:
+            raise WorkloadError("TTFT and TPOT targets must be positive seconds")
+        if not 0 < self.attainment < 1:
+            raise WorkloadError("attainment target must be between 0 and 1 (e.g. 0.9)")
+
+    def to_dict(self) -> dict[str, float]:
+        return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "attainment": self.attainment}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SLO:
+        return cls(float(d["ttft_s"]), float(d["tpot_s"]), float(d.get("attainment", 0.9)))
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """A token-length distribution: fixed, normal/lognormal around a mean, or empirical values."""
+
+    mean: float
+    kind: str = "fixed"  # fixed | lognormal | empirical
+    cv: float = 0.0  # coefficient of variation for lognormal
+    values: tuple[int, ...] = ()
+    lo: int = 1
+    hi: int = 1 << 20
+
+    @staticmethod
+    def fixed(n: int) -> Lengths:
+        return Lengths(float(n), "fixed")
+
+    @staticmethod
+    def empirical(values: list[int] | np.ndarray) -> Lengths:
+        vals = tuple(int(max(1, v)) for v in values)
+        if not vals:
+            raise WorkloadError("empty length sample")
+        return Lengths(float(np.mean(vals)), "empirical", float(np.std(vals) / max(np.mean(vals), 1e-9)), vals)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.kind == "fixed":
+            out = np.full(n, self.mean)
+        elif self.kind == "lognormal":
+            sigma = np.sqrt(np.log1p(self.cv**2))
+            out = rng.lognormal(np.log(self.mean) - sigma**2 / 2, sigma, n)
+        elif self.kind == "empirical":
+            out = np.asarray(self.values, dtype=float)[rng.integers(0, len(self.values), n)]
+        else:
+            raise WorkloadError(f"unknown length distribution {self.kind!r}")
+        return np.clip(np.rint(out), self.lo, self.hi).astype(np.int64)
+
+    @property
+    def scv(self) -> float:
+        """Squared coefficient of variation (0 for fixed lengths)."""
+        return 0.0 if self.kind == "fixed" else self.cv**2
+
+    @property
+    def var(self) -> float:
+        return 0.0 if self.kind == "fixed" else (self.cv * self.mean) ** 2
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of the distribution (tokens); memoised, the estimators ask often."""
+        cache = self.__dict__.setdefault("_quantiles", {})
+        if q not in cache:
+            cache[q] = self._quantile(q)
+        return cache[q]
+
+    def _quantile(self, q: float) -> float:
+        if self.kind == "fixed":
+            return self.mean
+        if self.kind == "empirical":
+            return float(np.percentile(self.values, 100 * q))
+        from statistics import NormalDist
+
+        sigma = float(np.sqrt(np.log1p(self.cv**2)))
+        return float(min(self.hi, np.exp(np.log(self.mean) - sigma**2 / 2 + sigma * NormalDist().inv_cdf(q))))
+
+    @property
+    def p_max(self) -> float:
+        """A high quantile used to size memory reserves."""
+        if self.kind == "fixed":
+            return self.mean
+        if self.kind == "empirical":
+            return float(np.percentile(self.values, 99))
+        return self.mean * (1 + 3 * self.cv)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "mean": round(self.mean, 3)}
+        if self.kind == "lognormal":
+            d["cv"] = self.cv
+        if self.kind == "empirical":
+            d["values"] = list(self.values)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Lengths:
+        if d.get("kind") == "empirical":
+            return cls.empirical(d["values"])
+        return cls(float(d["mean"]), d.get("kind", "fixed"), float(d.get("cv", 0.0)))
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    arrival: float
+    input_len: int
+    output_len: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Arrival rate (requests/s), arrival process, and length distributions."""
+
+    rate: float
+    input: Lengths = field(default_factory=lambda: Lengths.fixed(512))
+    output: Lengths = field(default_factory=lambda: Lengths.fixed(128))
+    arrival: str = "poisson"  # poisson | gamma
+    cv: float = 1.0  # inter-arrival coefficient of variation (gamma only; 1 == Poisson)
+    trace: str = ""  # where the lengths came from, for the record
+
+    @property
+    def mean_input(self) -> float:
+        return self.input.mean
+
+    @property
+    def mean_output(self) -> float:
+        return self.output.mean
+
+    @property
+    def arrival_scv(self) -> float:
+        return 1.0 if self.arrival == "poisson" else self.cv**2
+
+    def with_rate(self, rate: float) -> Workload:
+        return Workload(rate, self.input, self.output, self.arrival, self.cv, self.trace)
+
+    def requests(self, duration_s: float | None = None, *, n: int | None = None, seed: int = 0) -> list[Request]:
+        """Requests arriving over ``duration_s`` (or the first ``n``) at this rate.
+
+        Common random numbers: the same seed gives the same lengths and the same unit-rate gaps,
+        scaled by 1/rate, so a goodput search over the rate compares like with like.
+        """
+        if self.rate <= 0:
+            return []
+        rng = np.random.default_rng(seed)
+        count = n if n is not None else int(self.rate * float(duration_s or 0) * 1.5 + 50)
+        if self.arrival == "gamma":
+            shape = 1.0 / max(self.cv**2, 1e-6)
+            gaps = rng.gamma(shape, 1.0 / shape, count)
+        else:
+            gaps = rng.exponential(1.0, count)
+        times = np.cumsum(gaps) / self.rate
+        ins = self.input.sample(rng, count)
+        outs = self.output.sample(rng, count)
+        reqs = []
+        for i in range(count):
+            if duration_s is not None and times[i] > duration_s:
+                break
+            reqs.append(Request(i, float(times[i]), int(ins[i]), int(max(1, outs[i]))))
+        return reqs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"rate": self.rate, "arrival": self.arrival, "input": self.input.to_dict(),
+             "output": self.output.to_dict()}
+        if self.arrival == "gamma":
+            d["cv"] = self.cv
+        if self.trace:
+            d["trace"] = self.trace
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Workload:
+        return cls(float(d["rate"]), Lengths.from_dict(d["input"]), Lengths.from_dict(d["output"]),
+                   d.get("arrival", "poisson"), float(d.get("cv", 1.0)), d.get("trace", ""))
+
+
+def load_azure_trace(path: str | Path, limit: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """Input and output token counts from an Azure LLM inference trace CSV (first ``limit`` rows)."""
+    p = Path(path).expanduser()
+    try:
+        with p.open(newline="") as f:
+            reader = csv.DictReader(f)
+            cols = {c.strip(): c for c in (reader.fieldnames or [])}
+            if "ContextTokens" not in cols or "GeneratedTokens" not in cols:
+                raise WorkloadError(
+                    f"{p}: not an Azure LLM trace: needs columns TIMESTAMP,ContextTokens,GeneratedTokens")
+            ins, outs = [], []
+            for line, row in enumerate(reader, start=2):
+                try:
+                    ins.append(int(float(row[cols["ContextTokens"]])))
+                    outs.append(int(float(row[cols["GeneratedTokens"]])))
+                except (TypeError, ValueError):
+                    raise WorkloadError(f"{p}:{line}: token counts must be numbers") from None
+                if len(ins) >= limit:
+                    break
+    except OSError as e:
+        raise WorkloadError(f"cannot read trace {p}: {e.strerror or e}") from e
+    if not ins:
+        raise WorkloadError(f"{p}: trace has no rows")
+    return np.asarray(ins), np.asarray(outs)
+
+
+def workload_from_trace(path: str | Path, rate: float, **kw: Any) -> Workload:
+    ins, outs = load_azure_trace(path)
+    return Workload(rate, Lengths.empirical(ins), Lengths.empirical(outs), trace=str(path), **kw)

@@ -1,0 +1,67 @@
+"""`tsctl plan`, `tsctl simulate`, `tsctl reschedule`: JSON on stdout, tables, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from planner.plan import Plan
+from tsctl.main import app
+
+runner = CliRunner()
+POOL_ARGS = ["plan", "--model", "llama-2-7b", "--pool", "2xL40S,RTX3090,RTX3090", "--rate", "2", "--input-len", "512",
+             "--output-len", "128", "--ttft", "2s", "--tpot", "100ms", "--time-limit", "1", "--inter-node-gbps", "10"]
+
+
+def test_plan_json_is_a_valid_plan_and_tables_render(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    res = runner.invoke(app, [*POOL_ARGS, "--json", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = Plan.from_json(res.stdout)
+    plan.validate()
+    assert plan.model == "llama-2-7b" and plan.expected["goodput_rps"] > 0
+    assert 0 <= plan.expected["sim_attainment"] <= 1
+    assert Plan.from_json(out.read_bytes()).replicas == plan.replicas
+    table = runner.invoke(app, [*POOL_ARGS, "--no-simulate"])
+    assert table.exit_code == 0 and "Replicas" in table.output and "Routing" in table.output
+
+
+def test_simulate_and_reschedule_commands(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    assert runner.invoke(app, [*POOL_ARGS, "--disaggregate", "--no-simulate", "--out", str(path)]).exit_code == 0
+    res = runner.invoke(app, ["simulate", "--plan", str(path), "--rate", "1", "--duration", "30", "--json"])
+    assert res.exit_code == 0, res.output
+    sim = json.loads(res.stdout)
+    assert sim["finished"] == sim["admitted"] and 0 <= sim["slo_attainment"] <= 1 and sim["goodput_rps"] > 0
+    assert {"ttft_p50", "ttft_p90", "ttft_p99", "tpot_p99"} <= set(sim)
+    plan = Plan.from_json(path.read_bytes())
+    victim = plan.replicas[0].node_ids[0]
+    res = runner.invoke(app, ["reschedule", "--plan", str(path), "--lose", victim, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    Plan.from_dict(out["plan"]).validate()
+    assert out["changes"]["lost_nodes"] == [victim]
+    human = runner.invoke(app, ["reschedule", "--plan", str(path), "--lose", victim])
+    assert human.exit_code == 0 and "What changed" in human.output
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("InstanceType,Price\nx,1\n")
+    cases = [
+        (["plan", "--model", "gpt-9", "--budget", "5"], "unknown model 'gpt-9'"),
+        (["plan", "--model", "llama-2-7b", "--pool", "3xWarp9"], "unknown GPU type 'Warp9'"),
+        (["plan", "--model", "llama-2-70b", "--budget", "0.3", "--no-simulate"], "too small for one replica"),
+        (["plan", "--model", "llama-2-7b", "--budget", "5", "--catalog", str(bad_csv)], "missing column"),
+        (["plan", "--model", "llama-2-7b", "--budget", "5", "--ttft", "soon"], "--ttft must be seconds"),
+        (["simulate", "--plan", str(tmp_path / "none.json")], "cannot read plan"),
+        (["reschedule", "--plan", str(bad_csv), "--lose", "n0"], "plan is not JSON"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code != 0, args
+        assert message in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+        assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1

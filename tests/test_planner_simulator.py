@@ -1,0 +1,114 @@
+"""The discrete-event simulator and lightweight rescheduling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planner.plan import Instance, PlanError
+from planner.reschedule import reschedule
+from planner.scheduler import plan_deployment
+from planner.simulator import Preemption, goodput, simulate
+from planner.verify import routing_violations
+from planner.workload import SLO, Lengths, Workload
+
+WL = Workload(4.0, Lengths(512, "lognormal", 0.8, lo=8, hi=4096), Lengths(128, "lognormal", 0.8, lo=1, hi=1024))
+SLO_ = SLO(2.0, 0.1)
+PD_POOL = "2*1xL40S,2*1xRTX3090,1xA100-80GB"
+_PLANS: dict[str, object] = {}
+
+
+def pd_plan():
+    if "pd" not in _PLANS:
+        _PLANS["pd"] = plan_deployment("llama-2-7b", WL, SLO_, pool=PD_POOL, inter_node_gbps=10, disaggregate=True,
+                                       time_limit_s=2.0)
+    return _PLANS["pd"]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rate_scale=st.floats(0.2, 2.5), seed=st.integers(0, 1000), out_mean=st.sampled_from([1, 16, 128]),
+       colocated=st.booleans())
+def test_every_admitted_request_finishes_exactly_once(rate_scale: float, seed: int, out_mean: int,
+                                                       colocated: bool) -> None:
+    plan = pd_plan() if not colocated else plan_deployment(
+        "llama-2-7b", WL, SLO_, pool="2xL40S", strategy="hexgen", time_limit_s=0.5)
+    wl = Workload(plan.expected["goodput_rps"] * rate_scale, WL.input,
+                  Lengths(out_mean, "lognormal" if out_mean > 1 else "fixed", 0.8, lo=1, hi=2048))
+    res = simulate(plan, wl, SLO_, n_requests=300, seed=seed, overload_factor=1e9)  # drain everything
+    assert not res.overloaded
+    assert res.finished == res.admitted  # (the simulator itself raises on a second finish)
+    assert len(res.finished_ids) == len(set(res.finished_ids)) == res.admitted
+    assert len(res.ttft) == res.finished and (res.ttft >= 0).all() and (res.tpot >= 0).all()
+
+
+def test_preemption_replay_finishes_everything_once() -> None:
+    plan = pd_plan()
+    victim = plan.replicas_with_role("decode")[0].node_ids[0]
+    new_plan, _ = reschedule(plan, lost_nodes=[victim])
+    wl = WL.with_rate(plan.expected["goodput_rps"] * 0.5)
+    res = simulate(plan, wl, SLO_, n_requests=1500, seed=3, overload_factor=1e9,
+                   preemption=Preemption(at=60.0, lost_nodes=(victim,), new_plan=new_plan))
+    assert res.finished == res.admitted == res.requests
+    assert res.retried > 0  # requests on the lost node were resent
+    assert len(set(res.finished_ids)) == res.finished
+
+
+def test_low_load_latency_matches_the_cost_model() -> None:
+    plan = plan_deployment("llama-2-7b", Workload(0.05, Lengths.fixed(1024), Lengths.fixed(64)), SLO_,
+                           pool="A100-80GB", time_limit_s=0.5)
+    res = simulate(plan, Workload(0.05, Lengths.fixed(1024), Lengths.fixed(64)), SLO_, n_requests=40, seed=1)
+    from planner.deployment import materialize
+
+    rm = next(iter(materialize(plan).models.values()))
+    assert np.median(res.ttft) == pytest.approx(rm.prefill_time(1024, 1024.0**2, 1), rel=0.1)
+    assert np.median(res.tpot) == pytest.approx(rm.decode_step_time(1, 1024 + 32), rel=0.1)
+    assert res.attainment == 1.0
+
+
+def test_goodput_is_where_attainment_crosses_the_target() -> None:
+    plan = pd_plan()
+    g = goodput(plan, WL, SLO_)
+    assert g > 0
+    assert simulate(plan, WL.with_rate(0.7 * g), SLO_, n_requests=1500).attainment >= SLO_.attainment
+    hi = simulate(plan, WL.with_rate(1.6 * g), SLO_, n_requests=1500)
+    assert hi.overloaded or hi.attainment < SLO_.attainment
+
+
+def test_reschedule_keeps_survivors_and_their_parallelism() -> None:
+    plan = pd_plan()
+    decodes = plan.replicas_with_role("decode")
+    victim = decodes[0].node_ids[0]
+    new, changes = reschedule(plan, lost_nodes=[victim])
+    old = {r.id: r for r in plan.replicas}
+    assert changes.dropped_replicas == [r.id for r in plan.replicas if victim in r.node_ids]
+    assert victim not in {i.id for i in new.instances}
+    for r in new.replicas:  # same GPUs, TP, PP and layer split: no weight reload
+        o = old[r.id]
+        assert (r.gpus, r.tp, r.pp, r.layer_split) == (o.gpus, o.tp, o.pp, o.layer_split)
+    for rid, before, after in changes.role_flips:
+        assert old[rid].role == before and new.replica(rid).role == after
+    new.validate()
+    assert routing_violations(new) == []
+    assert changes.goodput_after > 0
+    assert {(p, d) for p, d, _, _ in changes.routing_deltas}  # routing moved off the lost replica
+
+
+def test_reschedule_flips_phases_when_a_phase_is_wiped_out() -> None:
+    plan = pd_plan()
+    lost = sorted({n for r in plan.replicas_with_role("decode") for n in r.node_ids})
+    new, changes = reschedule(plan, lost_nodes=lost)
+    assert changes.role_flips  # a former prefill now decodes (or serves colocated)
+    roles = {r.role for r in new.replicas}
+    assert "decode" in roles or roles == {"both"}
+    assert changes.goodput_after > 0
+
+
+def test_reschedule_folds_in_new_nodes_and_rejects_unknown_ones() -> None:
+    plan = pd_plan()
+    new, changes = reschedule(plan, lost_nodes=[plan.replicas[0].node_ids[0]],
+                              new_instances=[Instance("n9", "1x_L40S", "L40S", 1, True, 0.86)])
+    assert changes.added_replicas and "n9" in {i.id for i in new.instances}
+    with pytest.raises(PlanError, match="unknown node"):
+        reschedule(plan, lost_nodes=["nope"])
