@@ -73,8 +73,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             resp.headers["Allow"] = e.headers.get("Allow", "")
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        err = ApiError(500, "internal gateway error", code="internal_error")
-        resp, status = err.response(), 500
+        status = 500
+        resp = await _fail(request, ApiError(500, "internal gateway error", code="internal_error"))
     finally:
         deadline.cancel()
     gw.metrics.count(_route_label(request), status)
@@ -89,10 +89,16 @@ def _expire(task: asyncio.Task[object] | None, expired: list[bool]) -> None:
 
 async def _timed_out(request: web.Request, limit: float) -> web.StreamResponse:
     err = ApiError(504, f"request not completed within {limit:g} s (--request-timeout-s)", code="request_timeout")
+    return await _fail(request, err)
+
+
+async def _fail(request: web.Request, err: ApiError) -> web.StreamResponse:
+    """``err`` as the answer: a JSON error, or, once an event stream has gone out (its status line with
+    it), an error event and ``[DONE]`` at its end, since a second response cannot be sent."""
     stream = request.get(SSE_STARTED)
     if stream is None:
         return err.response()
-    with contextlib.suppress(ConnectionError):
+    with contextlib.suppress(ConnectionError, RuntimeError):
         await stream.write(sse_error_event(err))
         await stream.write(DONE)
     return stream
@@ -131,11 +137,10 @@ async def _openai(request: web.Request, kind: str, path: str) -> web.StreamRespo
     principal = await gw.auth.authenticate(request.headers.get("Authorization"))
     raw = await read_body(request, gw.cfg)
     body = parse_object(raw)
+    req = parse_chat(body) if kind == "chat" else parse_completion(body)
     if gw.tokenizer is not None:
-        req = parse_chat(body) if kind == "chat" else parse_completion(body)
         return await serve_openai(request, gw, req, kind, path, request["t0"], principal)
     # No tokenizer: check what we can and pass the body through untouched.
-    req = parse_chat(body) if kind == "chat" else parse_completion(body)
     check_model(gw, req.model)
     max_tokens = get_int(body, "max_completion_tokens", 1) or get_int(body, "max_tokens", 1)
     tokens = len(raw) // 4 + (max_tokens or gw.cfg.default_max_tokens)

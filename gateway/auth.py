@@ -80,7 +80,7 @@ class Authenticator:
                         for i, k in enumerate(static_keys)}
         self._admin_hash = hash_api_key(admin_key) if admin_key else None
         self._cache: OrderedDict[str, tuple[float, float, Principal | None]] = OrderedDict()
-        self._pending: dict[str, asyncio.Future[Principal | None]] = {}
+        self._pending: dict[str, asyncio.Future[Principal | None]] = {}  # lookups in flight, by key hash
         self._last_redis_warning = 0.0
 
     # -- identity ------------------------------------------------------------------------------------
@@ -127,20 +127,18 @@ class Authenticator:
         if hit is not None and hit[0] > now:
             return hit[2]
         pending = self._pending.get(key_hash)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
-        self._pending[key_hash] = fut
-        try:
-            principal = await self._fetch(key, key_hash, hit, now)
-            fut.set_result(principal)
-            return principal
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._pending[key_hash]
+        if pending is None:
+            # The lookup runs as its own task, shared by every request for this key: a caller that goes
+            # away (client disconnect, deadline) cancels only its own wait, never the others' answer.
+            pending = asyncio.ensure_future(self._fetch(key, key_hash, hit, now))
+            self._pending[key_hash] = pending
+            pending.add_done_callback(lambda t: self._lookup_done(key_hash, t))
+        return await asyncio.shield(pending)
+
+    def _lookup_done(self, key_hash: str, task: asyncio.Future[Principal | None]) -> None:
+        self._pending.pop(key_hash, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter re-raises it; none may be left to do so
 
     async def _fetch(self, key: str, key_hash: str, stale: tuple[float, float, Principal | None] | None,
                      now: float) -> Principal | None:

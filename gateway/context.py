@@ -82,6 +82,10 @@ class Gateway:
             except NoWorkers:
                 continue
 
+    def retry_backoff_s(self, attempt: int) -> float:
+        """Pause before retry ``attempt`` (1, 2, ...): --retry-backoff-ms, x1.5 per retry, +-20% jitter."""
+        return self.cfg.retry_backoff_ms / 1000.0 * 1.5 ** (attempt - 1) * self.rng.uniform(0.8, 1.2)
+
     def exchange(self, pair: Pair, path: bytes, tokens: int, stream: bool) -> Exchange:
         """One attempt on ``pair``. A stream may stay silent for --upstream-read-timeout-s; a non-stream
         answer comes all at once at the end, so it gets the whole --request-timeout-s."""

@@ -19,14 +19,13 @@ from aiohttp import web
 from gateway.context import Gateway
 from gateway.errors import ApiError, sse_error_event
 from gateway.generation import Step, TokenGeneration
-from gateway.http import start_sse
+from gateway.http import CLIENT_GONE, start_sse
 from gateway.sse import DONE
 from gateway.validation import GenerateRequest
 
 # Fields the gateway sets on every attempt itself; the rest of the client's body goes along unchanged.
 _OWN_FIELDS = frozenset({"input_ids", "text", "sampling_params", "stream", "bootstrap_host", "bootstrap_port",
                          "bootstrap_room"})
-_CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
 
 class _Rewriter:
@@ -99,7 +98,7 @@ async def serve_generate_stream(request: web.Request, gw: Gateway, body: dict[st
             resp = await start_sse(request)
         await resp.write(DONE)
         await resp.write_eof()
-    except _CLIENT_GONE:
+    except CLIENT_GONE:
         request["final_status"] = 499
         return resp or web.Response(status=499)
     gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)

@@ -211,5 +211,4 @@ class TokenGeneration:
                 raise upstream_to_api(err)
             gw.metrics.retries.inc()
             log.warning("retrying on a new pair (%s)", err.message)
-            backoff = gw.cfg.retry_backoff_ms / 1000.0 * 1.5 ** (self.attempts - 1)
-            await asyncio.sleep(backoff * gw.rng.uniform(0.8, 1.2))
+            await asyncio.sleep(gw.retry_backoff_s(self.attempts))

@@ -9,6 +9,7 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 
+CLIENT_GONE = ConnectionError  # writing to a client that closed its connection (resets included)
 SSE_STARTED = "sse_started"  # request key: the committed event stream, if any
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

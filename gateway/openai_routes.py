@@ -18,14 +18,12 @@ from gateway.auth import Principal
 from gateway.context import Gateway
 from gateway.errors import ApiError, invalid, sse_error_event
 from gateway.generation import TokenGeneration
-from gateway.http import start_sse
+from gateway.http import CLIENT_GONE, start_sse
 from gateway.openai_format import Formatter, usage
 from gateway.sse import DONE
 from gateway.stops import StopMatcher
 from gateway.tokenizer import GatewayTokenizer, IncrementalDetokenizer, TokenizerUnavailable
 from gateway.validation import ChatRequest, CompletionRequest, OpenAIRequest
-
-_CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
 
 def check_model(gw: Gateway, name: str) -> None:
@@ -160,7 +158,7 @@ async def _stream(request: web.Request, gw: Gateway, gen: TokenGeneration, fmt: 
             await resp.write(fmt.usage_chunk(usage(len(gen.prompt_ids), len(gen.output_ids))))
         await resp.write(DONE)
         await resp.write_eof()
-    except _CLIENT_GONE:
+    except CLIENT_GONE:
         # The client went away: aclosing() has already closed both upstream legs.
         request["final_status"] = 499
         return resp or web.Response(status=499)

@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.context import Gateway
 from gateway.errors import ApiError, sse_error_event
 from gateway.generation import upstream_to_api
-from gateway.http import start_sse
+from gateway.http import CLIENT_GONE, start_sse
 from gateway.routing import NoWorkers
 from gateway.sse import DONE
 from gateway.upstream import Exchange, UpstreamError, splice_bootstrap
@@ -31,7 +31,6 @@ from gateway.upstream_http import UpstreamIOError, UpstreamResponse
 log = logging.getLogger("gateway.passthrough")
 
 _READ_ERRORS = (UpstreamIOError,)
-_CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
 
 def _input_logprobs(prefill_body: bytes) -> list[Any] | None:
@@ -130,7 +129,7 @@ async def serve_passthrough(request: web.Request, gw: Gateway, raw: bytes, path:
             raise upstream_to_api(err)
         gw.metrics.retries.inc()
         log.warning("retrying on a new pair (%s)", err.message)
-        await asyncio.sleep(gw.cfg.retry_backoff_ms / 1000.0 * 1.5 ** (attempts - 1) * gw.rng.uniform(0.8, 1.2))
+        await asyncio.sleep(gw.retry_backoff_s(attempts))
 
 
 async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamResponse, first: bytes,
@@ -149,7 +148,7 @@ async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamRe
         outcome = True
         await resp.write_eof()
         gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)
-    except _CLIENT_GONE:
+    except CLIENT_GONE:
         request["final_status"] = 499
     except _READ_ERRORS as e:
         err = ex.failure(e)
@@ -160,7 +159,7 @@ async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamRe
             await resp.write(sse_error_event(ApiError(502, f"upstream failed mid-stream: {err.message}",
                                                       code="upstream_error")))
             await resp.write(DONE)
-        except _CLIENT_GONE:
+        except CLIENT_GONE:
             pass
     finally:
         await ex.close(outcome)

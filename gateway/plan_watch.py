@@ -55,10 +55,13 @@ class PlanWatcher:
             return True
 
     async def _safe_refresh(self) -> None:
+        """A refresh that never ends the watch: a failed one keeps the current table until the next."""
         try:
             await self.refresh()
         except (RedisError, OSError, PlanError) as e:
             log.warning("cannot read the plan from Redis: %s", e)
+        except Exception:  # e.g. a replica record a newer agent wrote that this gateway cannot read
+            log.exception("cannot build a routing table from Redis; keeping the current one")
 
     async def run(self) -> None:
         """Subscribe, read once, then follow updates and re-read periodically, until cancelled."""

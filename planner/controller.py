@@ -10,8 +10,12 @@ controller left running. The loop:
 - on a lost node (preempted, terminated, failed, or found dead on restart): the lightweight reschedule
   (``planner.reschedule``: survivors keep their GPUs and parallelism; only phases and routing change),
   published at once so gateways route around the loss; then replacement capacity within the budget,
-  folded into the plan when it is ready.
+  folded into the plan when it is ready. Replacements in progress are recorded in Redis meta
+  (``controller_replacements``: lost node -> replacement node), so a successor resumes them instead of
+  releasing a half-rented node as unplanned or forgetting the lost capacity.
 
+The lease is renewed every ``lease_ttl_s / 5``; a controller that cannot renew it (Redis unreachable, or
+another controller took it) steps down before it could expire, and ``serve`` waits to take it again.
 Every decision goes to the events stream with its reason and timing.
 """
 
@@ -35,7 +39,9 @@ from planner.state import NodeRecord, ReplicaRecord, StateStore
 log = logging.getLogger("planner.controller")
 
 LOST = ("preempted", "terminated", "failed")
+LIVE = ("pending", "ready")
 CONFIG_META_KEY = "controller_config"
+REPLACEMENTS_META_KEY = "controller_replacements"  # lost node id -> its replacement's id ("" = not chosen yet)
 
 
 @dataclass
@@ -62,6 +68,9 @@ class ControllerConfig:
     max_nodes: int = 64
     max_batch: int | None = None
     replace_lost: bool = True
+    replace_retry_s: float = 30.0  # wait before asking again after a refused or failed replacement
+    replace_max_failures: int = 5  # replacements that fail to come up before giving up (budget refusals wait)
+    replace_ready_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
     workdir: str = ""
 
@@ -110,19 +119,23 @@ class Controller:
     """Reconciles the plan with reality. Construct with a started StateStore and a provisioner."""
 
     def __init__(self, state: StateStore, provisioner: Any, config: ControllerConfig, *, tick_s: float = 0.5,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, lease_ttl_s: float = 5.0) -> None:
         self.state = state
         self.provisioner = provisioner
         self.cfg = config
         self.tick_s = tick_s
+        self.lease_ttl_s = lease_ttl_s
         self.owner = owner or f"controller-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.plan: Plan | None = None
+        self.lease_lost = asyncio.Event()  # set when this controller stepped down without being told to stop
         self._plan_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._busy: set[str] = set()  # replica ids with a start/stop/switch in flight
-        self._replacing: dict[str, str] = {}  # lost node id -> replacement node id
-        self._handled_lost: set[str] = set()
-        self._refused: set[str] = set()  # node ids whose acquire the budget refused (logged once)
+        self._replacing: dict[str, str] = {}  # lost node id -> replacement node id ("" until chosen); in Redis too
+        self._replace_running: set[str] = set()  # lost node ids with a replace() task in this process
+        self._persist_lock = asyncio.Lock()
+        self._losing: set[str] = set()  # node ids with a handle_lost in flight
+        self._refused: set[str] = set()  # node ids whose acquire was refused (logged once)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agents: dict[str, Any] = {}
 
@@ -142,16 +155,17 @@ class Controller:
 
     # -- main loop ------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Act as the controller until ``stop`` is set (then leave nodes running for a successor)."""
+        """Act as the controller until ``stop`` is set or the lease is lost; nodes stay up for a successor."""
         await self._wait_for_lease(stop)
         if stop.is_set():
             return
         lease = asyncio.create_task(self._keep_lease(stop))
-        await self.state.set_meta(**{CONFIG_META_KEY: asdict(self.cfg)})
         events = self.provisioner.watch()
-        await self.provisioner.start()
-        await self.state.emit("controller.started", "took the lease", owner=self.owner)
+        watcher: asyncio.Task[None] | None = None
         try:
+            await self.state.set_meta(**{CONFIG_META_KEY: asdict(self.cfg)})
+            await self.provisioner.start()
+            await self.state.emit("controller.started", "took the lease", owner=self.owner)
             await asyncio.to_thread(_warm_up)  # so the first reschedule after a loss pays no imports
             self.plan = await self.state.get_plan()
             if self.plan is None:
@@ -159,28 +173,31 @@ class Controller:
                 plan = await asyncio.to_thread(self.make_plan)
                 await self._publish(plan, "plan.created", "initial plan", plan_s=time.perf_counter() - t0,
                                     cost_per_hour=plan.cost_per_hour, replicas=len(plan.replicas))
+            await self._resume_replacements()  # before the first pass, so it releases none of them
             watcher = asyncio.create_task(self._follow_events(events))
-            while not stop.is_set():
+            while not stop.is_set() and not self.lease_lost.is_set():
+                self._wake.clear()  # before the pass: a wake-up during it runs the next pass at once
                 try:
                     await self.reconcile()
                 except Exception:  # one bad pass must not kill the controller; the next one retries
                     log.exception("reconcile failed")
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_any(stop), self.tick_s)
-            watcher.cancel()
         finally:
             lease.cancel()
+            if watcher is not None:
+                watcher.cancel()
             for t in list(self._tasks):
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(lease, *([watcher] if watcher else []), *self._tasks, return_exceptions=True)
             events.close()
             for agent in self._agents.values():
                 await agent.close()
-            await self.state.release_leader(self.owner)
+            with contextlib.suppress(Exception):  # Redis may be what failed; the lease then expires by itself
+                await self.state.release_leader(self.owner)
 
     async def _wait_any(self, stop: asyncio.Event) -> None:
-        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self._wake.wait())]
+        waits = [asyncio.create_task(e.wait()) for e in (stop, self._wake, self.lease_lost)]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -190,25 +207,47 @@ class Controller:
     async def _wait_for_lease(self, stop: asyncio.Event) -> None:
         announced = False
         while not stop.is_set():
-            if await self.state.acquire_leader(self.owner, ttl_s=5.0):
-                return
-            if not announced:
-                log.warning("another controller holds the lease; waiting")
-                announced = True
-            await asyncio.sleep(1.0)
+            try:
+                if await self.state.acquire_leader(self.owner, ttl_s=self.lease_ttl_s):
+                    return
+            except Exception as e:  # Redis unreachable: keep trying, it is the only way forward
+                log.warning("cannot reach Redis for the controller lease: %s", e)
+            else:
+                if not announced:
+                    log.warning("another controller holds the lease; waiting")
+                    announced = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _keep_lease(self, stop: asyncio.Event) -> None:
+        """Renew the lease every ttl/5. Step down (``lease_lost``) when another controller holds it, or when
+        it could not be renewed for 0.6 ttl: it may expire soon after, and two controllers must not act."""
+        renewed = time.monotonic()
         while not stop.is_set():
-            await asyncio.sleep(1.0)
-            if not await self.state.acquire_leader(self.owner, ttl_s=5.0):
-                log.error("lost the controller lease; stopping")
-                stop.set()
+            await asyncio.sleep(self.lease_ttl_s / 5)
+            try:
+                held = await self.state.acquire_leader(self.owner, ttl_s=self.lease_ttl_s)
+            except Exception as e:
+                if time.monotonic() - renewed < 0.6 * self.lease_ttl_s:
+                    log.warning("cannot renew the controller lease (%s); retrying", e)
+                    continue
+                log.error("could not renew the controller lease for %.1f s (%s); stepping down",
+                          time.monotonic() - renewed, e)
+                held = False
+            else:
+                if not held:
+                    log.error("another controller holds the lease; stepping down")
+            if not held:
+                self.lease_lost.set()
+                return
+            renewed = time.monotonic()
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_task_error)
+        return task
 
     async def _follow_events(self, events: Any) -> None:
         async for ev in events:
@@ -219,15 +258,33 @@ class Controller:
 
     # -- loss and replacement -----------------------------------------------------------------------------
     async def handle_lost(self, node_ids: list[str], seen_at: float | None = None, cause: str = "") -> None:
-        """Reschedule without the lost nodes (no weight reload), publish, then ask for replacements."""
-        seen_at = time.time() if seen_at is None else seen_at
+        """Reschedule without the lost nodes (no weight reload), publish, then ask for replacements.
+
+        A loss that could not be published (Redis down) is not marked handled: the next reconcile pass
+        finds the node dead in the plan and tries again."""
+        ids = [n for n in dict.fromkeys(node_ids) if n not in self._losing]
+        if not ids:
+            return
+        self._losing.update(ids)
+        try:
+            lost = await self._reschedule_without(ids, time.time() if seen_at is None else seen_at, cause)
+        finally:
+            self._losing.difference_update(ids)
+        self._wake.set()
+        if self.cfg.replace_lost:
+            for node_id in lost:
+                self._start_replacement(node_id)
+
+    async def _reschedule_without(self, node_ids: list[str], seen_at: float, cause: str) -> list[str]:
+        """Publish a plan without ``node_ids`` (those still in the plan); returns the ones removed."""
         async with self._plan_lock:
             plan = self.plan
-            lost = [n for n in node_ids if plan is not None and n in {i.id for i in plan.instances}
-                    and n not in self._handled_lost]
-            if plan is None or not lost:
-                return
-            self._handled_lost.update(lost)
+            if plan is None:
+                return []
+            in_plan = {i.id for i in plan.instances}
+            lost = [n for n in node_ids if n in in_plan]
+            if not lost:
+                return []
             from planner.reschedule import reschedule
 
             workload, slo = self._workload()
@@ -239,6 +296,10 @@ class Controller:
                 await self.state.emit("reschedule.failed", f"lost {lost}: {e}", lost=lost)
                 new_plan, changes = _without_nodes(plan, lost), None
             solve_s = time.perf_counter() - t0
+            if self.cfg.replace_lost:  # recorded before the plan forgets the nodes, for a successor to resume
+                for node_id in lost:
+                    self._replacing.setdefault(node_id, "")
+                await self._save_replacements()
             lost_replicas = [r.id for r in plan.replicas if set(r.node_ids) & set(lost)]
             for rid in lost_replicas:
                 await self.state.delete_replica(rid)
@@ -250,38 +311,92 @@ class Controller:
             )
             log.info("rescheduled after losing %s in %.1f ms (plan v%d)", lost, (time.time() - seen_at) * 1000,
                      version)
-        self._wake.set()
-        if self.cfg.replace_lost:
-            for node_id in lost:
-                self._spawn(self.replace(node_id), f"replace-{node_id}")
+            return lost
+
+    async def _save_replacements(self) -> None:
+        """Write the replacements in progress to Redis meta (the lock keeps the last write the latest)."""
+        async with self._persist_lock:
+            await self.state.set_meta(**{REPLACEMENTS_META_KEY: dict(self._replacing)})
+
+    async def _resume_replacements(self) -> None:
+        """Pick up the replacements a previous controller recorded and did not finish."""
+        saved = (await self.state.meta()).get(REPLACEMENTS_META_KEY)
+        if not isinstance(saved, dict) or not saved:
+            return
+        for lost_id, node_id in saved.items():
+            self._replacing[str(lost_id)] = str(node_id or "")
+        await self.state.emit("replacement.resumed", f"{len(saved)} replacement(s) left by a previous controller",
+                              replacements=dict(self._replacing))
+        for lost_id in list(self._replacing):
+            self._start_replacement(lost_id)
+
+    def _start_replacement(self, lost_id: str) -> None:
+        if lost_id in self._replace_running:
+            return
+        self._replace_running.add(lost_id)
+        task = self._spawn(self.replace(lost_id), f"replace-{lost_id}")
+        task.add_done_callback(lambda _: self._replace_running.discard(lost_id))
 
     async def replace(self, lost_id: str) -> None:
-        """Rent a node like the lost one (spot first; on-demand fallback; within budget) and fold it in."""
+        """Rent a node like the lost one (spot first; on-demand fallback; within budget) and fold it in.
+
+        The replacement's id is chosen and recorded in Redis before it is asked for, so neither this
+        controller's reconcile pass nor a successor mistakes it for an unplanned node. A budget refusal
+        is retried every ``replace_retry_s`` (capacity may free up); a replacement that fails to come up
+        is itself replaced, up to ``replace_max_failures`` times. Cancellation (the controller stopping)
+        leaves the record in Redis for the successor."""
+        from provisioner.base import next_generation_id
         from provisioner.budget import BudgetExceeded
 
         t0 = time.time()
-        try:
-            rec = await self.provisioner.replace(lost_id)
-        except BudgetExceeded as e:
-            await self.state.emit("replacement.refused", str(e), lost=lost_id)
-            return
-        except Exception as e:
-            await self.state.emit("replacement.failed", f"{type(e).__name__}: {e}", lost=lost_id)
-            return
-        self._replacing[lost_id] = rec.id
-        try:
-            ready = await self.provisioner.wait_ready(rec.id, timeout_s=600)
-        except Exception as e:
-            await self.state.emit("replacement.failed", f"{rec.id}: {e}", lost=lost_id, node=rec.id)
-            self._replacing.pop(lost_id, None)
-            return
-        await self.fold_in([ready], reason=f"replacement for {lost_id}", started_at=t0)
+        source, failures, refused = lost_id, 0, False
+        while True:
+            node_id = self._replacing.get(lost_id) or next_generation_id(source)
+            if self.plan is not None and node_id in {i.id for i in self.plan.instances}:
+                break  # folded in already (by a predecessor that stopped before clearing the record)
+            if self._replacing.get(lost_id) != node_id:
+                self._replacing[lost_id] = node_id
+                await self._save_replacements()
+            try:
+                rec = await self.state.get_node(node_id)
+                if rec is None:
+                    rec = await self.provisioner.replace(source, new_node_id=node_id)
+                if rec.status not in LIVE:
+                    raise RuntimeError(f"node {node_id} is {rec.status}")
+                ready = await self.provisioner.wait_ready(node_id, timeout_s=self.cfg.replace_ready_timeout_s)
+            except BudgetExceeded as e:
+                if not refused:
+                    refused = True
+                    await self.state.emit("replacement.refused", f"{e}; asking again every "
+                                          f"{self.cfg.replace_retry_s:g}s", lost=lost_id, node=node_id)
+                await asyncio.sleep(self.cfg.replace_retry_s)
+                continue
+            except Exception as e:
+                failures += 1
+                await self.state.emit("replacement.failed", f"{node_id}: {type(e).__name__}: {e}", lost=lost_id,
+                                      node=node_id, failures=failures)
+                live = await self.state.get_node(node_id)
+                if live is not None and live.status in LIVE:  # e.g. never became ready: stop paying for it
+                    await self._release(node_id, "replacement did not come up")
+                if failures >= self.cfg.replace_max_failures:
+                    await self.state.emit("replacement.abandoned", f"{lost_id}: {failures} replacements failed",
+                                          lost=lost_id)
+                    break
+                source, self._replacing[lost_id] = node_id, ""
+                await asyncio.sleep(self.cfg.replace_retry_s)
+                continue
+            await self.fold_in([ready], reason=f"replacement for {lost_id}", started_at=t0)
+            break
         self._replacing.pop(lost_id, None)
+        await self._save_replacements()
 
     async def fold_in(self, nodes: list[NodeRecord], reason: str, started_at: float | None = None) -> None:
-        """Re-plan with new nodes added (survivors keep their groups); their replicas start on reconcile."""
+        """Re-plan with new nodes added (survivors keep their groups); their replicas start on reconcile.
+
+        If the re-plan fails the nodes are released: nothing would ever use them."""
         from planner.reschedule import reschedule
 
+        unused: list[str] = []
         async with self._plan_lock:
             plan = self.plan
             if plan is None:
@@ -292,14 +407,21 @@ class Controller:
                 return
             workload, slo = self._workload()
             t0 = time.perf_counter()
-            new_plan, changes = await asyncio.to_thread(reschedule, plan, new_instances=new, workload=workload,
-                                                        slo=slo)
-            await self._publish(
-                new_plan, "replan", reason, added=[n.id for n in new],
-                solve_ms=round((time.perf_counter() - t0) * 1000, 2),
-                replace_s=round(time.time() - started_at, 3) if started_at else None,
-                changes=_changes_dict(changes), expected=new_plan.expected,
-            )
+            try:
+                new_plan, changes = await asyncio.to_thread(reschedule, plan, new_instances=new, workload=workload,
+                                                            slo=slo)
+            except Exception as e:
+                unused = [n.id for n in new]
+                await self.state.emit("replan.failed", f"cannot fold in {', '.join(unused)}: {e}", nodes=unused)
+            else:
+                await self._publish(
+                    new_plan, "replan", reason, added=[n.id for n in new],
+                    solve_ms=round((time.perf_counter() - t0) * 1000, 2),
+                    replace_s=round(time.time() - started_at, 3) if started_at else None,
+                    changes=_changes_dict(changes), expected=new_plan.expected,
+                )
+        for node_id in unused:
+            await self._release(node_id, "the re-plan could not use it")
         self._wake.set()
 
     # -- reconcile -------------------------------------------------------------------------------------
@@ -311,7 +433,7 @@ class Controller:
         records = await self.state.replicas()
         plan_nodes = {i.id for i in plan.instances}
         # 1. nodes: rent what the plan has and nobody asked for yet; notice losses we missed
-        dead = [n for n in plan_nodes if n in nodes and nodes[n].status in LOST and n not in self._handled_lost]
+        dead = [n for n in plan_nodes if n in nodes and nodes[n].status in LOST and n not in self._losing]
         if dead:
             self._spawn(self.handle_lost(dead, cause="found lost on reconcile"), "lost-reconcile")
         for inst in plan.instances:
@@ -334,12 +456,17 @@ class Controller:
         for rid, rec in records.items():
             if rid not in wanted and rid not in self._busy:
                 self._run_busy(rid, self._stop_replica(rec, nodes))
-        # 4. nodes the plan no longer has (not awaited replacements)
+        # 4. nodes the plan no longer has (not awaited replacements). The current plan, not this pass's
+        # snapshot: a replacement folded in during the awaits above is in it (and no longer awaited).
+        planned = {i.id for i in self.plan.instances} if self.plan is not None else plan_nodes
         awaited = set(self._replacing.values())
         for nid, node in nodes.items():
-            if nid not in plan_nodes and nid not in awaited and node.status in ("pending", "ready") \
+            if nid not in planned and nid not in awaited and node.status in LIVE \
                     and f"release-{nid}" not in self._busy:
                 self._run_busy(f"release-{nid}", self._release(nid, "not in the plan"))
+        # 5. replacements whose task ended on an error (e.g. Redis): their records say they are not done
+        for lost_id in list(self._replacing):
+            self._start_replacement(lost_id)
 
     def _run_busy(self, key: str, coro: Any) -> None:
         self._busy.add(key)
@@ -364,6 +491,11 @@ class Controller:
             if inst.id not in self._refused:
                 self._refused.add(inst.id)
                 await self.state.emit("node.deferred", f"{inst.id}: {e}", node=inst.id)
+        except Exception as e:  # e.g. ProvisionError: this node cannot be had; the rest of the pass goes on
+            if inst.id not in self._refused:
+                self._refused.add(inst.id)
+                log.warning("cannot acquire %s: %s", inst.id, e)
+                await self.state.emit("node.acquire_failed", f"{inst.id}: {type(e).__name__}: {e}", node=inst.id)
 
     def _agent(self, node: NodeRecord) -> Any:
         from replicas.agent_client import AgentClient
@@ -490,27 +622,45 @@ def build_provisioner(state: StateStore, redis_url: str, cfg: ControllerConfig) 
 
 
 async def serve(redis_url: str, deployment: str, config: ControllerConfig | None) -> None:
+    """Run the controller until SIGTERM (release every node) or SIGINT (leave them for a successor).
+
+    A controller that stepped down (lease not renewable, or taken) closes its provisioner, leaving the
+    nodes up, and waits to take the lease again with a fresh one that adopts them from Redis."""
+    from redis.exceptions import RedisError
+
     state = StateStore.from_url(redis_url, deployment)
     if config is None:
         meta = await state.meta()
         if CONFIG_META_KEY not in meta:
             raise SystemExit(f"error: deployment {deployment!r} has no controller config in Redis; pass --config")
         config = ControllerConfig.from_dict(meta[CONFIG_META_KEY])
-    ledger, provisioner = build_provisioner(state, redis_url, config)
-    await ledger.set_limit(config.budget)
     stop = asyncio.Event()
     release_on_exit = asyncio.Event()
     loop = asyncio.get_running_loop()
-    # SIGTERM = `tsctl down`: stop and release every node. SIGINT/SIGHUP: stop, leave nodes for a successor.
+    # SIGTERM = `tsctl down`: stop and release every node. SIGINT (`tsctl restart`): stop, leave the nodes.
     loop.add_signal_handler(signal.SIGTERM, lambda: (release_on_exit.set(), stop.set()))
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    controller = Controller(state, provisioner, config)
+    owner = ""
     try:
-        await controller.run(stop)
+        while not stop.is_set():
+            ledger, provisioner = build_provisioner(state, redis_url, config)
+            controller = Controller(state, provisioner, config)
+            owner = controller.owner
+            try:
+                await ledger.set_limit(config.budget)
+                await controller.run(stop)
+            except (RedisError, OSError) as e:
+                log.error("controller stopped: Redis unreachable (%s)", e)
+            finally:
+                await provisioner.close(release_nodes=release_on_exit.is_set())
+            if not stop.is_set():
+                log.warning("stepped down; waiting to take the controller lease again")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
     finally:
-        await provisioner.close(release_nodes=release_on_exit.is_set())
         if release_on_exit.is_set():
-            await state.emit("controller.stopped", "shut down; nodes released", owner=controller.owner)
+            with contextlib.suppress(Exception):
+                await state.emit("controller.stopped", "shut down; nodes released", owner=owner)
         await state.close()
 
 

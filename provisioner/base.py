@@ -269,6 +269,24 @@ class Provisioner(ABC):
         self._hub.publish(event)
         return event
 
+    async def _release_settled(self, node_id: str, node: Any, kind: str) -> NodeRecord | None:
+        """The start of every ``release``: the record to return when there is nothing to stop (the node's
+        end is already under way: after it), ProvisionError for a node that is not ours or not managed
+        here, None when the caller must stop ``node`` itself. ``node``: the subclass's live-node entry."""
+        if node is None:
+            rec = await self.state.get_node(node_id)
+            if rec is None or not rec.provider_ref.startswith(self.ref_prefix):
+                raise ProvisionError(f"unknown {kind} node {node_id}")
+            if rec.status in LIVE_STATUSES:
+                raise ProvisionError(f"node {node_id} is {rec.status} but not managed here: call start() first")
+            return rec
+        if node.finished or node.stopping:
+            await node.done.wait()
+            rec = await self.state.get_node(node_id)
+            assert rec is not None
+            return rec
+        return None
+
     def _close_hub(self) -> None:
         self._hub.close()
 

@@ -34,7 +34,7 @@ from provisioner.catalog import Catalog, CatalogEntry, CatalogError, default_loc
 from provisioner.events import event_data
 from provisioner.fallback import SpotFallbackPolicy
 from provisioner.health import agent_healthy
-from provisioner.process_group import NODE_TAG_ENV, kill_node, node_tag, stop_node
+from provisioner.process_group import NODE_TAG_ENV, kill_node, node_tag, parse_pgid, pid_alive, stop_node
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runs before the agent when nodes must not outlive this process (tests): ask Linux to SIGKILL the agent
@@ -312,6 +312,15 @@ class LocalProvisioner(Provisioner):
         return record
 
     async def _bring_up(self, node: _LocalNode) -> None:
+        """Bring the node up; an unexpected error on the way (e.g. Redis) fails it rather than leaving it
+        pending forever (its processes are killed and its budget freed)."""
+        try:
+            await self._wait_healthy(node)
+        except Exception as e:
+            log.exception("bringing up %s failed", node.id)
+            await self._finish_lost(node, "failed", f"bring-up failed: {type(e).__name__}: {e}")
+
+    async def _wait_healthy(self, node: _LocalNode) -> None:
         """Wait for the agent's port, then poll ``/health`` until it answers (ready) or time is up (failed)."""
         assert self._session is not None, "call start() first"
         deadline = time.monotonic() + self.ready_timeout_s
@@ -398,7 +407,7 @@ class LocalProvisioner(Provisioner):
         if not watched:
             return
         for node in watched:
-            if node.proc is None and not _pid_alive(node.pid):
+            if node.proc is None and not pid_alive(node.pid):
                 await self._finish_lost(node, "preempted", "agent process gone", detected_by="process poll")
         ready = [n for n in watched if n.ready_at is not None and not n.finished]
         alive = await self.state.alive([n.id for n in ready])
@@ -444,18 +453,10 @@ class LocalProvisioner(Provisioner):
     # -- release --------------------------------------------------------------------------------------
     async def release(self, node_id: str, reason: str = "released") -> NodeRecord:
         node = self._nodes.get(node_id)
-        if node is None:
-            rec = await self.state.get_node(node_id)
-            if rec is None or not rec.provider_ref.startswith(self.ref_prefix):
-                raise ProvisionError(f"unknown local node {node_id}")
-            if rec.status in LIVE_STATUSES:
-                raise ProvisionError(f"node {node_id} is {rec.status} but not managed here: call start() first")
-            return rec
-        if node.finished or node.stopping:
-            await node.done.wait()
-            rec = await self.state.get_node(node_id)
-            assert rec is not None
-            return rec
+        settled = await self._release_settled(node_id, node, "local")
+        if settled is not None:
+            return settled
+        assert node is not None  # an unmanaged node is settled or refused
         node.stopping = True
         started = time.monotonic()
         current = asyncio.current_task()
@@ -480,7 +481,7 @@ class LocalProvisioner(Provisioner):
         for rec in await self.nodes():
             if rec.status not in LIVE_STATUSES or rec.id in self._nodes:
                 continue
-            pid = _parse_pgid(rec.provider_ref)
+            pid = parse_pgid(rec.provider_ref)
             tag = node_tag(self.state.deployment, rec.id)
             port = int(rec.agent_url.rsplit(":", 1)[1]) if rec.agent_url.count(":") == 2 else 0
             node = _LocalNode(
@@ -488,7 +489,7 @@ class LocalProvisioner(Provisioner):
                 log_path=self.workdir / f"{rec.id}.log", port_path=_port_file_of(pid),
             )
             self._nodes[rec.id] = node
-            if pid and _pid_alive(pid) and _has_tag(pid, tag):
+            if pid and pid_alive(pid) and _has_tag(pid, tag):
                 if rec.status == "ready":
                     node.ready_at = time.monotonic()
                 else:
@@ -518,11 +519,6 @@ def _open_log(path: Path) -> BinaryIO:
     return open(path, "ab")
 
 
-def _parse_pgid(provider_ref: str) -> int | None:
-    _, _, rest = provider_ref.partition("pgid=")
-    return int(rest) if rest.isdigit() else None
-
-
 def _port_file_of(pid: int | None) -> Path | None:
     """The ``--port-file`` on an adopted agent's command line (its workdir may not be ours)."""
     try:
@@ -530,13 +526,6 @@ def _port_file_of(pid: int | None) -> Path | None:
         return Path(argv[argv.index("--port-file") + 1])
     except (psutil.Error, ValueError, IndexError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _has_tag(pid: int, tag: str) -> bool:

@@ -21,6 +21,22 @@ def node_tag(deployment: str, node_id: str) -> str:
     return f"{deployment}/{node_id}"
 
 
+def parse_pgid(provider_ref: str) -> int | None:
+    """The process group of a local node from its ``NodeRecord.provider_ref`` (``local:pgid=N``)."""
+    _, _, rest = provider_ref.partition("pgid=")
+    return int(rest) if rest.isdigit() else None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """A live process (not a zombie waiting to be reaped) has this pid."""
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)

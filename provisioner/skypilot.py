@@ -277,6 +277,15 @@ class SkyPilotProvisioner(Provisioner):
             return self.sdk.stream_and_get(request_id, output_stream=out)
 
     async def _provision(self, node: _SkyNode, market: _Market) -> None:
+        """Bring the node up; anything unexpected on the way (a Redis or SDK error after the launch) fails it,
+        so the cluster is taken down and the hold freed instead of a node left pending and billing."""
+        try:
+            await self._launch_until_ready(node, market)
+        except Exception as e:
+            log.exception("provisioning %s failed", node.cluster)
+            await self._fail(node, f"provisioning {node.cluster} failed: {_one_line(e)}")
+
+    async def _launch_until_ready(self, node: _SkyNode, market: _Market) -> None:
         """Launch (spot, retried, then on-demand), price the result, find the agent, wait for /health."""
         from sky import exceptions as sky_exceptions
 
@@ -508,18 +517,10 @@ class SkyPilotProvisioner(Provisioner):
     # -- release ----------------------------------------------------------------------------------------
     async def release(self, node_id: str, reason: str = "released") -> NodeRecord:
         node = self._nodes.get(node_id)
-        if node is None:
-            rec = await self.state.get_node(node_id)
-            if rec is None or not rec.provider_ref.startswith(self.ref_prefix):
-                raise ProvisionError(f"unknown SkyPilot node {node_id}")
-            if rec.status in LIVE_STATUSES:
-                raise ProvisionError(f"node {node_id} is {rec.status} but not managed here: call start() first")
-            return rec
-        if node.finished or node.stopping:
-            await node.done.wait()
-            rec = await self.state.get_node(node_id)
-            assert rec is not None
-            return rec
+        settled = await self._release_settled(node_id, node, "SkyPilot")
+        if settled is not None:
+            return settled
+        assert node is not None  # an unmanaged node is settled or refused
         node.stopping = True
         started = time.monotonic()
         current = asyncio.current_task()

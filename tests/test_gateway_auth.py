@@ -48,6 +48,29 @@ async def test_concurrent_lookups_of_one_key_share_one_round_trip(state: StateSt
     assert {r.name for r in results} == {"bob"} and calls == 1
 
 
+async def test_a_caller_that_leaves_does_not_cancel_the_shared_lookup(state: StateStore) -> None:
+    """The first request for a key leads the lookup; its client disconnecting must not fail the others."""
+    auth = Authenticator(state, [], None, enabled=True, cache_s=5)
+    key = await state.create_api_key("dave")
+    release = asyncio.Event()
+    original = state.verify_api_key
+
+    async def slow(k: str):
+        await release.wait()
+        return await original(k)
+
+    state.verify_api_key = slow  # type: ignore[method-assign]
+    leader = asyncio.create_task(auth.authenticate(f"Bearer {key}"))
+    await asyncio.sleep(0.01)
+    follower = asyncio.create_task(auth.authenticate(f"Bearer {key}"))
+    await asyncio.sleep(0.01)
+    leader.cancel()  # its client went away
+    await asyncio.sleep(0.01)
+    release.set()
+    assert (await asyncio.wait_for(follower, 5)).name == "dave"
+    assert leader.cancelled()
+
+
 async def test_rate_limits_are_shared_between_gateways(state: StateStore, redis_url: str) -> None:
     key = await state.create_api_key("carol", rpm=5, tpm=1000)
     other_state = StateStore(aioredis.from_url(redis_url), state.deployment)

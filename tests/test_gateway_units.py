@@ -284,3 +284,71 @@ def test_config_parses_router_style_flags_and_refuses_bad_ones() -> None:
             parse_config(argv)
     plan = parse_config(["--redis-url", "redis://x:1/0", "--deployment", "d"])
     assert plan.plan_mode and plan.auth_enabled
+
+
+# -- errors after a stream started --------------------------------------------------------------------
+async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event() -> None:
+    """The status line is gone already: the client gets an error event and [DONE], not a torn stream."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.app import errors_and_metrics
+    from gateway.context import GATEWAY
+    from gateway.http import start_sse
+    from gateway.metrics import GatewayMetrics
+
+    async def breaks_mid_stream(request: web.Request) -> web.StreamResponse:
+        resp = await start_sse(request)
+        await resp.write(b'data: {"text": "partial"}\n\n')
+        raise RuntimeError("a bug in the relay")
+
+    app = web.Application(middlewares=[errors_and_metrics])
+    app[GATEWAY] = SimpleNamespace(cfg=SimpleNamespace(request_timeout_s=30.0), metrics=GatewayMetrics())  # type: ignore[misc]
+    app.router.add_post("/v1/chat/completions", breaks_mid_stream)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post("/v1/chat/completions", data=b"{}")
+        body = await resp.read()
+    assert resp.status == 200
+    events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+    assert events[0] == '{"text": "partial"}'
+    assert orjson.loads(events[1])["error"]["code"] == "internal_error"
+    assert events[2] == "[DONE]"
+
+
+# -- plan watch ---------------------------------------------------------------------------------------
+async def test_plan_watch_survives_a_replica_record_it_cannot_read() -> None:
+    """One unreadable read must not end the watch: the gateway would never follow a plan again."""
+    from gateway.auth import Authenticator
+    from gateway.context import Gateway
+    from gateway.metrics import GatewayMetrics
+    from gateway.plan_watch import PlanWatcher
+
+    plan = Plan(model="tiny", instances=[Instance(f"n{i}", "x", "L4", 1, True, 1.0) for i in range(2)],
+                replicas=[ReplicaSpec("p0", ["n0"], [("n0", 0)], 1, 1, "prefill"),
+                          ReplicaSpec("d0", ["n1"], [("n1", 0)], 1, 1, "decode")],
+                routing=[Route("p0", "d0", 1.0)], version=3)
+    records = {"p0": ReplicaRecord("p0", ["n0"], "prefill", url="http://p0:1", bootstrap_port=9100, status="ready"),
+               "d0": ReplicaRecord("d0", ["n1"], "decode", url="http://d0:1", status="ready")}
+
+    class Store:
+        bad_reads = 1
+
+        async def get_plan(self) -> Plan:
+            return plan
+
+        async def replicas(self) -> dict[str, ReplicaRecord]:
+            if self.bad_reads:
+                self.bad_reads -= 1
+                raise TypeError("ReplicaRecord.__init__() missing 1 required positional argument: 'role'")
+            return records
+
+    cfg = parse_config(["--redis-url", "redis://x:1/0"])
+    gw = Gateway(cfg=cfg, metrics=GatewayMetrics(), pool=WorkerPool(), auth=Authenticator(None, [], None, False),
+                 table=RoutingTable([], source="plan"))
+    watcher = PlanWatcher(gw, Store())  # type: ignore[arg-type]
+    await watcher._safe_refresh()
+    assert gw.table.version == 0
+    await watcher._safe_refresh()
+    assert gw.table.version == 3 and [p.label() for p in gw.table.pairs] == ["p0->d0"]

@@ -501,6 +501,27 @@ def sky_status_modes(fake_sdk: FakeSkySDK) -> set[str]:
     return {r.value for r in fake_sdk.status_refreshes}
 
 
+async def test_an_error_after_the_launch_fails_the_node_and_downs_its_cluster(
+    make_provisioner: Any, fake_sdk: FakeSkySDK, remote_agent: RemoteAgent, state: StateStore,
+) -> None:
+    """Not a node left pending (and billing) forever because a step after sky.launch raised."""
+    prov = await make_provisioner()
+    events = prov.watch()
+    update_node = state.update_node
+
+    async def redis_blip(node_id: str, **changes: Any) -> Any:
+        if "price_per_hour" in changes:  # the step that records the launched price
+            raise ConnectionError("Redis connection reset")
+        return await update_node(node_id, **changes)
+
+    state.update_node = redis_blip  # type: ignore[method-assign]
+    await prov.acquire(NodeRequest("n0", gpu_type="RTX4090", gpu_count=1, spot=True))
+    failed = await next_event(events, "failed", timeout_s=10)
+    assert failed.node_id == "n0" and "Redis connection reset" in failed.reason
+    assert fake_sdk.downs == [f"ts-{state.deployment}-n0"]
+    assert await prov.ledger.held("n0") is None
+
+
 async def test_partial_preemption_downs_the_cluster_before_freeing_budget(
     make_provisioner: Any, fake_sdk: FakeSkySDK, remote_agent: RemoteAgent, state: StateStore,
 ) -> None:

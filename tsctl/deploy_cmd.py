@@ -115,7 +115,9 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
     try:
         plan = plan_for_config(cfg)
     except (PlanningError, ValueError) as e:
-        _stop_services(dep)
+        if dep.redis_pid:  # nothing else was started yet: leave no embedded Redis and no record behind
+            stop_process(dep.redis_pid, grace_s=10)
+        dep.remove()
         raise fail(str(e)) from None
     from tsctl.plan_cmd import print_plan
 
@@ -136,18 +138,10 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
 
     dep.api_key, dep.admin_key = _run(seed_state())
     # 3. the controller and the gateway, detached
-    dep.controller_pid = spawn_detached(
-        python_module("planner.controller", "--redis-url", dep.redis_url, "--deployment", dep.name,
-                      "--config", orjson.dumps(_asdict(cfg)).decode()),
-        dep.log_path("controller"),
-    )
+    dep.controller_pid = _start_controller(dep, cfg)
     gw_port = port if port and _port_free(port) else free_port()
     dep.gateway_url = f"http://127.0.0.1:{gw_port}"
-    dep.gateway_pid = spawn_detached(
-        python_module("gateway", "--host", "127.0.0.1", "--port", str(gw_port), "--redis-url", dep.redis_url,
-                      "--deployment", dep.name, "--admin-key", dep.admin_key),
-        dep.log_path("gateway"),
-    )
+    dep.gateway_pid = _start_gateway(dep)
     dep.save()
     # 4. watch it come up
     ok = _run(_watch_until_ready(dep, wait_s=timeout))
@@ -163,6 +157,25 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
         escape(f"curl {dep.gateway_url}/v1/chat/completions -H 'Authorization: Bearer {dep.api_key}' "
                f"-H 'Content-Type: application/json' -d '{body}'"),
         soft_wrap=True,
+    )
+
+
+def _start_controller(dep: Deployment, cfg: ControllerConfig | None = None) -> int:
+    """The controller, detached; without ``cfg`` it reads its config (and everything else) from Redis."""
+    config = ("--config", orjson.dumps(_asdict(cfg)).decode()) if cfg is not None else ()
+    return spawn_detached(
+        python_module("planner.controller", "--redis-url", dep.redis_url, "--deployment", dep.name, *config),
+        dep.log_path("controller"),
+    )
+
+
+def _start_gateway(dep: Deployment) -> int:
+    """The gateway, detached, on the port of ``dep.gateway_url``."""
+    port = dep.gateway_url.rsplit(":", 1)[1]
+    return spawn_detached(
+        python_module("gateway", "--host", "127.0.0.1", "--port", port, "--redis-url", dep.redis_url,
+                      "--deployment", dep.name, "--admin-key", dep.admin_key),
+        dep.log_path("gateway"),
     )
 
 
@@ -399,7 +412,7 @@ def status(
 
 # -- down ------------------------------------------------------------------------------------------------------
 def _stop_services(dep: Deployment) -> list[str]:
-    """Stop gateway, controller (which releases the nodes), then Redis; return what would not stop."""
+    """Stop the gateway, then the controller (which releases the nodes); return what would not stop."""
     left = []
     if not stop_process(dep.gateway_pid, grace_s=10):
         left.append(f"gateway pid {dep.gateway_pid}")
@@ -439,14 +452,14 @@ def _redis_up(dep: Deployment) -> bool:
 
 async def _release_leftovers(dep: Deployment, wipe: bool) -> list[str]:
     """Kill local nodes a dead controller could not release; cloud nodes are reported, not guessed at."""
-    from provisioner.process_group import kill_node, node_tag
+    from provisioner.process_group import kill_node, node_tag, parse_pgid
 
     state = StateStore.from_url(dep.redis_url, dep.name)
     left: list[str] = []
     try:
         for n in (await state.nodes()).values():
             if n.provider_ref.startswith("local:"):
-                pgid = _pgid_of(n.provider_ref)
+                pgid = parse_pgid(n.provider_ref)
                 survivors = await asyncio.to_thread(kill_node, pgid, node_tag(dep.name, n.id))
                 if survivors:
                     left.append(f"node {n.id} ({len(survivors)} processes)")
@@ -457,13 +470,6 @@ async def _release_leftovers(dep: Deployment, wipe: bool) -> list[str]:
     finally:
         await state.close()
     return left
-
-
-def _pgid_of(provider_ref: str) -> int | None:
-    try:
-        return int(provider_ref.split(":")[-1])
-    except ValueError:
-        return None
 
 
 # -- chaos -----------------------------------------------------------------------------------------------------
@@ -479,7 +485,7 @@ def chaos_preempt(
     _, state = _state_for(deployment, None)
 
     async def main() -> list[str]:
-        from provisioner.process_group import kill_node, node_tag
+        from provisioner.process_group import kill_node, node_tag, parse_pgid
 
         done = []
         try:
@@ -493,7 +499,7 @@ def chaos_preempt(
                     raise fail(f"node {node_id} is a cloud node: take it away with `sky down {rec.provider_ref}`")
                 await state.emit("node.preempt_injected", "tsctl chaos preempt", node_id=node_id)
                 t0 = time.perf_counter()
-                await asyncio.to_thread(kill_node, _pgid_of(rec.provider_ref), node_tag(deployment, node_id))
+                await asyncio.to_thread(kill_node, parse_pgid(rec.provider_ref), node_tag(deployment, node_id))
                 done.append(f"{node_id} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
         finally:
             await state.close()
@@ -521,17 +527,8 @@ def restart(
     # SIGINT: the controller hands over and leaves the nodes running (SIGTERM is `tsctl down`: release all)
     stop_process(pid, grace_s=10, sig=signal.SIGINT if service == "controller" else signal.SIGTERM)
     if service == "controller":
-        # no --config: the restarted controller reads its config, the plan and the nodes from Redis
-        dep.controller_pid = spawn_detached(
-            python_module("planner.controller", "--redis-url", dep.redis_url, "--deployment", dep.name),
-            dep.log_path("controller"),
-        )
+        dep.controller_pid = _start_controller(dep)  # reads its config, the plan and the nodes from Redis
     else:
-        gw_port = dep.gateway_url.rsplit(":", 1)[1]
-        dep.gateway_pid = spawn_detached(
-            python_module("gateway", "--host", "127.0.0.1", "--port", gw_port, "--redis-url", dep.redis_url,
-                          "--deployment", dep.name, "--admin-key", dep.admin_key),
-            dep.log_path("gateway"),
-        )
+        dep.gateway_pid = _start_gateway(dep)
     dep.save()
     console.print(f"{service} restarted (pid {dep.controller_pid if service == 'controller' else dep.gateway_pid})")

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
+from provisioner.process_group import pid_alive as alive
 
 
 def ts_home() -> Path:
@@ -89,15 +89,6 @@ def spawn_detached(argv: list[str], log_path: Path, env: dict[str, str] | None =
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def stop_process(pid: int | None, grace_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> bool:

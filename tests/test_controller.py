@@ -1,0 +1,382 @@
+"""The controller's decisions: losses, replacements, restarts, the lease, a node that cannot be had.
+
+Real Redis and the real ``Provisioner`` base (budget ledger, node records, events, ``replace``,
+``wait_ready``); the machines are a test double, ``RecordOnlyProvisioner``: a node exists only as its
+record and turns ready, fails or is lost when the test says so. Agents are ``RecordingAgent``s that write
+the replica record an agent would. So each test runs in seconds and checks what the controller decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+# Imported here, not first by the controller's warm-up thread: once, a run here ended with CPython 3.11's
+# "AST constructor recursion depth mismatch" (cpython gh-106905, pytest #10763) while that thread was still
+# compiling these modules and pytest rewrote a plugin module's source.
+import planner.reschedule
+import planner.scheduler  # noqa: F401
+from planner.controller import REPLACEMENTS_META_KEY, Controller, ControllerConfig
+from planner.plan import Instance, Plan, ReplicaSpec, Route
+from planner.state import NodeRecord, ReplicaRecord, StateStore
+from provisioner.base import NodeRequest, Provisioner, ProvisionError
+from provisioner.budget import BudgetLedger
+from provisioner.catalog import Catalog, default_local_catalog_path
+
+BUDGET = 2.0
+SPOT_L4 = 0.22
+
+
+class RecordOnlyProvisioner(Provisioner):
+    """Nodes as records only. ``auto_ready``: a node turns ready as soon as it is acquired."""
+
+    ref_prefix = "fake:"
+
+    def __init__(self, state: StateStore, *, auto_ready: bool = True, unservable: tuple[str, ...] = ()) -> None:
+        super().__init__(state, BudgetLedger(state))
+        self.catalog = Catalog.load(default_local_catalog_path())
+        self.auto_ready = auto_ready
+        self.unservable = set(unservable)
+        self.acquired: list[str] = []
+        self.released: list[str] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        pass
+
+    async def acquire(self, request: NodeRequest) -> NodeRecord:
+        request.validate()
+        await self._check_new_id(request.node_id)
+        if request.node_id in self.unservable:
+            raise ProvisionError(f"node {request.node_id}: no such instance type here")
+        entry = self.catalog.get(request.instance_type)
+        price = entry.price_for(request.spot)
+        record = NodeRecord(id=request.node_id, instance_type=entry.instance_type, gpu_type=entry.gpu_type,
+                            gpu_count=entry.gpu_count, spot=request.spot, price_per_hour=price, region="local",
+                            cloud="local", status="pending", provider_ref=self.ref_prefix)
+        await self._reserve(record, price, "test double")
+        self._requests[request.node_id] = request
+        self.acquired.append(request.node_id)
+        if self.auto_ready:
+            task = asyncio.create_task(self.make_ready(request.node_id))
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+        return record
+
+    async def make_ready(self, node_id: str) -> None:
+        await self._transition(node_id, "ready", "test double: up", release_budget=False,
+                               agent_url=f"http://127.0.0.1:9/{node_id}")
+
+    async def lose(self, node_id: str, kind: str = "preempted") -> None:
+        await self._transition(node_id, kind, "test double: taken away", release_budget=True)  # type: ignore[arg-type]
+
+    async def release(self, node_id: str, reason: str = "released") -> NodeRecord:
+        self.released.append(node_id)
+        return (await self._transition(node_id, "terminated", reason, release_budget=True)).record
+
+    async def close(self, release_nodes: bool = True) -> None:
+        for t in list(self._bg):
+            t.cancel()
+        self._close_hub()
+
+
+class RecordingAgent:
+    """Does what a node agent does to Redis when asked to start, stop or switch a replica."""
+
+    def __init__(self, state: StateStore, node_id: str) -> None:
+        self.state, self.node_id = state, node_id
+
+    async def start_replica(self, body: dict[str, Any]) -> dict[str, Any]:
+        url = f"http://127.0.0.1:9/{body['id']}"
+        await self.state.put_replica(ReplicaRecord(id=body["id"], node_ids=[self.node_id], role=body["role"],
+                                                   url=url, status="ready"))
+        return {"id": body["id"], "url": url}
+
+    async def stop_replica(self, replica_id: str) -> dict[str, Any]:
+        return {"id": replica_id}
+
+    async def switch_role(self, replica_id: str, role: str, drain: bool = True, timeout_s: float = 30) -> Any:
+        await self.state.modify_replica(replica_id, lambda r: setattr(r, "role", role))
+        return {"success": True}
+
+    async def close(self) -> None:
+        pass
+
+
+class TestController(Controller):
+    __test__ = False
+
+    def _agent(self, node: NodeRecord) -> Any:
+        return RecordingAgent(self.state, node.id)
+
+
+def four_node_plan() -> Plan:
+    """Two prefill and two decode replicas of SmolLM2 on four spot L4 nodes (what `tsctl up --local` rents)."""
+    instances = [Instance(f"n{i}", "local-L4", "L4", 1, True, SPOT_L4, "local", "local") for i in range(4)]
+    replicas = [ReplicaSpec(f"r{i}", [f"n{i}"], [(f"n{i}", 0)], 1, 1, "prefill" if i % 2 == 0 else "decode", [30])
+                for i in range(4)]
+    routing = [Route(p, d, 0.25, "none") for p in ("r0", "r2") for d in ("r1", "r3")]
+    plan = Plan("smollm2", instances, replicas, routing, strategy="test")
+    plan.validate(BUDGET)
+    return plan
+
+
+def config(**overrides: Any) -> ControllerConfig:
+    base: dict[str, Any] = {"model": "smollm2", "budget": BUDGET, "provider": "local", "engine_model": "emulated",
+                            "rate": 1.0, "ttft_s": 5.0, "tpot_s": 0.5, "replace_retry_s": 0.1}
+    return ControllerConfig(**{**base, **overrides})
+
+
+@pytest.fixture
+async def fresh(redis_url: str) -> AsyncIterator[Callable[[type[StateStore]], StateStore]]:
+    """Make StateStores (of any subclass) on one fresh deployment namespace; the plan and budget are set."""
+    deployment = f"c{uuid.uuid4().hex[:8]}"
+    clients: list[aioredis.Redis] = []
+
+    def make(cls: type[StateStore] = StateStore) -> StateStore:
+        client = aioredis.from_url(redis_url)
+        clients.append(client)
+        return cls(client, deployment)
+
+    seed = make()
+    await BudgetLedger(seed).set_limit(BUDGET)
+    await seed.publish_plan(four_node_plan())
+    yield make
+    await seed.wipe()
+    for c in clients:
+        await c.aclose()
+
+
+class Running:
+    """A controller running in the background until ``stop()``."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.stop_event = asyncio.Event()
+        self.task = asyncio.create_task(controller.run(self.stop_event))
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 20)
+        await self.controller.provisioner.close(release_nodes=False)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, within_s: float = 20.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def all_replicas_ready(state: StateStore, n: int = 4) -> bool:
+    return sum(r.status == "ready" for r in (await state.replicas()).values()) >= n
+
+
+async def plan_has(state: StateStore, node_id: str) -> bool:
+    plan = await state.get_plan()
+    return plan is not None and node_id in {i.id for i in plan.instances}
+
+
+async def event_kinds(state: StateStore) -> list[str]:
+    return [e.kind for e in await state.events()]
+
+
+async def test_successor_keeps_and_folds_in_a_replacement_its_predecessor_was_renting(fresh: Any) -> None:
+    state = fresh()
+    prov_a = RecordOnlyProvisioner(state)
+    a = Running(TestController(state, prov_a, config(), tick_s=0.05, owner="a"))
+    await eventually(lambda: all_replicas_ready(state), "the first replicas")
+    prov_a.auto_ready = False  # the replacement stays pending while the controller changes hands
+    await prov_a.lose("n1")
+    await eventually(lambda: state.get_node("n1-r1"), "the replacement to be asked for")
+    await a.stop()
+    assert not await plan_has(state, "n1") and not await plan_has(state, "n1-r1")
+    assert (await state.meta())[REPLACEMENTS_META_KEY] == {"n1": "n1-r1"}
+
+    prov_b = RecordOnlyProvisioner(state)
+    b = Running(TestController(state, prov_b, config(), tick_s=0.05, owner="b"))
+    await eventually(lambda: event_kinds(state), "b to start")
+    await asyncio.sleep(0.5)  # several reconcile passes with n1-r1 pending and not in the plan
+    assert "n1-r1" not in prov_b.released
+    await prov_b.make_ready("n1-r1")
+    await eventually(lambda: plan_has(state, "n1-r1"), "the replacement folded into the plan")
+    await eventually(lambda: all_replicas_ready(state), "a replica on the replacement")
+    await eventually(lambda: _no_replacements_recorded(state), "the replacement record to be cleared")
+    await b.stop()
+    assert "n1-r1" not in prov_b.released
+
+
+async def _no_replacements_recorded(state: StateStore) -> bool:
+    return (await state.meta()).get(REPLACEMENTS_META_KEY) == {}
+
+
+class CrashesAfterReschedule(TestController):
+    """Dies (stops acting) right after publishing the reschedule, before asking for a replacement."""
+
+    def _start_replacement(self, lost_id: str) -> None:
+        pass
+
+
+async def test_successor_replaces_a_loss_its_predecessor_only_rescheduled(fresh: Any) -> None:
+    state = fresh()
+    prov_a = RecordOnlyProvisioner(state)
+    a = Running(CrashesAfterReschedule(state, prov_a, config(), tick_s=0.05, owner="a"))
+    await eventually(lambda: all_replicas_ready(state), "the first replicas")
+    await prov_a.lose("n1")
+    await eventually(lambda: _kinds_include(state, "reschedule"), "the reschedule")
+    await a.stop()
+    assert await state.get_node("n1-r1") is None
+
+    prov_b = RecordOnlyProvisioner(state)
+    b = Running(TestController(state, prov_b, config(), tick_s=0.05, owner="b"))
+    await eventually(lambda: plan_has(state, "n1-r1"), "the successor to replace n1")
+    await b.stop()
+
+
+async def _kinds_include(state: StateStore, kind: str) -> bool:
+    return kind in await event_kinds(state)
+
+
+async def test_refused_replacement_is_asked_for_again_when_budget_frees(fresh: Any) -> None:
+    state = fresh()
+    ledger = BudgetLedger(state)
+    prov = RecordOnlyProvisioner(state)
+    c = Running(TestController(state, prov, config(), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the first replicas")
+    await ledger.set_limit(3 * SPOT_L4 + 0.01)  # room for the survivors only
+    await prov.lose("n1")
+    await eventually(lambda: _kinds_include(state, "replacement.refused"), "the refusal")
+    await asyncio.sleep(0.3)  # retries in the meantime are refused too
+    assert await state.get_node("n1-r1") is None
+    await ledger.set_limit(BUDGET)
+    await eventually(lambda: plan_has(state, "n1-r1"), "the replacement once the budget allows it")
+    await c.stop()
+    assert await ledger.committed() <= BUDGET
+
+
+async def test_replacement_that_fails_to_come_up_is_itself_replaced(fresh: Any) -> None:
+    state = fresh()
+    prov = RecordOnlyProvisioner(state)
+    c = Running(TestController(state, prov, config(), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the first replicas")
+    prov.auto_ready = False
+    await prov.lose("n1")
+    await eventually(lambda: state.get_node("n1-r1"), "the first replacement")
+    prov.auto_ready = True
+    await prov.lose("n1-r1", kind="failed")  # e.g. its agent never answered
+    await eventually(lambda: plan_has(state, "n1-r2"), "a second replacement folded in")
+    await c.stop()
+    assert not await plan_has(state, "n1-r1")
+
+
+async def test_a_node_that_cannot_be_had_does_not_stop_the_rest(fresh: Any) -> None:
+    state = fresh()
+    prov = RecordOnlyProvisioner(state, unservable=("n3",))
+    c = Running(TestController(state, prov, config(), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state, 3), "replicas on the nodes that could be had")
+    await asyncio.sleep(0.3)
+    await c.stop()
+    assert (await event_kinds(state)).count("node.acquire_failed") == 1  # said once, not every pass
+
+
+class FlakyRedis(StateStore):
+    """Redis answers until ``down`` is set (then lease calls fail), or fails the next plan publish."""
+
+    down = False
+    fail_publish = 0
+
+    async def acquire_leader(self, owner: str, ttl_s: float = 5.0) -> bool:
+        if self.down:
+            raise ConnectionError("Redis is unreachable")
+        return await super().acquire_leader(owner, ttl_s)
+
+    async def publish_plan(self, plan: Plan) -> int:
+        if self.fail_publish:
+            self.fail_publish -= 1
+            raise ConnectionError("Redis is unreachable")
+        return await super().publish_plan(plan)
+
+
+async def test_controller_steps_down_when_it_cannot_renew_its_lease(fresh: Any) -> None:
+    state = fresh(FlakyRedis)
+    prov = RecordOnlyProvisioner(state)
+    controller = TestController(state, prov, config(), tick_s=0.05, lease_ttl_s=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(stop))
+    await eventually(lambda: all_replicas_ready(state), "the first replicas")
+    state.down = True  # type: ignore[attr-defined]
+    try:
+        await asyncio.wait_for(asyncio.shield(task), 5)  # it stops acting on its own, before the lease expires
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        await prov.close()
+    assert controller.lease_lost.is_set()
+
+
+async def test_a_loss_whose_reschedule_could_not_be_published_is_handled_again(fresh: Any) -> None:
+    state = fresh(FlakyRedis)
+    prov = RecordOnlyProvisioner(state)
+    c = Running(TestController(state, prov, config(), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the first replicas")
+    state.fail_publish = 1  # type: ignore[attr-defined]
+    await prov.lose("n1")
+    await eventually(lambda: _not_planned(state, "n1"), "a plan without n1 after all")
+    await eventually(lambda: plan_has(state, "n1-r1"), "its replacement")
+    await c.stop()
+
+
+async def _not_planned(state: StateStore, node_id: str) -> bool:
+    return not await plan_has(state, node_id)
+
+
+class FoldsInDuringReconcile(StateStore):
+    """Simulates a replacement being folded in while a reconcile pass awaits Redis."""
+
+    hook: Callable[[], None] | None = None
+
+    async def replicas(self) -> dict[str, ReplicaRecord]:
+        found = await super().replicas()
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+        return found
+
+
+async def test_reconcile_does_not_release_a_node_folded_in_during_the_pass(fresh: Any) -> None:
+    state = fresh(FoldsInDuringReconcile)
+    prov = RecordOnlyProvisioner(state)
+    controller = TestController(state, prov, config(), tick_s=0.05)
+    old = four_node_plan()
+    controller.plan = old
+    await prov.acquire(NodeRequest("n4", instance_type="local-L4"))  # the replacement, ready and awaited
+    await eventually(lambda: _status_is(state, "n4", "ready"), "n4 ready")
+    controller._replacing["n1"] = "n4"
+    new = four_node_plan()
+    new.instances.append(Instance("n4", "local-L4", "L4", 1, True, SPOT_L4, "local", "local"))
+
+    def fold_in_now() -> None:  # what fold_in does: publish the plan with the node, then drop the record
+        controller.plan = new
+        controller._replacing.pop("n1")
+
+    state.hook = fold_in_now  # type: ignore[attr-defined]
+    await controller.reconcile()
+    await asyncio.gather(*controller._tasks, return_exceptions=True)
+    assert "n4" not in prov.released
+    await prov.close()
+
+
+async def _status_is(state: StateStore, node_id: str, status: str) -> bool:
+    rec = await state.get_node(node_id)
+    return rec is not None and rec.status == status

@@ -1,0 +1,64 @@
+"""`tsctl` commands' own logic: what they leave behind when they fail, and how they find a node's processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from planner.state import NodeRecord, StateStore
+from provisioner import process_group
+from provisioner.process_group import parse_pgid
+from tsctl.deploy_cmd import _release_leftovers
+from tsctl.runtime import Deployment
+
+
+def test_parse_pgid_reads_the_local_provider_ref() -> None:
+    assert parse_pgid("local:pgid=4242") == 4242
+    assert parse_pgid("local:") is None  # launch not finished
+    assert parse_pgid("sky:ts-default-n0") is None
+
+
+async def test_down_kills_leftover_local_nodes_by_process_group(state: StateStore, redis_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's whole group is signalled, not only the processes that still carry its tag."""
+    await state.put_node(NodeRecord(id="n0", instance_type="local-L4", gpu_type="L4", gpu_count=1, spot=True,
+                                    price_per_hour=0.22, status="ready", provider_ref="local:pgid=4242"))
+    calls: list[tuple[Any, str]] = []
+    monkeypatch.setattr(process_group, "kill_node", lambda pgid, tag, *a: calls.append((pgid, tag)) or [])
+    dep = Deployment(name=state.deployment, mode="local", redis_url=redis_url)
+    assert await _release_leftovers(dep, wipe=False) == []
+    assert calls == [(4242, f"{state.deployment}/n0")]
+
+
+def _processes_using(home: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and any(str(home) in f.path for f in proc.open_files()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_up_that_cannot_plan_leaves_nothing_running(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["TS_HOME"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "tsctl", "up", "--local", "--budget", "0.01", "-d", "tiny-budget"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    record = tmp_path / "deployments" / "tiny-budget" / "deployment.json"
+    left = _processes_using(tmp_path)
+    for p in left:  # do not leak them from a failing run of this test either
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+    assert not left, [p.cmdline() for p in left]
+    assert not record.exists(), "a deployment that never came up must not be recorded"
