@@ -8,9 +8,30 @@ goodput per dollar over the best of the three baselines (colocated, distserve, h
 scenario and on average (geometric mean), measured in the same run. Also timed: planning 32- and
 64-GPU owned pools (CPU seconds, one process) and a reschedule after losing a node.
 
-    python bench/planner.py            # full suite (~15-25 min on 2 shared cores)
+    python bench/planner.py            # full suite (~20-30 min on 2 shared cores)
     python bench/planner.py --quick    # 4 scenarios, shorter searches
 Prints a rich table and, last, one JSON line.
+
+Baselines get their best engine setting: a colocated replica (ours or a baseline's) is planned with
+SGLang's default scheduling (a waiting prompt's prefill stalls the running decodes) or chunked
+prefill mixed into the decode batch (SGLang ``--enable-mixed-chunk``, vLLM's default) at a chunk of
+256-2048 tokens, whichever serves more at the SLO (the "col" column of the table says which:
+``pf`` or ``mixN``). DistServe gets both of its placements (prefill and decode anywhere, or both in
+every node so KV stays on the GPU link).
+
+SLO targets (attainment 90% of requests within both TTFT and TPOT, TPOT = a request's mean time
+per output token, as DistServe defines it), chosen per model size before running, not per result:
+
+* regular: TPOT 40 / 50 / 80 / 100 ms for 7B / 13B / 30B / 70B, TTFT 1 / 1.5 / 2.5 / 3.5 s for
+  short prompts and twice that for 2k-token prompts. That is 2-4x a batch-1 decode step of each
+  model on an A100-80GB (10 / 18 / 42 / 45 ms with TP2 for 70B), between MLPerf Inference's two
+  Llama-2-70B regimes (server: TTFT 2 s, TPOT 200 ms; interactive: 450 ms, 40 ms; both p99).
+* tight-TPOT: TPOT 20 / 25 / 50 / 60 ms with a generous TTFT (4-6 s), long prompts: close to
+  what one decode step can do (the regime of ThunderServe's "latency deadline" results), where
+  prefill interference matters most for colocated serving.
+
+Short prompts are 256 in / 256 out, long ones 2048 in / 128 out (lognormal, clipped), the two
+shapes of the Azure conversation / code traces.
 """
 
 from __future__ import annotations
@@ -93,12 +114,14 @@ def run_scenario(sc: Scenario, offers, time_limit: float, strategies) -> dict:
         plan_s, plan_cpu = time.perf_counter() - t0, time.process_time() - c0
         g = goodput(plan, PROMPTS[sc.prompts], sc.slo(), iters=6)
         s = plan_summary(plan)
+        col = sorted({f"mix{r.prefill_chunk}" if r.mixed_chunk else "pf" for r in plan.replicas if r.role == "both"})
         out[strat] = {"goodput": round(g, 3), "cost": round(plan.cost_per_hour, 3),
                       "gpd": round(g / plan.cost_per_hour, 4) if plan.cost_per_hour else 0.0,
                       "estimate": plan.expected.get("goodput_rps", 0.0), "plan_s": round(plan_s, 2),
                       "plan_cpu_s": round(plan_cpu, 2),
                       "mix": "+".join(sorted({f"{i.gpu_type}" for i in plan.instances})),
-                      "shape": f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C on {s['gpus']} GPUs"}
+                      "shape": f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C on {s['gpus']} GPUs",
+                      "col": "+".join(col) or "-"}
     return out
 
 
@@ -132,7 +155,7 @@ def main() -> None:
     limit = args.time_limit or (4.0 if args.quick else 8.0)
     strategies = ("thunderserve", *BASELINES, *ABLATIONS)
     table = Table(title="ThunderServe vs baselines: simulated goodput per $/h (req/s per $/h)")
-    for col in ("scenario", *strategies, "vs best baseline", "ours: plan", "plan s"):
+    for col in ("scenario", *strategies, "vs best baseline", "ours: plan", "col", "plan s"):
         table.add_column(col)
     rows, ratios = [], []
     for sc in suite:
@@ -145,7 +168,8 @@ def main() -> None:
                      "best_baseline": max(BASELINES, key=lambda b: res[b]["gpd"])})
         ts = res["thunderserve"]
         table.add_row(sc.name, *[f"{res[s]['gpd']:.3f}" for s in strategies], f"{ratio:.2f}x",
-                      f"{ts.get('mix', '-')}: {ts.get('shape', ts.get('error', ''))}", f"{ts.get('plan_s', 0):.1f}")
+                      f"{ts.get('mix', '-')}: {ts.get('shape', ts.get('error', ''))}", ts.get("col", "-"),
+                      f"{ts.get('plan_s', 0):.1f}")
         console.print(f"[dim]{sc.name}: {ratio:.2f}x[/dim]")
     finite = [r for r in ratios if math.isfinite(r) and r > 0]
     geo = math.exp(sum(math.log(r) for r in finite) / len(finite)) if finite else 0.0
@@ -171,6 +195,8 @@ def main() -> None:
         "wins": sum(1 for r in ratios if r > 1.01), "ties": sum(1 for r in ratios if 0.99 <= r <= 1.01),
         "losses": sum(1 for r in ratios if r < 0.99),
         "gpd": {r["scenario"]: {s: r["results"][s]["gpd"] for s in strategies} for r in rows},
+        "plans": {r["scenario"]: {s: f"{r['results'][s].get('mix', '-')} {r['results'][s].get('shape', '')} "
+                                     f"{r['results'][s].get('col', '')}" for s in strategies} for r in rows},
         **timing,
     }
     print(orjson.dumps(summary).decode())

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from gateway import admin
 from gateway.auth import Authenticator
@@ -71,6 +72,11 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         resp, status = err.response(), e.status
         if e.status == 405:
             resp.headers["Allow"] = e.headers.get("Allow", "")
+    except RedisError as e:  # admin key routes, key lookups: the shared store is down, not this gateway
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.path, e)
+        status = 503
+        resp = await _fail(request, ApiError(503, f"the state store (Redis) is unavailable: {e}; retry shortly",
+                                             code="state_store_unavailable", headers={"Retry-After": "2"}))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         status = 500

@@ -46,7 +46,11 @@ class PlanWatcher:
                 table = RoutingTable([], version=0, source="plan")
             else:
                 if plan.version < self.gw.table.version:
-                    return False  # an older plan read after a newer one: keep the newer
+                    # Reads are serialised by the lock and Redis is linearisable, so a lower version is
+                    # not a stale read: Redis lost its data (restarted without persistence, flushed)
+                    # and the controller republished. Redis is the truth: follow it.
+                    log.warning("plan version went back from v%s to v%s (Redis reset?); following Redis",
+                                self.gw.table.version, plan.version)
                 table = plan_table(plan, replicas, self.gw.pool)
             if _fingerprint(table) == _fingerprint(self.gw.table):
                 return False

@@ -1,10 +1,13 @@
 """Baselines at the same budget, each the best its own method can do, and two ablations of ours.
 
 * ``colocated`` (vLLM-style): one GPU type, as many instances as the budget buys, identical replicas
-  doing both phases; the best GPU type and replica size (TP) are searched.
+  doing both phases; the best GPU type, replica size (TP) and engine scheduling (prefill first, or
+  chunked prefill mixed with decode at the best chunk size) are searched.
 * ``distserve`` (DistServe-style): one GPU type, prefill and decode replicas with their own TP and
-  the best prefill:decode split; it assumes fast KV links (no bandwidth term, no compression), so
-  its routing ignores the network, as DistServe's placement does.
+  the best prefill:decode split by DistServe's own estimate, no KV compression; its two placements:
+  high node-affinity (its routing ignores the network, as DistServe's planner does) and, on
+  multi-GPU instances, low node-affinity (prefill and decode in every node, KV over the GPU link);
+  the one that fits the network is used.
 * ``hexgen`` (HexGen-style): heterogeneous instances, asymmetric TP/PP replicas, but every replica
   does both phases (no phase split); rent choice and grouping search restricted to colocated.
 * ``greedy`` (ablation): our rent choice and initial grouping/phases, no tabu search.
@@ -112,39 +115,97 @@ def colocated(s: Setting) -> tuple[Evaluator, Evaluation | None]:
 
 
 def distserve(s: Setting) -> tuple[Evaluator, Evaluation | None]:
+    """DistServe's two placements, as its paper prescribes by cluster: high node-affinity (prefill and
+    decode instances anywhere, KV over the network, which its planner assumes is fast) and, for
+    multi-GPU instances, low node-affinity (each node holds prefill and decode instances, so KV moves
+    over the node's own GPU link). The operator picks the placement that suits the network: the one
+    that scores better with the links counted."""
     best = None
     for cluster in _homogeneous_clusters(s):
         blind = s.evaluator(cluster, bandwidth_aware=False, kv="none")
+        aware = s.evaluator(cluster, kv="none")
         prices = {n.id: n.price_per_hour for n in cluster.nodes}
-        total = len(cluster.gpus())
-        choice = None
-        for ps in _sizes(cluster):
-            pg = _cut(cluster, ps)
-            if not pg or blind.config(pg[0], "prefill") is None:
-                continue
-            pcap = blind.config(pg[0], "prefill").capacity  # type: ignore[union-attr]
-            for ds in _sizes(cluster):
-                dg = _cut(cluster, ds)
-                if not dg or blind.config(dg[0], "decode") is None:
-                    continue
-                dcap = blind.config(dg[0], "decode").capacity  # type: ignore[union-attr]
-                # n_p prefill groups then decode groups from what is left, on whole units of the larger size
-                for n_p in range(1, total // ps):
-                    groups = _pack(cluster, ps, n_p, ds)
-                    if groups is None:
-                        continue
-                    n_d = len(groups) - n_p
-                    if n_d < 1:
-                        continue
-                    value = min(n_p * pcap, n_d * dcap)  # DistServe's own (bandwidth-blind) estimate
-                    if choice is None or value > choice[0]:
-                        choice = (value, groups, n_p)
-        if choice is None:
+        options = []
+        high = _distserve_high_affinity(cluster, blind)
+        if high is not None:
+            groups, roles = high
+            options.append((aware.evaluate(groups, roles, prices).score, blind, groups, roles))
+        low = _distserve_low_affinity(cluster, blind)
+        if low is not None:
+            groups, roles = low
+            options.append((aware.evaluate(groups, roles, prices).score, aware, groups, roles))
+        if not options:
             continue
-        _, groups, n_p = choice
-        roles = ["prefill"] * n_p + ["decode"] * (len(groups) - n_p)
-        best = _better(best, (blind, blind.evaluate(groups, roles, prices)))
+        _, ev, groups, roles = max(options, key=lambda o: o[0])
+        best = _better(best, (ev, ev.evaluate(groups, roles, prices)))
     return best if best else (None, None)  # type: ignore[return-value]
+
+
+def _distserve_high_affinity(cluster: Cluster, blind: Evaluator) -> tuple[list[Group], list[str]] | None:
+    """Prefill groups then decode groups, sizes and split by DistServe's own bandwidth-blind estimate."""
+    total = len(cluster.gpus())
+    choice = None
+    for ps in _sizes(cluster):
+        pg = _cut(cluster, ps)
+        if not pg or blind.config(pg[0], "prefill") is None:
+            continue
+        pcap = blind.config(pg[0], "prefill").capacity  # type: ignore[union-attr]
+        for ds in _sizes(cluster):
+            dg = _cut(cluster, ds)
+            if not dg or blind.config(dg[0], "decode") is None:
+                continue
+            dcap = blind.config(dg[0], "decode").capacity  # type: ignore[union-attr]
+            # n_p prefill groups then decode groups from what is left, on whole units of the larger size
+            for n_p in range(1, total // ps):
+                groups = _pack(cluster, ps, n_p, ds)
+                if groups is None:
+                    continue
+                n_d = len(groups) - n_p
+                if n_d < 1:
+                    continue
+                value = min(n_p * pcap, n_d * dcap)  # DistServe's own (bandwidth-blind) estimate
+                if choice is None or value > choice[0]:
+                    choice = (value, groups, n_p)
+    if choice is None:
+        return None
+    _, groups, n_p = choice
+    return groups, ["prefill"] * n_p + ["decode"] * (len(groups) - n_p)
+
+
+def _distserve_low_affinity(cluster: Cluster, blind: Evaluator) -> tuple[list[Group], list[str]] | None:
+    """Every node the same mix of prefill and decode instances (DistServe's low node-affinity
+    placement), chosen by DistServe's own estimate; None when a node cannot hold one of each."""
+    per_node = cluster.nodes[0].gpu_count
+    k = len(cluster.nodes)
+    node0 = cluster.nodes[0].gpu_ids()
+    choice = None
+    for ps in (1, 2, 4, 8):
+        if ps >= per_node or blind.config(tuple(node0[:ps]), "prefill") is None:
+            continue
+        pcap = blind.config(tuple(node0[:ps]), "prefill").capacity  # type: ignore[union-attr]
+        for ds in (1, 2, 4, 8):
+            if ps + ds > per_node or blind.config(tuple(node0[:ds]), "decode") is None:
+                continue
+            dcap = blind.config(tuple(node0[:ds]), "decode").capacity  # type: ignore[union-attr]
+            for n_p in range(1, (per_node - ds) // ps + 1):
+                n_d = (per_node - n_p * ps) // ds
+                value = min(k * n_p * pcap, k * n_d * dcap)
+                if n_d >= 1 and (choice is None or value > choice[0]):
+                    choice = (value, ps, n_p, ds, n_d)
+    if choice is None:
+        return None
+    _, ps, n_p, ds, n_d = choice
+    groups: list[Group] = []
+    roles: list[str] = []
+    for node in cluster.nodes:
+        ids = node.gpu_ids()
+        for j in range(n_p):
+            groups.append(tuple(ids[j * ps:(j + 1) * ps]))
+            roles.append("prefill")
+        for j in range(n_d):
+            groups.append(tuple(ids[n_p * ps + j * ds:n_p * ps + (j + 1) * ds]))
+            roles.append("decode")
+    return groups, roles
 
 
 def _pack(cluster: Cluster, ps: int, n_p: int, ds: int) -> list[Group] | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
-from scipy.special import pdtrc
+from scipy.special import erfc, pdtrc
 
 from planner.cost_model import ReplicaModel
 from planner.workload import SLO, Workload
@@ -229,3 +229,141 @@ def colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> 
         return ttft <= slo.ttft_s and viol <= 1 - t.q
 
     return _bisect_rate(ok, hi)
+
+
+# -- colocated with mixed chunks ---------------------------------------------------------------------
+# SGLang ``--enable-mixed-chunk`` (and vLLM's chunked prefill): every iteration carries the running
+# decodes plus up to ``chunk - batch`` prompt tokens, so decodes keep producing a token per
+# iteration while prompts are prefilled, but each iteration that carries a chunk lasts as long as
+# that chunk. A smaller chunk protects TPOT and costs prefill efficiency and TTFT. The engine's best
+# setting for a workload is one of these (plus SGLang's default, prefill first without mixing).
+MIXED_CHUNKS = (256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class ColocatedPolicy:
+    """How a colocated replica schedules prefill against decode: ``mixed`` False is SGLang's default
+    (a waiting prompt's prefill pass stalls the running decodes; ``chunk`` 0 = the engine's chunk)."""
+
+    mixed: bool = False
+    chunk: int = 0
+
+
+PREFILL_FIRST = ColocatedPolicy()
+
+
+def _mixed_terms(rm: ReplicaModel, wl: Workload, b: float, chunk: int) -> tuple[float, float, float]:
+    """(prompt tokens per mixed step, mixed step time, decode-only step time) at running batch ``b``."""
+    ctx = wl.mean_input + wl.mean_output / 2
+    c = max(chunk - b, 1.0)
+    s2 = wl.mean_input * (1 + wl.input.scv)  # E[s^2] / E[s]: the causal term per prompt token
+    # a chunk of c prompt tokens costs c * E[s^2]/E[s] in attention (whole or split prompts alike)
+    # and reads the KV of the earlier chunks of a split prompt
+    prefix = max(0.0, (s2 - c) / 2)
+    tm = rm.mixed_step_time(b, b * ctx, c, c * s2, max(1, round(c / wl.mean_input)), prefix)
+    td = rm.decode_step_time(max(b, 1e-9), b * ctx) if b > 0 else 0.0
+    return c, tm, td
+
+
+def _mixed_tpot(rm: ReplicaModel, wl: Workload, rate: float, b: float, chunk: int) -> tuple[float, float]:
+    """(mean TPOT, share of time in mixed steps) at running batch ``b``: inf when prefill cannot keep up."""
+    c, tm, td = _mixed_terms(rm, wl, b, chunk)
+    n_m = rate * wl.mean_input / c  # mixed steps per second
+    u = n_m * tm
+    if u >= 0.98:
+        return math.inf, u
+    n_d = (1 - u) / td if td > 0 else 0.0
+    return 1.0 / (n_m + n_d), u
+
+
+def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpot_target: float,
+                          chunk: int) -> tuple[float, float]:
+    """(TTFT quantile, share of requests over the TPOT target) of a colocated replica with mixed chunks.
+
+    The running batch ``b`` solves Little's law with the mean TPOT; a request whose decode spans
+    ``G`` iterations shares ``N`` of them with prefill chunks, ``N`` ~ the prompt tokens arriving
+    during its lifetime / chunk (normal approximation of that compound Poisson count); its TPOT is
+    ``(N * mixed step + (G - N) * decode step) / G``. TTFT: FIFO queue of prompts served ``chunk``
+    tokens per mixed step (M/G/1 tail) plus the long prompt's own steps.
+    """
+    b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+    if b_mem < 1 or chunk <= 1:
+        return math.inf, 1.0
+    out = max(wl.mean_output, 1.0)
+
+    def excess(b: float) -> float:
+        tp, _ = _mixed_tpot(rm, wl, rate, b, chunk)
+        return rate * out * tp - b if math.isfinite(tp) else math.inf
+
+    # the smallest fixed point: past it a bigger batch leaves less of the chunk to prompts, so the
+    # excess is not monotone; scan for the first batch that keeps up, then bisect below it
+    lo = hi = 0.0
+    for k in range(1, 9):
+        b_k = b_mem * k / 8
+        if excess(b_k) <= 0:
+            hi = b_k
+            break
+        lo = b_k
+    else:
+        return math.inf, 1.0
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        if excess(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    b = hi
+    if not _kv_fits(rm, wl, b, t.z):
+        return math.inf, 1.0
+    tpot_mean, u = _mixed_tpot(rm, wl, rate, b, chunk)
+    bq = b + t.z * math.sqrt(max(b, 1e-9))
+    c, tm, td = _mixed_terms(rm, wl, bq, chunk)
+    td = max(td, rm.decode_step_time(1.0, wl.mean_input))
+    # TTFT: the queue of prompt tokens drains c per mixed step
+    s_req = wl.mean_input / c * tm
+    w = _wait_quantile(u, s_req, wl.arrival_scv + wl.input.scv, t.q)
+    long_in = wl.input.quantile(t.q)
+    ttft = max(math.ceil(long_in / c) * tm, math.ceil(wl.mean_input / c) * tm + w)
+    if td >= tpot_target:
+        return ttft, 1.0
+    gaps = _output_gaps(wl)
+    life = gaps * tpot_mean
+    mu = rate * life * wl.mean_input / c
+    var = np.maximum(mu * wl.mean_input * (1 + wl.input.scv) / c, 1e-12)
+    allowed = (tpot_target - td) * gaps / max(tm - td, 1e-9)
+    z = (allowed + 0.5 - mu) / np.sqrt(var)
+    over = 0.5 * erfc(z / math.sqrt(2))
+    viol = np.where(gaps >= 1, over, 0.0)
+    return ttft, float(viol.mean())
+
+
+def colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets, chunk: int) -> float:
+    b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+    if b_mem < 1:
+        return 0.0
+    hi = mixed_rate_bound(rm, wl, chunk)
+
+    def ok(r: float) -> bool:
+        ttft, viol = colocated_mixed_point(rm, wl, r, t, slo.tpot_s, chunk)
+        return ttft <= slo.ttft_s and viol <= 1 - t.q
+
+    return _bisect_rate(ok, hi, iters=10)
+
+
+def mixed_rate_bound(rm: ReplicaModel, wl: Workload, chunk: int) -> float:
+    """No colocated replica with mixed chunks serves more than its prefill alone, chunk after chunk."""
+    _, tm0, _ = _mixed_terms(rm, wl, 0.0, chunk)
+    return chunk / (wl.mean_input * tm0)
+
+
+def best_colocated(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> tuple[float, ColocatedPolicy]:
+    """The colocated replica's capacity under its best scheduling policy: SGLang's default (prefill
+    first) or mixed chunks of one of ``MIXED_CHUNKS`` tokens (what an operator would tune)."""
+    best = (colocated_capacity(rm, wl, slo, t), PREFILL_FIRST)
+    for chunk in MIXED_CHUNKS:
+        if mixed_rate_bound(rm, wl, chunk) <= best[0] * 1.001:
+            continue
+        cap = colocated_mixed_capacity(rm, wl, slo, t, chunk)
+        if cap > best[0] * 1.001:
+            best = (cap, ColocatedPolicy(True, chunk))
+    return best

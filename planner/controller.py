@@ -29,11 +29,13 @@ import os
 import signal
 import time
 import uuid
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from planner.plan import Instance, Plan
+from planner.plan import Instance, Plan, ReplicaSpec
 from planner.state import NodeRecord, ReplicaRecord, StateStore
 
 log = logging.getLogger("planner.controller")
@@ -42,6 +44,12 @@ LOST = ("preempted", "terminated", "failed")
 LIVE = ("pending", "ready")
 CONFIG_META_KEY = "controller_config"
 REPLACEMENTS_META_KEY = "controller_replacements"  # lost node id -> its replacement's id ("" = not chosen yet)
+# A multi-node SGLang replica's rank 0 listens on its --dist-init-addr port and the next ~8 (SGLang's ZMQ
+# sockets), so replicas are 16 ports apart: 20000-28191, clear of the engine ports the SkyPilot task opens
+# (30000-30031) and of Linux's ephemeral range (32768-), where the agents draw engine ports.
+DIST_INIT_PORT_BASE = 20000
+DIST_INIT_PORT_STRIDE = 16
+DIST_INIT_PORT_SLOTS = 512
 
 
 @dataclass
@@ -113,6 +121,32 @@ def plan_for_config(cfg: ControllerConfig) -> Plan:
         kv_compression=cfg.kv_compression, seed=cfg.seed, time_limit_s=cfg.plan_time_limit_s,
         max_gpus=cfg.max_nodes, disaggregate=cfg.disaggregate,
     )
+
+
+def dist_init_port(replica_id: str) -> int:
+    """Rank 0's --dist-init-addr port for a replica, fixed by its id so every rank (and a restarted
+    controller) agrees on it. Two replicas share one only if their numbers are equal mod 512."""
+    digits = replica_id[1:]
+    n = int(digits) if replica_id[:1] == "r" and digits.isdigit() else zlib.crc32(replica_id.encode())
+    return DIST_INIT_PORT_BASE + DIST_INIT_PORT_STRIDE * (n % DIST_INIT_PORT_SLOTS)
+
+
+def dist_init_addr(head: NodeRecord, replica_id: str) -> str | None:
+    """``host:port`` of a multi-node replica's rank 0: the host of its node's agent URL (None if it has none)."""
+    host = urlsplit(head.agent_url).hostname
+    if not host:
+        return None
+    port = dist_init_port(replica_id)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def rank_bodies(spec: ReplicaSpec, body: dict[str, Any], addr: str) -> list[dict[str, Any]]:
+    """The start request of each rank of a multi-node replica, in rank order (``spec.node_ids``): the same
+    engine command everywhere, with this node's GPUs and rank (the agent's launch hints)."""
+    return [{**body, "gpus": [g for n, g in spec.gpus if n == node_id],
+             "extra_args": {"nnodes": len(spec.node_ids), "node_rank": rank, "node_ids": list(spec.node_ids),
+                            "dist_init_addr": addr, "layer_split": list(spec.layer_split)}}
+            for rank, node_id in enumerate(spec.node_ids)]
 
 
 class Controller:
@@ -311,7 +345,20 @@ class Controller:
             )
             log.info("rescheduled after losing %s in %.1f ms (plan v%d)", lost, (time.time() - seen_at) * 1000,
                      version)
+            self._stop_survivors(plan, lost_replicas, lost)
             return lost
+
+    def _stop_survivors(self, plan: Plan, replica_ids: list[str], lost: list[str]) -> None:
+        """A dropped replica over several nodes still runs on the nodes not lost, holding their GPUs (SGLang
+        followers write no record, so no later pass would find them): stop it there, in the background."""
+        for rid in replica_ids:
+            survivors = [n for n in plan.replica(rid).node_ids if n not in lost]
+            if survivors:
+                self._run_busy(f"stop-{rid}", self._stop_on_ids(rid, survivors))
+
+    async def _stop_on_ids(self, replica_id: str, node_ids: list[str]) -> None:
+        await self._stop_on(replica_id, _ready(await self.state.nodes(), node_ids))
+        await self.state.delete_replica(replica_id)  # rank 0 writes "stopped" as it stops; the plan has no such replica
 
     async def _save_replacements(self) -> None:
         """Write the replacements in progress to Redis meta (the lock keeps the last write the latest)."""
@@ -450,7 +497,7 @@ class Controller:
             if rec is None or rec.status == "stopped":
                 self._run_busy(spec.id, self._start_replica(plan, spec.id, hosts))
             elif rec.role != spec.role and rec.status == "ready":
-                self._run_busy(spec.id, self._switch_role(rec, spec.role, hosts[0]))
+                self._run_busy(spec.id, self._switch_role(rec, spec.role, hosts))
         # 3. replicas the plan no longer has
         wanted = {r.id for r in plan.replicas}
         for rid, rec in records.items():
@@ -523,6 +570,12 @@ class Controller:
             body["max_batch"] = self.cfg.max_batch
         if len(spec.node_ids) > 1:  # one replica over several nodes (PP across nodes): the head's agent
             body["extra_args"] = {"nnodes": len(spec.node_ids), "layer_split": spec.layer_split}
+        elif self.cfg.engine == "sglang" and spec.mixed_chunk:  # the colocated scheduling the plan assumed
+            body["extra_args"] = ["--enable-mixed-chunk"] + (
+                ["--chunked-prefill-size", str(spec.prefill_chunk)] if spec.prefill_chunk > 0 else [])
+        if self.cfg.engine == "sglang" and len(spec.node_ids) > 1:  # SGLang: one process per node
+            await self._start_ranks(spec, body, hosts)
+            return
         t0 = time.perf_counter()
         try:
             res = await self._agent(head).start_replica(body)
@@ -534,13 +587,59 @@ class Controller:
                               node=head.id, role=spec.role, url=res.get("url"),
                               start_ms=round((time.perf_counter() - t0) * 1e3, 2))
 
-    async def _switch_role(self, rec: ReplicaRecord, role: str, head: NodeRecord | None) -> None:
+    async def _start_ranks(self, spec: ReplicaSpec, body: dict[str, Any], hosts: list[NodeRecord | None]) -> None:
+        """Start a multi-node SGLang replica on every node: followers together, then rank 0 (it serves HTTP).
+
+        All or nothing: with a node missing no rank starts, and a rank that fails to start stops the
+        others, which would otherwise hold their GPUs and refuse (409) the next attempt."""
+        missing = [n for n, h in zip(spec.node_ids, hosts, strict=True) if h is None or h.status != "ready"]
+        if missing:
+            await self.state.emit("replica.start_failed", f"{spec.id}: node(s) {', '.join(missing)} not ready; "
+                                  "no rank started", replica=spec.id, nodes=spec.node_ids)
+            return
+        nodes = [h for h in hosts if h is not None]
+        head = nodes[0]
+        addr = dist_init_addr(head, spec.id)
+        if addr is None:
+            await self.state.emit("replica.start_failed", f"{spec.id}: head node {head.id} has no agent host "
+                                  f"for --dist-init-addr ({head.agent_url!r})", replica=spec.id)
+            return
+        bodies = rank_bodies(spec, body, addr)
+        t0 = time.perf_counter()
+        try:
+            await self._start_followers(list(zip(nodes[1:], bodies[1:], strict=True)))
+            res = await self._agent(head).start_replica(bodies[0])
+        except Exception as e:
+            await self._stop_on(spec.id, nodes)
+            await self.state.emit("replica.start_failed", f"{spec.id} on {', '.join(spec.node_ids)}: {e}",
+                                  replica=spec.id, nodes=spec.node_ids)
+            await asyncio.sleep(2.0)
+            return
+        await self.state.emit("replica.started", f"{spec.id} as {spec.role} on {', '.join(spec.node_ids)} "
+                              f"(rank 0 on {head.id})", replica=spec.id, node=head.id, nodes=spec.node_ids,
+                              role=spec.role, url=res.get("url"), dist_init_addr=addr,
+                              start_ms=round((time.perf_counter() - t0) * 1e3, 2))
+
+    async def _start_followers(self, ranks: list[tuple[NodeRecord, dict[str, Any]]]) -> None:
+        """Start ranks > 0 concurrently; wait for all of them (none left in flight), then raise if any failed."""
+        results = await asyncio.gather(*(self._agent(n).start_replica(b) for n, b in ranks), return_exceptions=True)
+        failed = [f"rank {b['extra_args']['node_rank']} on {n.id}: {r}"
+                  for (n, b), r in zip(ranks, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            raise RuntimeError("; ".join(failed))
+
+    async def _stop_on(self, replica_id: str, nodes: list[NodeRecord]) -> None:
+        """Stop a replica on each of ``nodes`` at once; a node that does not run it (404) or is gone is fine."""
+        await asyncio.gather(*(self._agent(n).stop_replica(replica_id) for n in nodes), return_exceptions=True)
+
+    async def _switch_role(self, rec: ReplicaRecord, role: str, hosts: list[NodeRecord | None]) -> None:
+        """Switch in place through rank 0 (the only rank with HTTP), or restart every rank for colocated."""
+        head = hosts[0]
         assert head is not None
         t0 = time.perf_counter()
         if "both" in (rec.role, role):
             # SGLang switches prefill <-> decode in place; to or from colocated takes a restart (weights reload)
-            with contextlib.suppress(Exception):
-                await self._agent(head).stop_replica(rec.id)
+            await self._stop_on(rec.id, [h for h in hosts if h is not None and h.status == "ready"])
             await self.state.delete_replica(rec.id)
             await self.state.emit("replica.restart_for_role", f"{rec.id} {rec.role} -> {role}: restart, no in-place "
                                   "switch to or from colocated", replica=rec.id, old_role=rec.role, new_role=role)
@@ -555,10 +654,8 @@ class Controller:
                               new_role=role, switch_ms=round((time.perf_counter() - t0) * 1000, 2), result=res)
 
     async def _stop_replica(self, rec: ReplicaRecord, nodes: dict[str, NodeRecord]) -> None:
-        host = nodes.get(rec.node_ids[0]) if rec.node_ids else None
-        if host is not None and host.status == "ready":
-            with contextlib.suppress(Exception):
-                await self._agent(host).stop_replica(rec.id)
+        """Stop the replica on every node it spans (each rank of a multi-node one), then drop its record."""
+        await self._stop_on(rec.id, _ready(nodes, rec.node_ids))
         await self.state.delete_replica(rec.id)
         await self.state.emit("replica.stopped", f"{rec.id}: not in the plan", replica=rec.id)
 
@@ -567,6 +664,11 @@ class Controller:
             await self.provisioner.release(node_id, reason)
         except Exception as e:
             await self.state.emit("node.release_failed", f"{node_id}: {e}", node=node_id)
+
+
+def _ready(nodes: dict[str, NodeRecord], node_ids: list[str]) -> list[NodeRecord]:
+    """The records of those of ``node_ids`` that are ready (an agent to talk to), in order."""
+    return [nodes[n] for n in node_ids if n in nodes and nodes[n].status == "ready"]
 
 
 def _warm_up() -> None:
@@ -585,7 +687,8 @@ def _without_nodes(plan: Plan, lost: list[str]) -> Plan:
     total = sum(r.weight for r in routes) or 1.0
     return Plan(plan.model, [i for i in plan.instances if i.id not in lost], keep,
                 [Route(r.prefill, r.decode, r.weight / total, r.kv_compression) for r in routes], plan.strategy,
-                plan.seed, plan.version, {}, plan.workload, plan.slo)
+                plan.seed, plan.version, {}, plan.workload, plan.slo, network=dict(plan.network),
+                next_replica_id=plan.first_free_replica_number())
 
 
 def _changes_dict(changes: Any) -> Any:

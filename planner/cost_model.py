@@ -114,8 +114,8 @@ class ReplicaModel:
             f_sq = 2 * self._d_attn * s.layers  # prefill: x sum(s^2); decode: x2 x context
             b_const = s.layers * m.layer_bytes + (m.head_params * m.dtype_bytes if last else 0.0)
             b_kv = s.layers * m.kv_bytes_per_token_layer
-            f_den = s.tp * s.gpu.flops * e.compute
-            b_den = s.tp * s.gpu.mem_bytes_per_s * e.memory
+            f_den = s.tp * s.gpu.sustained_flops * e.compute
+            b_den = s.tp * s.gpu.sustained_mem_bytes_per_s * e.memory
             fixed = s.layers * e.layer_overhead_s
             comm_tok = 0.0
             if s.tp > 1:  # two ring all-reduces per layer of tokens x hidden x dtype bytes
@@ -127,7 +127,7 @@ class ReplicaModel:
                 fixed += lat
                 comm_tok += self._act_bytes_per_token / (bw * e.network)
             self._coef.append((f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last))
-            self._dec_den.append(s.tp * s.gpu.flops * (e.decode_compute or e.compute))
+            self._dec_den.append(s.tp * s.gpu.sustained_flops * (e.decode_compute or e.compute))
 
     def prefill_stage_times(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> list[float]:
         """Per-stage time to prefill ``tokens`` prompt tokens (``sum_sq`` = sum of squared prompt lengths)."""
@@ -161,12 +161,39 @@ class ReplicaModel:
             t += max(flops / f_den, (b_const + b_kv * context_tokens) / b_den) + fixed + comm_tok * batch
         return t
 
+    def mixed_step_time(self, batch: float, context_tokens: float, chunk_tokens: float, chunk_sum_sq: float,
+                        chunk_reqs: int, prefix_tokens: float = 0.0) -> float:
+        """One iteration carrying ``batch`` decoding sequences (``context_tokens`` in total) and a prefill
+        chunk of ``chunk_tokens`` prompt tokens (SGLang ``--enable-mixed-chunk``, vLLM's chunked
+        prefill): one pass over the weights for both, so the step costs as much as the chunk it
+        carries. ``chunk_sum_sq`` is the causal attention term of the chunk (sum over its pieces of
+        ``2 * piece * offset + piece^2``); ``prefix_tokens``: earlier tokens of chunked prompts whose
+        KV the chunk's attention reads."""
+        if chunk_tokens <= 0:
+            return self.decode_step_time(batch, context_tokens)
+        if batch <= 0:
+            return self.prefill_time(chunk_tokens, chunk_sum_sq, chunk_reqs)
+        t = self.eff.step_overhead_s
+        head = self._head_flops_per_req
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), d_den in zip(self._coef, self._dec_den,
+                                                                                          strict=True):
+            # the GEMMs see one batch of (decode rows + chunk tokens): one read of the weights
+            flops = f_tok * (batch + chunk_tokens)
+            if last:  # the LM head runs on the decode rows and the last token of each prompt only
+                flops += head * (chunk_reqs - chunk_tokens)
+            gemm = max(flops / f_den, b_const / b_den)
+            # attention runs as separate kernels (prefill: compute-bound; decode: reads the whole KV)
+            attn_p = max(f_sq * chunk_sum_sq / f_den, b_kv * (prefix_tokens + chunk_tokens) / b_den)
+            attn_d = max(2 * f_sq * context_tokens / d_den, b_kv * context_tokens / b_den)
+            t += gemm + attn_p + attn_d + fixed + comm_tok * (batch + chunk_tokens)
+        return t
+
     def kv_compress_time(self, tokens: float, compression: str) -> float:
         """Quantize (or dequantize) the KV of ``tokens`` tokens: one memory-bound pass over it."""
         if compression == "none":
             return 0.0
         m, e = self.model, self.eff
-        slow = min(s.gpu.mem_bytes_per_s * s.tp for s in self.stages) * e.memory
+        slow = min(s.gpu.sustained_mem_bytes_per_s * s.tp for s in self.stages) * e.memory
         return tokens * m.kv_bytes_per_token * (1 + KV_FACTOR[compression]) / slow
 
     def layer_ranges(self) -> list[tuple[int, int, str]]:

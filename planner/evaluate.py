@@ -102,7 +102,8 @@ class Evaluator:
         rm = cfg.rm
         if node_map and any(a != b for a, b in node_map.items()):
             rm = ReplicaModel(rm.model, [replace(st, node=node_map[st.node]) for st in rm.stages], rm.pp_links, rm.eff)
-        return ReplicaConfig(tuple(gpus), cfg.tp, cfg.pp, cfg.layer_split, role, rm, cfg.capacity, cfg.curve)
+        return ReplicaConfig(tuple(gpus), cfg.tp, cfg.pp, cfg.layer_split, role, rm, cfg.capacity, cfg.curve,
+                             cfg.policy)
 
     # -- links ---------------------------------------------------------------------------------
     def pair_terms(self, p: ReplicaConfig, d: ReplicaConfig) -> PairTerms:

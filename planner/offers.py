@@ -58,15 +58,22 @@ def _num(value: str, where: str) -> float | None:
         raise CatalogError(f"{where}: not a number: {value!r}") from None
 
 
-def _gpu_memory_gib(gpu_info: str) -> float | None:
-    """Per-GPU memory from SkyPilot's GpuInfo column (a Python-literal dict), if present."""
+def _gpu_memory_gib(gpu_info: str, count: int = 1, cloud: str = "") -> float | None:
+    """Per-GPU memory from SkyPilot's GpuInfo column (a Python-literal dict), if present.
+
+    Vast's catalog writes the whole instance's GPU memory there (its 1x-Tesla_V100 row says 16384 MiB,
+    its 2x row 32768, its 12x-RTX_4090 row 294768 = 12 x 24564), other clouds the per-GPU figure
+    (Lambda's gpu_8x_v100: 16384): for Vast it is divided by the GPU count."""
     if not gpu_info or "{" not in gpu_info:
         return None
     try:
         info = ast.literal_eval(gpu_info)
-        return float(info["Gpus"][0]["MemoryInfo"]["SizeInMiB"]) / 1024
+        mib = float(info["Gpus"][0]["MemoryInfo"]["SizeInMiB"])
     except (ValueError, SyntaxError, KeyError, IndexError, TypeError):
         return None
+    if cloud == "vast" and count > 1:
+        mib /= count
+    return mib / 1024
 
 
 def _cloud_of(path: Path) -> str:
@@ -98,7 +105,9 @@ def parse_vms_csv(text: str, source: str, cloud: str, unknown: set[str] | None =
         if price is None or price <= 0:
             continue  # listed without an on-demand price: nothing to budget with
         try:
-            gpu = canonical_gpu(accel, _gpu_memory_gib(row.get("GpuInfo", "")), row.get("InstanceType", ""))
+            row_cloud = (row.get("Cloud") or cloud).strip().lower()
+            gpu = canonical_gpu(accel, _gpu_memory_gib(row.get("GpuInfo", ""), int(count), row_cloud),
+                                row.get("InstanceType", ""))
         except UnknownGpu:
             if unknown is not None:
                 unknown.add(accel)
@@ -156,7 +165,10 @@ def sky_offers(clouds: list[str] | None = None) -> list[Offer]:
     for infos in listing.values():
         for info in infos:
             try:
-                gpu = canonical_gpu(info.accelerator_name, info.device_memory, info.instance_type or "")
+                mem = info.device_memory
+                if mem and str(info.cloud).lower() == "vast" and (info.accelerator_count or 1) > 1:
+                    mem = mem / info.accelerator_count  # Vast's catalog gives the instance total (see above)
+                gpu = canonical_gpu(info.accelerator_name, mem, info.instance_type or "")
             except UnknownGpu:
                 continue
             if not info.price or info.price <= 0 or not info.accelerator_count:

@@ -16,9 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.capacity import (
+    MIXED_CHUNKS,
+    PREFILL_FIRST,
+    ColocatedPolicy,
     Targets,
+    best_colocated,
     colocated_capacity,
+    colocated_mixed_capacity,
     decode_capacity,
+    mixed_rate_bound,
     prefill_curve,
     rate_for_slack,
 )
@@ -42,6 +48,7 @@ class ReplicaConfig:
     rm: ReplicaModel
     capacity: float  # req/s at the SLO (prefill: with the whole TTFT as slack)
     curve: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # prefill: rate -> TTFT
+    policy: ColocatedPolicy = PREFILL_FIRST  # colocated: how prefill is scheduled against decode
 
     @property
     def nodes(self) -> list[str]:
@@ -91,7 +98,8 @@ def _stage_costs(ctx: PlanContext, gpu_spec, tp: int, role: str) -> tuple[float,
         flops = 2 * m.layer_params * b + 4 * ctx_tokens * m.heads * m.hd
         nbytes = m.layer_bytes + ctx_tokens * m.kv_bytes_per_token_layer
         comm_tokens = b
-    roof = max(flops / (tp * gpu_spec.flops * e.compute), nbytes / (tp * gpu_spec.mem_bytes_per_s * e.memory))
+    roof = max(flops / (tp * gpu_spec.sustained_flops * e.compute),
+               nbytes / (tp * gpu_spec.sustained_mem_bytes_per_s * e.memory))
     comm = 0.0
     if tp > 1:
         ring = 2 * (tp - 1) / tp * comm_tokens * m.hidden * m.dtype_bytes
@@ -133,7 +141,7 @@ def _group_nodes(cluster: Cluster, gpus: list[GpuId]) -> list[tuple[str, list[Gp
     for g in sorted(gpus):
         by_node.setdefault(g[0], []).append(g)
     # Faster GPUs first: the first stage holds the embedding, the last the LM head; order is stable.
-    return sorted(by_node.items(), key=lambda kv: (-cluster.node(kv[0]).gpu.flops, kv[0]))
+    return sorted(by_node.items(), key=lambda kv: (-cluster.node(kv[0]).gpu.sustained_flops, kv[0]))
 
 
 def build_replica_model(ctx: PlanContext, gpus: list[GpuId], tp: int, split: list[int]) -> ReplicaModel:
@@ -149,14 +157,23 @@ def build_replica_model(ctx: PlanContext, gpus: list[GpuId], tp: int, split: lis
     return ReplicaModel(ctx.model, stages, links, ctx.eff)
 
 
-def role_capacity(ctx: PlanContext, rm: ReplicaModel, role: str) -> tuple[float, tuple[np.ndarray, np.ndarray] | None]:
+def role_capacity(ctx: PlanContext, rm: ReplicaModel, role: str, policy: ColocatedPolicy | None = None
+                  ) -> tuple[float, tuple[np.ndarray, np.ndarray] | None, ColocatedPolicy]:
+    """(req/s at the SLO, prefill's rate -> TTFT table, colocated policy). A colocated replica gets
+    ``policy``, or when None the best one for the workload (its engine setting is part of the plan)."""
     t = ctx.targets
+    assert t is not None
     if role == "prefill":
         curve = prefill_curve(rm, ctx.workload, t)
-        return rate_for_slack(curve[0], curve[1], ctx.slo.ttft_s), curve
+        return rate_for_slack(curve[0], curve[1], ctx.slo.ttft_s), curve, PREFILL_FIRST
     if role == "decode":
-        return decode_capacity(rm, ctx.workload, ctx.slo, t), None
-    return colocated_capacity(rm, ctx.workload, ctx.slo, t), None
+        return decode_capacity(rm, ctx.workload, ctx.slo, t), None, PREFILL_FIRST
+    if policy is None:
+        cap, policy = best_colocated(rm, ctx.workload, ctx.slo, t)
+        return cap, None, policy
+    if policy.mixed:
+        return colocated_mixed_capacity(rm, ctx.workload, ctx.slo, t, policy.chunk), None, policy
+    return colocated_capacity(rm, ctx.workload, ctx.slo, t), None, policy
 
 
 def configure_group(ctx: PlanContext, gpus: list[GpuId], role: str) -> ReplicaConfig | None:
@@ -164,6 +181,7 @@ def configure_group(ctx: PlanContext, gpus: list[GpuId], role: str) -> ReplicaCo
     nodes = _group_nodes(ctx.cluster, gpus)
     m = ctx.model
     best: ReplicaConfig | None = None
+    colocated: list[tuple[int, list[GpuId], list[int], ReplicaModel]] = []
     for tp in TP_CHOICES:
         if any(len(g) % tp for _, g in nodes) or m.heads % tp:
             continue
@@ -185,14 +203,53 @@ def configure_group(ctx: PlanContext, gpus: list[GpuId], role: str) -> ReplicaCo
         rm = build_replica_model(ctx, ordered, tp, split)
         if rm.kv_tokens < ctx.reserve_tokens(role):
             continue
-        cap, curve = role_capacity(ctx, rm, role)
+        if role == "both":  # the policies are searched below, over every TP at once
+            colocated.append((tp, ordered, split, rm))
+            continue
+        cap, curve, policy = role_capacity(ctx, rm, role)
         if best is None or cap > best.capacity * 1.001:
-            best = ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), role, rm, cap, curve)
+            best = ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), role, rm, cap, curve, policy)
+    if colocated:
+        best = _best_colocated_config(ctx, colocated)
     return best
 
 
-def config_from_spec(ctx: PlanContext, gpus: list[GpuId], tp: int, split: list[int], role: str) -> ReplicaConfig:
+def _best_colocated_config(ctx: PlanContext, options: list[tuple[int, list[GpuId], list[int], ReplicaModel]]
+                           ) -> ReplicaConfig | None:
+    """The best (TP, scheduling policy) of a colocated group: prefill-first capacities first, then the
+    mixed-chunk policies in the order of their upper bounds, skipping those that cannot win."""
+    t, wl, slo = ctx.targets, ctx.workload, ctx.slo
+    assert t is not None
+    best: tuple[float, int, ColocatedPolicy] | None = None
+    for i, (_, _, _, rm) in enumerate(options):
+        cap = colocated_capacity(rm, wl, slo, t)
+        if best is None or cap > best[0] * 1.001:
+            best = (cap, i, PREFILL_FIRST)
+    tries = sorted(((mixed_rate_bound(rm, wl, c), i, c) for i, (_, _, _, rm) in enumerate(options)
+                    for c in MIXED_CHUNKS), reverse=True)
+    for bound, i, chunk in tries:
+        assert best is not None
+        if bound <= best[0] * 1.001:
+            break
+        cap = colocated_mixed_capacity(options[i][3], wl, slo, t, chunk)
+        if cap > best[0] * 1.001:
+            best = (cap, i, ColocatedPolicy(True, chunk))
+    assert best is not None
+    cap, i, policy = best
+    tp, ordered, split, rm = options[i]
+    return ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), "both", rm, cap, None, policy)
+
+
+def spec_policy(spec) -> ColocatedPolicy:
+    """The colocated scheduling a plan's replica runs with (ReplicaSpec's engine-setting fields)."""
+    if spec.role != "both":
+        return PREFILL_FIRST
+    return ColocatedPolicy(bool(spec.mixed_chunk), int(spec.prefill_chunk or 0))
+
+
+def config_from_spec(ctx: PlanContext, gpus: list[GpuId], tp: int, split: list[int], role: str,
+                     policy: ColocatedPolicy | None = None) -> ReplicaConfig:
     """Re-derive the model and capacity of an existing replica (kept parallelism, possibly new role)."""
     rm = build_replica_model(ctx, gpus, tp, split)
-    cap, curve = role_capacity(ctx, rm, role)
-    return ReplicaConfig(tuple(gpus), tp, len(gpus) // tp, tuple(split), role, rm, cap, curve)
+    cap, curve, policy = role_capacity(ctx, rm, role, policy)
+    return ReplicaConfig(tuple(gpus), tp, len(gpus) // tp, tuple(split), role, rm, cap, curve, policy)

@@ -19,6 +19,10 @@ Plan JSON (``Plan.to_json()``), every field documented here and in the README:
   "replicas": [                      # one model copy each; GPUs of a replica are used by it alone
     {"id": "r0", "node_ids": ["n0"], "gpus": [["n0", 0]], "tp": 1, "pp": 1,
      "layer_split": [32], "role": "prefill"}          # role: prefill | decode | both (colocated)
+                                     # optional, colocated replicas only (absent = engine defaults):
+                                     # "prefill_chunk": 512 (SGLang --chunked-prefill-size),
+                                     # "mixed_chunk": true (--enable-mixed-chunk: prefill chunks ride
+                                     # with the running decodes instead of stalling them)
   ],
   "routing": [                       # joint distribution over (prefill, decode) pairs; weights sum to 1
     {"prefill": "r0", "decode": "r1", "weight": 0.6, "kv_compression": "none"}
@@ -28,7 +32,8 @@ Plan JSON (``Plan.to_json()``), every field documented here and in the README:
   "workload": {...}, "slo": {...},   # what the plan was made for (free-form, from the planner)
   "network": {"inter_node_gbps": 25.0, "links": [["n0", "n1", 5.0]], "zones": {}},  # optional: the
                                      # bandwidths the plan assumed (planner.cluster); {} = defaults
-  "created_at": 1764290000.0
+  "created_at": 1764290000.0,
+  "next_replica_id": 2               # ids r0..r1 were issued (lost ones too): the next new replica is r2
 }
 ```
 """
@@ -77,10 +82,21 @@ class ReplicaSpec:
     pp: int
     role: Role
     layer_split: list[int] = field(default_factory=list)
+    prefill_chunk: int = 0  # prompt tokens per prefill pass (SGLang --chunked-prefill-size); 0: engine default
+    mixed_chunk: bool = False  # colocated: prefill chunks batched with the decodes (SGLang --enable-mixed-chunk)
 
     @property
     def gpu_count(self) -> int:
         return len(self.gpus)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON shape; the engine-setting fields only when they are not the defaults (older readers)."""
+        d = {**asdict(self), "gpus": [list(g) for g in self.gpus]}
+        if not self.prefill_chunk:
+            del d["prefill_chunk"]
+        if not self.mixed_chunk:
+            del d["mixed_chunk"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -109,11 +125,20 @@ class Plan:
     slo: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     network: dict[str, Any] = field(default_factory=dict)  # optional, added by the planner (issue 3)
+    # Replica ids r0..r{n-1} have been issued over the deployment's life (lost ones included): a new
+    # replica gets r{n}, so an id never names two different processes (gateway breakers, metrics,
+    # controller records and the events stream key on it). 0 = derive from ``replicas``.
+    next_replica_id: int = 0
 
     # -- derived views -------------------------------------------------------------------------
     @property
     def cost_per_hour(self) -> float:
         return round(sum(i.price_per_hour for i in self.instances), 6)
+
+    def first_free_replica_number(self) -> int:
+        """The number of the next replica id: past every id issued so far, never one that was lost."""
+        used = [int(r.id[1:]) for r in self.replicas if r.id[:1] == "r" and r.id[1:].isdigit()]
+        return max(self.next_replica_id, 1 + max(used, default=-1))
 
     def replica(self, replica_id: str) -> ReplicaSpec:
         for r in self.replicas:
@@ -157,6 +182,8 @@ class Plan:
                 raise PlanError(f"replica {r.id}: unknown role {r.role!r}")
             if r.tp < 1 or r.pp < 1 or r.tp * r.pp != len(r.gpus):
                 raise PlanError(f"replica {r.id}: tp*pp={r.tp * r.pp} but {len(r.gpus)} GPUs")
+            if r.prefill_chunk < 0 or (r.mixed_chunk and r.role != "both"):
+                raise PlanError(f"replica {r.id}: prefill_chunk must be >= 0 and mixed_chunk is for colocated replicas")
             for node, idx in r.gpus:
                 if node not in nodes:
                     raise PlanError(f"replica {r.id}: unknown node {node}")
@@ -189,7 +216,7 @@ class Plan:
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["replicas"] = [{**asdict(r), "gpus": [list(g) for g in r.gpus]} for r in self.replicas]
+        d["replicas"] = [r.to_dict() for r in self.replicas]
         d["expected"] = {**self.expected, "cost_per_hour": self.cost_per_hour}
         return d
 
@@ -211,6 +238,8 @@ class Plan:
                         pp=int(r["pp"]),
                         role=r["role"],
                         layer_split=list(r.get("layer_split", [])),
+                        prefill_chunk=int(r.get("prefill_chunk", 0) or 0),
+                        mixed_chunk=bool(r.get("mixed_chunk", False)),
                     )
                     for r in d["replicas"]
                 ],
@@ -223,6 +252,7 @@ class Plan:
                 slo=dict(d.get("slo", {})),
                 created_at=float(d.get("created_at", time.time())),
                 network=dict(d.get("network") or {}),
+                next_replica_id=int(d.get("next_replica_id", 0) or 0),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan JSON: {e!r}") from e

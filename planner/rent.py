@@ -3,7 +3,9 @@
 For every place (cloud, region) the catalog offers, each instance type is turned into *units*: the
 smallest set of its instances that holds whole replicas of the model (several replicas when an
 instance has many GPUs, several instances per replica when one is too small), once per phase
-(prefill, decode, colocated), each with its capacity at the SLO from the cost model. The MIP (HiGHS,
+(prefill, decode, colocated), each with its capacity at the SLO from the cost model, plus, for
+multi-GPU instances, one unit holding both prefill and decode replicas (KV over the node's own GPU
+link, so it needs no network). The MIP (HiGHS,
 through ``scipy.optimize.milp``) picks how many units of each kind to rent to maximise the served
 rate ``rate_pd + rate_colocated`` with ``rate_pd <= prefill capacity``, ``rate_pd <= decode
 capacity``, the KV traffic within the prefill nodes' network, and total price <= budget. This is
@@ -53,6 +55,7 @@ class Unit:
     role: str
     capacity: float  # req/s of all its replicas at the SLO
     config: ReplicaConfig = field(repr=False, default=None)  # type: ignore[assignment]
+    layout: tuple[tuple[str, int], ...] = ()  # role "pd": (role, GPUs) of each group inside the instance
 
     @property
     def cost(self) -> float:
@@ -82,15 +85,27 @@ def _site_bandwidth(inter_node_gbps: float | None) -> float:
 class UnitCatalog:
     """Units per instance type, cached across places by what they depend on."""
 
-    def __init__(self, ctx_factory, phases: tuple[str, ...], gbps: float) -> None:
+    def __init__(self, ctx_factory, phases: tuple[str, ...], gbps: float, group_cache: dict | None = None) -> None:
         self.ctx_factory = ctx_factory  # Cluster -> PlanContext
         self.phases = phases
         self.gbps = gbps
-        self._cache: dict[tuple, list[tuple[int, int, int, str, float, ReplicaConfig]]] = {}
+        self._cache: dict[tuple, list[tuple]] = {}
+        self._groups = group_cache if group_cache is not None else {}  # shared by the planner's passes
 
-    def shapes(self, gpu_type: str, count: int) -> list[tuple[int, int, int, str, float, ReplicaConfig]]:
-        """(instances, gpus per replica, replicas, role, capacity of the unit, config) per role: the
-        best way to cut this instance type into replicas of that role."""
+    def _configure(self, gpu_type: str, count: int, n_inst: int, per: int, role: str) -> ReplicaConfig | None:
+        """The replica of ``per`` GPUs over ``n_inst`` instances of ``count`` GPUs, for ``role``."""
+        key = ("unit", gpu_type, count, n_inst, per, role, self.gbps)
+        if key not in self._groups:
+            nodes = [Node(f"t{i}", gpu_type, count, 1.0, region="x") for i in range(n_inst)]
+            ctx = self.ctx_factory(Cluster(nodes, inter_node_gbps=self.gbps))
+            gpus = [g for node in nodes for g in node.gpu_ids()][:per]
+            self._groups[key] = configure_group(ctx, gpus, role)
+        return self._groups[key]
+
+    def shapes(self, gpu_type: str, count: int) -> list[tuple]:
+        """(instances, gpus per replica, replicas, role, capacity of the unit, config[, layout]) per role:
+        the best way to cut this instance type into replicas of that role; role ``pd`` is one instance
+        holding prefill and decode replicas (``layout``), so its KV never leaves the node."""
         key = (gpu_type, count)
         if key in self._cache:
             return self._cache[key]
@@ -99,11 +114,7 @@ class UnitCatalog:
             best = None
             for per in [k for k in (1, 2, 4, 8) if k <= count and count % k == 0] + [count * n for n in (2, 4, 8)]:
                 n_inst = max(1, per // count)
-                nodes = [Node(f"t{i}", gpu_type, count, 1.0, region="x") for i in range(n_inst)]
-                cl = Cluster(nodes, inter_node_gbps=self.gbps)
-                ctx = self.ctx_factory(cl)
-                gpus = [g for node in nodes for g in node.gpu_ids()][:per]
-                cfg = configure_group(ctx, gpus, role)
+                cfg = self._configure(gpu_type, count, n_inst, per, role)
                 if cfg is None or cfg.capacity <= 0:
                     continue
                 reps = max(1, count // per) if per <= count else 1
@@ -115,24 +126,58 @@ class UnitCatalog:
                     break  # bigger groups only cost more once the model fits
             if best is not None:
                 out.append(best)
+        if "prefill" in self.phases and "decode" in self.phases and count >= 2:
+            pd = self._pd_in_node(gpu_type, count)
+            if pd is not None:
+                out.append(pd)
         self._cache[key] = out
         return out
+
+    def _pd_in_node(self, gpu_type: str, count: int):
+        """One instance split into prefill and decode replicas (KV over the node's GPU link, no NIC):
+        the split with the most served rate, min(prefill capacity, decode capacity)."""
+        caps: dict[tuple[str, int], ReplicaConfig | None] = {}
+        for role in ("prefill", "decode"):
+            for k in (1, 2, 4, 8):
+                if k < count:
+                    caps[(role, k)] = self._configure(gpu_type, count, 1, k, role)
+        best = None
+        for ps in (1, 2, 4, 8):
+            pc = caps.get(("prefill", ps))
+            if pc is None or pc.capacity <= 0:
+                continue
+            for ds in (1, 2, 4, 8):
+                dc = caps.get(("decode", ds))
+                if dc is None or dc.capacity <= 0 or ps + ds > count:
+                    continue
+                for n_p in range(1, (count - ds) // ps + 1):
+                    n_d = (count - n_p * ps) // ds
+                    cap = min(n_p * pc.capacity, n_d * dc.capacity)
+                    if n_d >= 1 and (best is None or cap > best[4] * 1.001):
+                        layout = (("prefill", ps),) * n_p + (("decode", ds),) * n_d
+                        best = (1, count, n_p + n_d, "pd", cap, pc, layout)
+        return best
 
 
 def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *, phases: tuple[str, ...],
                  inter_node_gbps: float | None, kv_compression: str, max_gpus: int, top: int = 3,
-                 bandwidth_aware: bool = True, rate_cap: float = math.inf) -> list[PoolChoice]:
+                 bandwidth_aware: bool = True, rate_cap: float = math.inf, in_node_top: int = 1,
+                 group_cache: dict | None = None) -> list[PoolChoice]:
     """The best ``top`` pools (one per place) by MIP-estimated rate per dollar; raises BudgetTooSmall.
 
     ``rate_cap``: no need to rent for more than this rate (the demand with headroom); the cheapest
-    mix that reaches it wins, so a small demand does not spend the whole budget."""
+    mix that reaches it wins, so a small demand does not spend the whole budget.
+    ``in_node_top``: also the best pools whose KV never crosses the network (only colocated units and
+    instances holding both phases): the MIP's view of KV over the network is coarse (a NIC budget,
+    no TTFT cost), so the search gets that alternative to weigh too."""
     gbps = _site_bandwidth(inter_node_gbps)
-    units_cat = UnitCatalog(ctx_factory, phases, gbps)
+    units_cat = UnitCatalog(ctx_factory, phases, gbps, group_cache)
     by_site: dict[tuple[str, str], list[InstanceChoice]] = {}
     for (cloud, region, _gpu, _count), (offer, price, is_spot) in sorted(cheapest_per_type(offers, spot).items()):
         by_site.setdefault((cloud, region), []).append(InstanceChoice(offer, price, is_spot))
     solved: dict[tuple, tuple[float, float, list[tuple[Unit, int]]]] = {}
     results: list[tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = []
+    in_node: list[tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = []
     cheapest_replica = math.inf
     for site, kinds in by_site.items():
         sig = tuple(sorted((k.offer.gpu_type, k.offer.gpu_count, round(k.price, 4)) for k in kinds))
@@ -140,8 +185,8 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
             continue
         units = []
         for k in kinds:
-            for n_inst, per, reps, role, cap, cfg in units_cat.shapes(k.offer.gpu_type, k.offer.gpu_count):
-                u = Unit(k, n_inst, per, reps, role, cap, cfg)
+            for n_inst, per, reps, role, cap, cfg, *layout in units_cat.shapes(k.offer.gpu_type, k.offer.gpu_count):
+                u = Unit(k, n_inst, per, reps, role, cap, cfg, layout[0] if layout else ())
                 cheapest_replica = min(cheapest_replica, u.cost)
                 if u.cost <= budget and u.gpus <= max_gpus:
                     units.append(u)
@@ -153,11 +198,20 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
         solved[sig] = (rate, cost, picks)
         if rate > 0:
             results.append((rate / cost, site, rate, cost, picks))
+        local = [u for u in units if u.role in ("pd", "both")]
+        crosses = any(u.role in ("prefill", "decode") for u, _ in picks)  # else the same answer
+        if in_node_top and crosses and any(u.role == "pd" for u in local):
+            r2, c2, p2 = _solve_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
+                                    rate_cap)
+            if r2 > 0:
+                in_node.append((r2 / c2, site, r2, c2, p2))
     if not results:
         what = f"${cheapest_replica:.2f}/h" if math.isfinite(cheapest_replica) else "no offer that holds it"
         raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
     results.sort(key=lambda r: (-r[0], -r[2], r[1]))
-    return [_pool_from_picks(site, rate, cost, picks) for _, site, rate, cost, picks in results[:top]]
+    in_node.sort(key=lambda r: (-r[0], -r[2], r[1]))
+    chosen = results[:top] + in_node[:in_node_top]
+    return [_pool_from_picks(site, rate, cost, picks) for _, site, rate, cost, picks in chosen]
 
 
 def _kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:
@@ -199,7 +253,7 @@ def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbp
         row({i: u.instances for i, u in kind_units}, -np.inf, kind_units[0][1].kind.offer.capacity)
     row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "prefill"}}, -np.inf, 0.0)
     row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}}, -np.inf, 0.0)
-    row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "both"}}, -np.inf, 0.0)
+    row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}}, -np.inf, 0.0)
     if math.isfinite(rate_cap):
         row({n: 1.0, n + 1: 1.0}, -np.inf, rate_cap)
     if kv_s > 0:  # KV leaves prefill nodes over their NICs (at most LINK_UTILISATION busy each)
@@ -254,6 +308,13 @@ def _pool_from_picks(site: tuple[str, str], rate: float, cost: float, picks: lis
                                   o.cloud, o.instance_type))
                 ids.append(nid)
             gpus = [(nid, i) for nid in ids for i in range(o.gpu_count)]
+            if unit.layout:  # prefill and decode replicas inside the instance
+                pos = 0
+                for role, size in unit.layout:
+                    groups.append(gpus[pos : pos + size])
+                    roles.append(role)
+                    pos += size
+                continue
             per = unit.gpus_per_replica
             for r in range(unit.replicas):
                 groups.append(gpus[r * per : (r + 1) * per])

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from planner.capacity import ColocatedPolicy
 from planner.cluster import Cluster, cluster_from_instances
 from planner.deployment import plan_context
 from planner.evaluate import Evaluation, Evaluator, Group
-from planner.parallel import PlanContext, ReplicaConfig, configure_group, role_capacity
+from planner.parallel import PlanContext, ReplicaConfig, configure_group, role_capacity, spec_policy
 from planner.plan import Instance, Plan, PlanError, ReplicaSpec, Route
 from planner.search import initial_groups, label_phases
 from planner.workload import SLO, Workload
@@ -61,17 +62,20 @@ class _Configs:
 
     def __init__(self, ctx: PlanContext) -> None:
         self.ctx = ctx
-        self._cap: dict[tuple, tuple[float, object]] = {}
+        self._cap: dict[tuple, tuple[float, object, ColocatedPolicy]] = {}
 
-    def get(self, gpus: list[tuple[str, int]], tp: int, split: list[int], role: str) -> ReplicaConfig:
+    def get(self, gpus: list[tuple[str, int]], tp: int, split: list[int], role: str,
+            policy: ColocatedPolicy | None = None) -> ReplicaConfig:
+        """``policy``: a colocated replica that stays colocated keeps its engine setting (no restart)."""
         from planner.parallel import build_replica_model
 
         rm = build_replica_model(self.ctx, gpus, tp, split)
-        shape = (tuple((s.gpu.name, s.tp, s.layers) for s in rm.stages), tuple(round(b) for b, _ in rm.pp_links), role)
+        shape = (tuple((s.gpu.name, s.tp, s.layers) for s in rm.stages), tuple(round(b) for b, _ in rm.pp_links), role,
+                 policy)
         if shape not in self._cap:
-            self._cap[shape] = role_capacity(self.ctx, rm, role)
-        cap, curve = self._cap[shape]
-        return ReplicaConfig(tuple(gpus), tp, len(gpus) // tp, tuple(split), role, rm, cap, curve)  # type: ignore[arg-type]
+            self._cap[shape] = role_capacity(self.ctx, rm, role, policy)
+        cap, curve, pol = self._cap[shape]
+        return ReplicaConfig(tuple(gpus), tp, len(gpus) // tp, tuple(split), role, rm, cap, curve, pol)  # type: ignore[arg-type]
 
 
 def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Iterable[Instance] = (),
@@ -97,6 +101,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     configs = _Configs(ctx)
 
     survivors = [r for r in plan.replicas if not set(r.node_ids) & lost]
+    kept = {r.id: spec_policy(r) for r in survivors if r.role == "both"}
     dropped = [r.id for r in plan.replicas if set(r.node_ids) & lost]
     specs: list[tuple[str, list[tuple[str, int]], int, list[int], str]] = [
         (r.id, list(r.gpus), r.tp, list(r.layer_split), r.role) for r in survivors]
@@ -107,7 +112,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
         sub = Evaluator(PlanContext(ctx.model, ctx.workload, ctx.slo, fresh, ctx.eff))
         groups = initial_groups(sub, fresh)
         roles = label_phases(sub, groups, ("prefill", "decode")) if groups else []
-        next_id = 1 + max((int(r.id[1:]) for r in plan.replicas if r.id[1:].isdigit()), default=-1)
+        next_id = plan.first_free_replica_number()
         for g, role in zip(groups, roles, strict=True):
             cfg = configure_group(ctx, list(g), role)
             if cfg is None:
@@ -124,11 +129,11 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     if sum(1 for c in colocated if not c) == 1:
         options = [("both",) if c else ("prefill", "decode", "both") for c in colocated]
     best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
-                          t0 + time_limit_s)
+                          t0 + time_limit_s, kept)
     if best.goodput <= 0 and any(not c for c in colocated):  # PD cannot serve: go colocated
         options = [("both",)] * len(specs)
         best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
-                              t0 + time_limit_s)
+                              t0 + time_limit_s, kept)
 
     new_plan = _to_plan(plan, instances, specs, best, ctx)
     changes = Changes(sorted(lost), [i.id for i in new_instances], dropped, added)
@@ -155,11 +160,13 @@ def _plan_kv_mode(plan: Plan) -> str:
 
 
 def _search_phases(ev: Evaluator, configs: _Configs, specs, options, prices: dict[str, float],
-                   deadline: float) -> Evaluation:
+                   deadline: float, kept: dict[str, ColocatedPolicy] | None = None) -> Evaluation:
     groups: list[Group] = [tuple(s[1]) for s in specs]
+    kept = kept or {}
     per_role: list[dict[str, ReplicaConfig]] = []
-    for (_, gpus, tp, split, _), opts in zip(specs, options, strict=True):
-        per_role.append({role: configs.get(gpus, tp, split, role) for role in opts})
+    for (rid, gpus, tp, split, _), opts in zip(specs, options, strict=True):
+        per_role.append({role: configs.get(gpus, tp, split, role, kept.get(rid) if role == "both" else None)
+                         for role in opts})
 
     def score(roles: tuple[str, ...]) -> Evaluation:
         return ev.evaluate_configs(groups, list(roles), [per_role[i][r] for i, r in enumerate(roles)], prices)
@@ -205,9 +212,10 @@ def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: Pl
     ids = [s[0] for s in specs]
     gid = {f"g{i}": ids[i] for i in range(len(ids))}
     replicas = []
-    for (rid, gpus, tp, split, _), role in zip(specs, e.roles, strict=True):
+    for (rid, gpus, tp, split, _), role, cfg in zip(specs, e.roles, e.configs, strict=True):
+        mixed = cfg is not None and role == "both" and cfg.policy.mixed
         replicas.append(ReplicaSpec(rid, sorted({n for n, _ in gpus}), list(gpus), tp, len(gpus) // tp, role,  # type: ignore[arg-type]
-                                    list(split)))
+                                    list(split), cfg.policy.chunk if mixed else 0, mixed))
     total = e.routing.total
     routing = []
     for (p, d), f in sorted(e.routing.pairs.items()):
@@ -221,5 +229,6 @@ def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: Pl
     new = Plan(model=old.model, instances=instances, replicas=replicas, routing=routing, strategy=old.strategy,
                seed=old.seed, version=old.version, expected=expected, workload=ctx.workload.to_dict(),
                slo=ctx.slo.to_dict(), network=dict(old.network))
+    new.next_replica_id = max(old.first_free_replica_number(), new.first_free_replica_number())
     new.validate()
     return new

@@ -8,8 +8,13 @@ Per replica role:
 * ``decode``: a running batch; a request joins at an iteration boundary when its KV has arrived
   and its full length fits in the KV cache (FIFO admission); its first token (computed by prefill)
   is emitted on joining, then one token per iteration of ``decode_step_time(batch, context)``.
-* ``both`` (colocated): prefill first (SGLang's default): waiting prompts run as a prefill
-  iteration that stalls the running decode batch, else a decode iteration.
+* ``both`` (colocated), as the replica's engine setting says: prefill first (SGLang's default):
+  waiting prompts run as a prefill iteration (up to its chunk of tokens) that stalls the running
+  decode batch, else a decode iteration; or mixed chunks (``mixed_chunk``, SGLang
+  ``--enable-mixed-chunk``, vLLM's chunked prefill): every iteration carries the running decodes
+  plus up to ``prefill_chunk - batch`` prompt tokens and lasts as long as that whole pass
+  (``ReplicaModel.mixed_step_time``), so decodes advance during prefill but every chunk slows them.
+  A chunk that continues a prompt attends to (and reads the KV of) the prompt's earlier chunks.
 
 KV transfer: the prompt's KV, split by layer over the stage pairs whose layer ranges overlap, each
 part queued on its source node's NIC (FIFO) when it crosses nodes, or over the GPU link when it
@@ -63,6 +68,7 @@ class SimResult:
     overloaded: bool = False
     retried: int = 0
     finished_ids: list[int] = field(default_factory=list, repr=False)
+    steady_attainment: float = 1.0  # the same share over the requests after the warm-up (WARMUP_SHARE)
 
     @property
     def attainment(self) -> float:
@@ -97,12 +103,14 @@ class _Req:
 
 
 class _Replica:
-    def __init__(self, rid: str, role: str, rm: ReplicaModel, nodes: set[str], max_batch_tokens: int) -> None:
+    def __init__(self, rid: str, role: str, rm: ReplicaModel, nodes: set[str], max_batch_tokens: int,
+                 mixed: bool = False) -> None:
         self.id, self.role, self.rm, self.nodes = rid, role, rm, nodes
         self.pending_role: str | None = None
         self.alive = True
         self.ready_at = 0.0
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens  # prefill tokens per pass (SGLang chunked_prefill_size)
+        self.mixed = mixed  # colocated: prefill chunks ride with the decode batch (--enable-mixed-chunk)
         self.prefill_q: deque[_Req] = deque()
         self.stage_free = [0.0] * len(rm.stages)
         self.prefill_busy = False  # stage 0 occupied (prefill role) / a prefill iteration running (both)
@@ -150,14 +158,17 @@ class Simulator:
         for spec in plan.replicas:
             rep = self.replicas.get(spec.id)
             same = rep is not None and rep.alive and list(rep.rm.stages) == list(mat.models[spec.id].stages)
+            chunk = spec.prefill_chunk or self.max_batch_tokens
+            mixed = spec.role == "both" and spec.mixed_chunk
             if same:
                 assert rep is not None
+                rep.max_batch_tokens, rep.mixed = chunk, mixed
                 if rep.role != spec.role:
                     rep.pending_role = spec.role
                     if self._old_work_done(rep):
                         rep.role, rep.pending_role = spec.role, None
             else:
-                rep = _Replica(spec.id, spec.role, mat.models[spec.id], set(spec.node_ids), self.max_batch_tokens)
+                rep = _Replica(spec.id, spec.role, mat.models[spec.id], set(spec.node_ids), chunk, mixed=mixed)
                 rep.ready_at = start + load_s
                 self.replicas[spec.id] = rep
         live = {r.id for r in plan.replicas}
@@ -219,6 +230,9 @@ class Simulator:
         elif role == "decode":
             if not rep.iterating:
                 self._start_decode_iter(rep)
+        elif rep.mixed:  # both, mixed chunks: every iteration carries the decodes and a prefill chunk
+            if not rep.iterating:
+                self._start_mixed_iter(rep)
         elif not rep.iterating and not rep.prefill_busy:  # both: prefill first, if its KV fits
             head = rep.prefill_q[0] if rep.prefill_q else None
             fits = head is not None and (head.chunk_left < head.inp
@@ -228,8 +242,8 @@ class Simulator:
             else:
                 self._start_decode_iter(rep)
 
-    def _take_batch(self, rep: _Replica) -> list[tuple[_Req, int]]:
-        budget = rep.max_batch_tokens
+    def _take_batch(self, rep: _Replica, budget: int | None = None) -> list[tuple[_Req, int]]:
+        budget = rep.max_batch_tokens if budget is None else budget
         batch: list[tuple[_Req, int]] = []
         reserve = 0.0
         while rep.prefill_q and budget > 0:
@@ -255,7 +269,7 @@ class Simulator:
                 self._start_decode_iter(rep)
             return
         tokens = sum(t for _, t in batch)
-        sq = float(sum(t * t for _, t in batch))
+        sq, _ = _chunk_attention(batch)
         times = rep.rm.prefill_stage_times(tokens, sq, len(batch))
         times[0] += rep.rm.eff.step_overhead_s
         t = self.now
@@ -292,6 +306,27 @@ class Simulator:
         dur = rep.rm.decode_step_time(b, rep.ctx_sum)
         rep.iterating = True
         self._push(self.now + dur, "decode_iter", rep)
+
+    def _start_mixed_iter(self, rep: _Replica) -> None:
+        """Colocated with mixed chunks: one pass over the weights for the running decodes plus up to
+        ``max_batch_tokens - batch`` prompt tokens (SGLang's mixed-chunk budget)."""
+        b = len(rep.active)
+        batch = self._take_batch(rep, max(rep.max_batch_tokens - b, 0)) if rep.prefill_q else []
+        if not batch:
+            if not b:
+                rep.iterating = False
+                if rep.pending_role and self._old_work_done(rep):
+                    self._kick(rep)
+                return
+            rep.iterating = True  # nothing to prefill: a plain decode step
+            self._push(self.now + rep.rm.decode_step_time(b, rep.ctx_sum), "mixed_iter", (rep, ()))
+            return
+        tokens = sum(t for _, t in batch)
+        sq, prefix = _chunk_attention(batch)
+        done = [(req, req.attempt) for req, _ in batch if req.chunk_left == 0]
+        dur = rep.rm.mixed_step_time(b, rep.ctx_sum, tokens, sq, len(done), prefix)
+        rep.iterating = True
+        self._push(self.now + dur, "mixed_iter", (rep, done))
 
     def _join(self, rep: _Replica, req: _Req) -> None:
         """Request enters the running batch with its first token already produced."""
@@ -401,14 +436,20 @@ class Simulator:
             rep.iterating = False
             if not rep.alive:
                 return
-            rep.iter_no += 1
-            b = len(rep.active)
-            rep.ctx_sum += b
-            while rep.finish_heap and rep.finish_heap[0][0] <= rep.iter_no:
-                _, _, req = heapq.heappop(rep.finish_heap)
-                req.gen = req.out
-                rep.active.remove(req)
-                self._finish(rep, req, ctx=req.inp + req.out, held=req.inp + req.out)
+            self._advance_decodes(rep)
+            self._kick(rep)
+        elif kind == "mixed_iter":
+            rep, done = payload
+            rep.iterating = False
+            live = [(req, a) for req, a in done if a == req.attempt and req.id not in self.finished_ids]
+            if not rep.alive:  # the node died during the iteration: its prompts go elsewhere
+                for req, _ in live:
+                    req.attempt += 1
+                    self._retry(req)
+                return
+            self._advance_decodes(rep)
+            for req, _ in live:
+                self._join(rep, req)
             self._kick(rep)
         elif kind == "preempt":
             self._preempt(payload)
@@ -473,6 +514,16 @@ class Simulator:
             self._on(kind, payload)
         return self._result(reqs, overloaded)
 
+    def _advance_decodes(self, rep: _Replica) -> None:
+        """One token for every running sequence; the ones that reach their length finish."""
+        rep.iter_no += 1
+        rep.ctx_sum += len(rep.active)
+        while rep.finish_heap and rep.finish_heap[0][0] <= rep.iter_no:
+            _, _, req = heapq.heappop(rep.finish_heap)
+            req.gen = req.out
+            rep.active.remove(req)
+            self._finish(rep, req, ctx=req.inp + req.out, held=req.inp + req.out)
+
     @staticmethod
     def _old_work_done(rep: _Replica) -> bool:
         """Work of the replica's current role is finished, so a pending phase flip can happen."""
@@ -488,6 +539,8 @@ class Simulator:
         slo = self.slo
         ttft, tpot, e2e = [], [], []
         attained = 0
+        cut = reqs[int(WARMUP_SHARE * len(reqs))].id if reqs else 0
+        steady = 0
         for r in self.finished:
             first = r.first if r.first is not None else r.done_at
             tt = first - r.arrival
@@ -497,9 +550,23 @@ class Simulator:
             e2e.append(r.done_at - r.arrival)
             if tt <= slo.ttft_s and tp <= slo.tpot_s:
                 attained += 1
+                steady += r.id >= cut
+        n_steady = sum(1 for r in reqs if r.id >= cut)
         return SimResult(len(reqs), len(reqs) - self.refused, len(self.finished), attained, np.array(ttft),
                          np.array(tpot), np.array(e2e), self.now, overloaded, self.retried,
-                         sorted(self.finished_ids))
+                         sorted(self.finished_ids), steady / n_steady if n_steady else 1.0)
+
+
+def _chunk_attention(batch: list[tuple[_Req, int]]) -> tuple[float, float]:
+    """(causal attention term, prefix tokens read) of a prefill pass: a piece of ``t`` tokens that
+    starts ``o`` tokens into its prompt attends to ``o + 1 .. o + t`` keys, so it costs
+    ``2 t o + t^2`` in units where a whole prompt of ``s`` tokens costs ``s^2``."""
+    sq = prefix = 0.0
+    for req, t in batch:
+        o = req.inp - req.chunk_left - t
+        sq += 2.0 * t * o + float(t) * t
+        prefix += o
+    return sq, prefix
 
 
 def simulate(plan: Plan, workload: Workload, slo: SLO, *, duration_s: float | None = None,
@@ -514,27 +581,46 @@ def simulate(plan: Plan, workload: Workload, slo: SLO, *, duration_s: float | No
     return sim.run(reqs, preemption=preemption)
 
 
+WARMUP_SHARE = 0.2  # requests arriving into a still-empty system; goodput judges the ones after them
+MIN_SPAN_LIFETIMES = 2.0  # a judged run's arrivals last this many p90 request lifetimes (see meets_slo)
+MIN_REQUESTS = 1000  # fewer hide a slowly growing queue (a replica a few % over its capacity looks fine)
+
+
 def sim_requests_for(workload: Workload, slo: SLO, rate: float, *, min_duration_s: float = 40.0,
                      max_requests: int = 20000) -> int:
     """Enough requests to reach steady state: ~8 request lifetimes (at the SLO) of arrivals, at least
-    ``min_duration_s`` seconds of them."""
+    ``min_duration_s`` seconds and ``MIN_REQUESTS`` of them."""
     lifetime = slo.ttft_s + slo.tpot_s * workload.mean_output
     duration = max(min_duration_s, 8 * lifetime)
-    return int(min(max_requests, max(400, rate * duration)))
+    return int(min(max_requests, max(MIN_REQUESTS, rate * duration)))
+
+
+def meets_slo(plan: Plan, workload: Workload, slo: SLO, rate: float, *, n_requests: int | None = None,
+              seed: int = 0, max_requests: int = 20000) -> bool:
+    """Whether ``plan`` serves ``rate`` req/s with the SLO attainment target met (what ``goodput``
+    bisects on): not overloaded, the target met over all requests and after the warm-up, and the
+    arrivals spanning at least ``MIN_SPAN_LIFETIMES`` x the p90 end-to-end time: a capped number of
+    requests at a huge rate is a burst that a lax SLO absorbs, not proof of a steady state (a 135M
+    model on GPUs would otherwise "serve" millions of req/s)."""
+    n = n_requests or sim_requests_for(workload, slo, rate, max_requests=max_requests)
+    res = simulate(plan, workload.with_rate(rate), slo, n_requests=n, seed=seed)
+    if res.overloaded or min(res.attainment, res.steady_attainment) < slo.attainment:
+        return False
+    return len(res.e2e) == 0 or n / rate >= MIN_SPAN_LIFETIMES * float(np.percentile(res.e2e, 90))
 
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None = None, seed: int = 0,
             hi: float | None = None, iters: int = 8, max_requests: int = 20000) -> float:
     """Highest rate (req/s) at which the simulated SLO attainment meets the target (bisection).
 
+    A rate passes when the attainment meets the target over all requests and over the ones after the
+    warm-up (a slowly growing queue fails late requests first; an empty start flatters early ones).
     Each probe simulates ``n_requests`` arrivals (default: ``sim_requests_for``) with common random
     numbers, so probes at different rates see the same lengths and the same arrival pattern.
     """
 
     def ok(rate: float) -> bool:
-        n = n_requests or sim_requests_for(workload, slo, rate, max_requests=max_requests)
-        res = simulate(plan, workload.with_rate(rate), slo, n_requests=n, seed=seed)
-        return not res.overloaded and res.attainment >= slo.attainment
+        return meets_slo(plan, workload, slo, rate, n_requests=n_requests, seed=seed, max_requests=max_requests)
 
     guess = hi or float(plan.expected.get("goodput_rps", 0.0)) or 1.0
     lo, up = 0.0, guess * 1.25

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from planner.deployment import materialize
 from planner.evaluate import Evaluator
-from planner.parallel import config_from_spec
+from planner.parallel import config_from_spec, spec_policy
 from planner.plan import Plan
 from planner.routing import LINK_UTILISATION
 from planner.workload import SLO, Workload
@@ -46,7 +46,8 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
     ev = Evaluator(ctx, kv_compression="auto")
     roles = {r.id: r.role for r in plan.replicas}
     specs = {r.id: r for r in plan.replicas}
-    cfg = {rid: config_from_spec(ctx, list(specs[rid].gpus), specs[rid].tp, list(specs[rid].layer_split), roles[rid])
+    cfg = {rid: config_from_spec(ctx, list(specs[rid].gpus), specs[rid].tp, list(specs[rid].layer_split), roles[rid],
+                                 spec_policy(specs[rid]))
            for rid in roles}
     p_load: dict[str, float] = {}
     d_load: dict[str, float] = {}

@@ -6,8 +6,9 @@
 Routes: ``GET /health``; ``GET /replicas``; ``POST /replicas`` (body: ``replica_spec.ReplicaRequest``)
 -> 201 ``{id, url, bootstrap_port, status}``; ``GET /replicas/{id}``; ``DELETE /replicas/{id}``;
 ``POST /replicas/{id}/role`` ``{role, drain: true, timeout_s: 30}``. Each replica's record goes to
-Redis (``planner.state.StateStore``), the node's heartbeat every ttl/3. SIGTERM stops every engine
-cleanly; killing the agent's process group kills the node at once (engines share the group).
+Redis (``planner.state.StateStore``; from rank 0 only, for a replica over several nodes), the node's
+heartbeat every ttl/3. SIGTERM stops every engine cleanly; killing the agent's process group kills the
+node at once (engines share the group).
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ class NodeAgent:
 
     # -- Redis ----------------------------------------------------------------------------------------
     async def _publish(self, rep: ManagedReplica) -> None:
+        """Write the replica's record (what the gateway routes by and the controller reconciles on).
+
+        Only rank 0 writes it: a follower rank has no URL to route to, and its status must not overwrite
+        (or, once stopped, mark stopped) the record of the replica that rank 0 serves."""
+        if not rep.serves_http:
+            return
+
         def change(rec: ReplicaRecord) -> None:
             rec.role, rec.url, rec.status = rep.role, rep.url, rep.status
             rec.bootstrap_port = rep.bootstrap_port if rep.serves_bootstrap else None
@@ -172,7 +180,7 @@ class NodeAgent:
             if not await rep.wait_ready(timeout):
                 return _error(504, f"replica {req.id} not ready within {timeout:g} s (status {rep.status}); "
                                    f"it keeps starting, see {rep.log_path}")
-        return _json({"id": rep.id, "url": rep.url,
+        return _json({"id": rep.id, "url": rep.url if rep.serves_http else None, "node_rank": req.node_rank,
                       "bootstrap_port": rep.bootstrap_port if rep.serves_bootstrap else None,
                       "status": rep.status, "port": rep.port, "pid": rep.proc.pid if rep.proc else None}, 201)
 

@@ -4,6 +4,10 @@ The engine runs in the agent's process group (no new session): killing the agent
 whole node down at once, as a cloud preemption does. Status goes to Redis as the replica's
 ``ReplicaRecord``: starting -> ready; failed while it is down (then restarted with exponential
 backoff); switching during a role switch; stopped when the controller removes it.
+
+A multi-node SGLang replica runs one process per node; only rank 0 serves HTTP. A follower (node rank
+> 0) is healthy while its process lives: it is never probed over HTTP, so it is not restarted for the
+probes it cannot answer, and it takes no role switch (those go to rank 0).
 """
 
 from __future__ import annotations
@@ -88,13 +92,19 @@ class ManagedReplica:
         return [self.cfg.node_id if i == r.node_rank else f"{r.id}-rank{i}" for i in range(r.nnodes)]
 
     @property
+    def serves_http(self) -> bool:
+        """Only rank 0 of a multi-node replica has an HTTP server (and is the replica to route to)."""
+        return self.req.node_rank == 0
+
+    @property
     def serves_bootstrap(self) -> bool:
         return self.role in ("prefill", "decode")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "engine": self.req.engine, "model": self.req.model, "role": self.role,
-            "url": self.url, "port": self.port,
+            "url": self.url if self.serves_http else None, "port": self.port,
+            "node_rank": self.req.node_rank, "nnodes": self.req.nnodes,
             "bootstrap_port": self.bootstrap_port if self.serves_bootstrap else None,
             "status": self.status, "pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
             "last_exit": self.last_exit, "tp": self.req.tp, "pp": self.req.pp, "gpus": self.req.gpus,
@@ -245,6 +255,9 @@ class ManagedReplica:
         return self._session
 
     async def _probe(self) -> bool:
+        """HTTP /health; a follower rank has no server, and ``_watch`` only probes while its process lives."""
+        if not self.serves_http:
+            return True
         try:
             async with self.session.get(self.url + "/health",
                                         timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout_s)) as r:
@@ -262,6 +275,9 @@ class ManagedReplica:
     async def switch_role(self, role: str, drain: bool, timeout_s: float) -> tuple[int, dict[str, Any]]:
         """Call the worker's /pd_role_switch (SGLang's API), retrying while it is busy if ``drain``."""
         old = self.role
+        if not self.serves_http:
+            return 409, {"id": self.id, "success": False, "old_role": old, "new_role": role,
+                         "message": f"node rank {self.req.node_rank} serves no HTTP; switch rank 0's role"}
         if role == old:
             return 200, {"id": self.id, "success": True, "old_role": old, "new_role": role,
                          "message": "already in target role"}

@@ -352,3 +352,87 @@ async def test_plan_watch_survives_a_replica_record_it_cannot_read() -> None:
     assert gw.table.version == 0
     await watcher._safe_refresh()
     assert gw.table.version == 3 and [p.label() for p in gw.table.pairs] == ["p0->d0"]
+
+
+async def test_plan_watch_follows_redis_when_the_plan_version_goes_back() -> None:
+    """Redis restarted without persistence and the controller republished at v1: the gateway must follow
+    it, not keep routing to the replicas of the v5 it saw before."""
+    from gateway.auth import Authenticator
+    from gateway.context import Gateway
+    from gateway.metrics import GatewayMetrics
+    from gateway.plan_watch import PlanWatcher
+
+    def plan_of(version: int, decode: str) -> Plan:
+        return Plan(model="tiny", instances=[Instance(f"n{i}", "x", "L4", 1, True, 1.0) for i in range(2)],
+                    replicas=[ReplicaSpec("p0", ["n0"], [("n0", 0)], 1, 1, "prefill"),
+                              ReplicaSpec(decode, ["n1"], [("n1", 0)], 1, 1, "decode")],
+                    routing=[Route("p0", decode, 1.0)], version=version)
+
+    class Store:
+        plan = plan_of(5, "d0")
+
+        async def get_plan(self) -> Plan:
+            return self.plan
+
+        async def replicas(self) -> dict[str, ReplicaRecord]:
+            return {"p0": ReplicaRecord("p0", ["n0"], "prefill", url="http://p0:1", bootstrap_port=9100,
+                                        status="ready"),
+                    "d0": ReplicaRecord("d0", ["n1"], "decode", url="http://d0:1", status="ready"),
+                    "d1": ReplicaRecord("d1", ["n1"], "decode", url="http://d1:1", status="ready")}
+
+    store = Store()
+    cfg = parse_config(["--redis-url", "redis://x:1/0"])
+    gw = Gateway(cfg=cfg, metrics=GatewayMetrics(), pool=WorkerPool(), auth=Authenticator(None, [], None, False),
+                 table=RoutingTable([], source="plan"))
+    watcher = PlanWatcher(gw, store)  # type: ignore[arg-type]
+    assert await watcher.refresh()
+    assert gw.table.version == 5 and [p.label() for p in gw.table.pairs] == ["p0->d0"]
+    store.plan = plan_of(1, "d1")  # Redis wiped, plan republished
+    assert await watcher.refresh()
+    assert gw.table.version == 1 and [p.label() for p in gw.table.pairs] == ["p0->d1"]
+
+
+async def test_admin_key_routes_answer_503_when_redis_is_down() -> None:
+    """The admin key routes with Redis unreachable: a 503 in OpenAI's error shape with Retry-After, not a
+    500 and a traceback (the gateway itself is fine; its shared store is not)."""
+    import socket
+
+    import aiohttp
+    from aiohttp import web
+
+    from gateway import admin
+    from gateway.app import errors_and_metrics
+    from gateway.auth import Authenticator
+    from gateway.context import GATEWAY, Gateway
+    from gateway.metrics import GatewayMetrics
+    from planner.state import StateStore
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    cfg = parse_config(["--redis-url", f"redis://127.0.0.1:{dead}/0", "--admin-key", "root"])
+    state = StateStore.from_url(cfg.redis_url)
+    gw = Gateway(cfg=cfg, metrics=GatewayMetrics(), pool=WorkerPool(),
+                 auth=Authenticator(state, [], "root", True), table=RoutingTable([], source="plan"), state=state)
+    app = web.Application(middlewares=[errors_and_metrics])
+    app[GATEWAY] = gw
+    admin.add_routes(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            root = {"Authorization": "Bearer root"}
+            for method, path, body in (("GET", "/admin/keys", None), ("POST", "/admin/keys", {"name": "a"}),
+                                       ("DELETE", "/admin/keys/abc", None)):
+                async with session.request(method, f"http://127.0.0.1:{port}{path}", json=body, headers=root) as r:
+                    err = (await r.json())["error"]
+                    assert r.status == 503 and r.headers["Retry-After"] == "2", (path, r.status, err)
+                    assert err["code"] == "state_store_unavailable" and "Redis" in err["message"]
+            async with session.get(f"http://127.0.0.1:{port}/admin/workers", headers=root) as r:
+                assert r.status == 200  # routes that do not need Redis keep working
+    finally:
+        await runner.cleanup()
+        await state.r.aclose()

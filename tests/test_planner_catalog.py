@@ -72,6 +72,12 @@ def test_load_offers_reads_every_shared_catalog_in_any_column_order() -> None:
     assert lam["gpu_1x_h100_pcie"] == "H100-PCIE" and lam["gpu_8x_a100_80gb_sxm4"] == "A100-80GB"
     assert lam["gpu_1x_a100"] == "A100"  # 40 GB by its GpuInfo
     assert "RTX4000-Ada" in unknown  # no figures for it: skipped, and said so
+    # Vast's GpuInfo gives the instance's total GPU memory (2x V100 16 GB = 32768 MiB): per GPU it is 16 GB,
+    # so neither V100-32GB nor A100-80GB (2x A100 SXM4 40 GB = 81920 MiB) may come out of it
+    vast = {o.instance_type: o.gpu_type for o in offers if o.cloud == "vast"}
+    assert vast["1x-Tesla_V100-32-65536"] == vast["2x-Tesla_V100-32-65536"] == "V100"
+    assert vast["2x-A100_SXM4-32-65536"] == vast["8x-A100_SXM4-32-65536"] == "A100"
+    assert vast["2x-H100_NVL-32-65536"] == "H100-NVL" and vast["12x-RTX_4090-32-65536"] == "RTX4090"
 
 
 def test_malformed_catalogs_name_file_line_and_column(tmp_path: Path) -> None:

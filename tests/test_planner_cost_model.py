@@ -90,3 +90,24 @@ def test_routing_lp_respects_every_capacity() -> None:
     assert sol.total == pytest.approx(1.5 + 2.0 + 2 * LINK_UTILISATION, rel=1e-6)  # decode d0 + link bound
     assert sum(sol.weights().values()) == pytest.approx(1.0)
     assert solve_routing(RoutingProblem(prefill=["p"], decode=[])).total == 0.0
+
+
+def test_a_mixed_step_costs_its_chunk_plus_the_decodes_minus_one_weight_read() -> None:
+    """Chunked prefill mixed with decode (SGLang --enable-mixed-chunk, vLLM): the GEMMs of the decode rows
+    and the chunk share one read of the weights; attention stays separate kernels, so the decodes'
+    KV reads are not hidden under the chunk's compute."""
+    rm = one_stage("llama-2-13b", "H100", eff=Efficiency())
+    m, g = rm.model, GPUS["H100"]
+    b, ctx = 32, 32 * 2100
+    dec = rm.decode_step_time(b, ctx)
+    assert rm.mixed_step_time(b, ctx, 0, 0.0, 0) == dec  # no chunk: a plain decode step
+    for chunk in (256, 1024, 4096):
+        mixed = rm.mixed_step_time(b, ctx, chunk, float(chunk) ** 2, 1)
+        pre = rm.prefill_time(chunk, float(chunk) ** 2, 1)
+        weights = m.weight_bytes / (g.mem_bytes_per_s * 0.8)
+        assert max(pre, dec) < mixed < pre + dec  # one pass, longer than either part alone
+        assert mixed > pre + dec - weights - 2e-3  # ... it saves at most one weight read (+ one step overhead)
+    # a later chunk of a long prompt attends to the earlier ones: it costs more than the first chunk
+    first = rm.mixed_step_time(b, ctx, 1024, 1024.0**2, 0)
+    later = rm.mixed_step_time(b, ctx, 1024, 2 * 1024 * 6144 + 1024.0**2, 0, prefix_tokens=6144)
+    assert later > first

@@ -112,3 +112,80 @@ def test_reschedule_folds_in_new_nodes_and_rejects_unknown_ones() -> None:
     assert changes.added_replicas and "n9" in {i.id for i in new.instances}
     with pytest.raises(PlanError, match="unknown node"):
         reschedule(plan, lost_nodes=["nope"])
+
+
+def test_reschedule_never_reuses_a_lost_replicas_id() -> None:
+    """A replacement gets a fresh id even when the lost replica had the highest one, across two steps
+    (loss, then the replacement folded in) and through the plan's JSON, as the controller does it."""
+    from planner.plan import Plan
+
+    plan = pd_plan()
+    last = max(plan.replicas, key=lambda r: int(r.id[1:]))
+    issued = {r.id for r in plan.replicas}
+    after_loss, _ = reschedule(plan, lost_nodes=last.node_ids)
+    after_loss = Plan.from_json(after_loss.to_json())
+    assert last.id not in {r.id for r in after_loss.replicas}
+    folded, changes = reschedule(after_loss, new_instances=[Instance("n9", "1x_L40S", "L40S", 1, True, 0.86)])
+    assert changes.added_replicas and not set(changes.added_replicas) & issued
+    assert folded.first_free_replica_number() > max(int(i[1:]) for i in issued | set(changes.added_replicas))
+
+
+def _colocated_run(plan, mixed: bool, chunk: int, long_every: int) -> tuple[float, float]:
+    """(median TPOT, p90 TTFT) of the short requests on one colocated replica, with every
+    ``long_every``-th prompt 8,000 tokens long (0: none)."""
+    import dataclasses
+
+    from planner.simulator import Simulator
+    from planner.workload import Request
+
+    r = plan.replicas[0]
+    p = dataclasses.replace(plan, replicas=[dataclasses.replace(r, mixed_chunk=mixed, prefill_chunk=chunk)])
+    rng = np.random.default_rng(0)
+    t, reqs = 0.0, []
+    for i in range(300):
+        t += rng.exponential(1 / 4.0)
+        reqs.append(Request(i, t, 8000 if long_every and i % long_every == 0 else 256, 256))
+    sim = Simulator(p, SLO(5.0, 0.05), workload=Workload(4.0, Lengths.fixed(256), Lengths.fixed(256)),
+                    overload_factor=1e9)
+    sim.run(reqs)
+    short = [q for q in sim.finished if q.inp == 256]
+    tpot = [(q.done_at - q.first) / (q.total_out - 1) for q in short]
+    ttft = [q.first - q.arrival for q in short]
+    return float(np.median(tpot)), float(np.percentile(ttft, 90))
+
+
+def test_colocated_tpot_degrades_when_long_prompts_arrive() -> None:
+    """Interference per step: a colocated replica's running decodes wait for (prefill first) or share
+    their iterations with (mixed chunks) every prompt's prefill, so long prompts arriving among short
+    ones raise the short requests' TPOT; smaller mixed chunks protect TPOT and cost TTFT."""
+    wl = Workload(4.0, Lengths.fixed(256), Lengths.fixed(256))
+    plan = plan_deployment("llama-2-7b", wl, SLO(5.0, 0.05), pool="A100-80GB", strategy="hexgen", time_limit_s=0.5,
+                           verify=False)
+    base, _ = _colocated_run(plan, False, 0, 0)
+    stalled, ttft_stalled = _colocated_run(plan, False, 0, 10)
+    mixed, ttft_mixed = _colocated_run(plan, True, 512, 10)
+    assert stalled > 1.8 * base  # one 8k prompt stalls every running decode for ~0.66 s
+    assert base < mixed < stalled  # decodes advance during mixed chunks, each one slower
+    assert ttft_mixed > ttft_stalled  # ... and the prompts wait longer for their first token
+
+
+def test_engine_settings_travel_in_the_plan_json() -> None:
+    import dataclasses
+
+    from planner.plan import Plan
+
+    plan = plan_deployment("llama-2-7b", WL, SLO_, pool="2xL40S", strategy="hexgen", time_limit_s=0.5,
+                           verify=False)
+    r = plan.replicas[0]
+    p = dataclasses.replace(plan, replicas=[dataclasses.replace(r, mixed_chunk=True, prefill_chunk=512),
+                                            *plan.replicas[1:]])
+    d = p.to_dict()
+    assert d["replicas"][0]["mixed_chunk"] is True and d["replicas"][0]["prefill_chunk"] == 512
+    back = Plan.from_json(p.to_json())
+    assert back.replicas[0].mixed_chunk and back.replicas[0].prefill_chunk == 512
+    plain = dataclasses.replace(plan, replicas=[dataclasses.replace(x, mixed_chunk=False, prefill_chunk=0)
+                                                for x in plan.replicas])
+    assert all("mixed_chunk" not in x and "prefill_chunk" not in x for x in plain.to_dict()["replicas"])
+    assert Plan.from_dict(plain.to_dict()).replicas[0].mixed_chunk is False  # older JSON reads as the default
+    with pytest.raises(PlanError, match="mixed_chunk"):
+        dataclasses.replace(plan, replicas=[dataclasses.replace(r, role="prefill", mixed_chunk=True)]).validate()
