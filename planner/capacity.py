@@ -217,7 +217,7 @@ def _output_gaps(wl: Workload) -> np.ndarray:
     return np.array([max(wl.output.quantile((i + 0.5) / 12) - 1.0, 0.0) for i in range(12)])
 
 
-def colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
+def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
     ctx = wl.mean_input + wl.mean_output / 2
     b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
     if b_mem < 1:
@@ -337,7 +337,7 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
     return ttft, float(viol.mean())
 
 
-def colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets, chunk: int) -> float:
+def _colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets, chunk: int) -> float:
     b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
     if b_mem < 1:
         return 0.0
@@ -367,3 +367,41 @@ def best_colocated(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> tupl
         if cap > best[0] * 1.001:
             best = (cap, ColocatedPolicy(True, chunk))
     return best
+
+
+# -- memo ----------------------------------------------------------------------------------------------
+# A colocated replica's capacity depends only on its shape (GPU type, TP and layers per stage, PP links),
+# the model, the efficiencies, the workload and the SLO. The rent step meets the same shape many times
+# (a 1-GPU H100 replica from the 1x, 2x and 8x H100 offers of every region), and each capacity is a
+# bisection over rates of a fixed-point search: computing it once per shape keeps planning inside its
+# time limit. Bounded; cleared when full.
+_MEMO: dict[tuple, float] = {}
+_MEMO_MAX = 20000
+
+
+def _shape_key(rm: ReplicaModel) -> tuple:
+    return (rm.model, rm.eff, tuple((st.gpu, st.tp, st.layers, st.first, st.last) for st in rm.stages),
+            tuple((round(b, 3), round(lat, 9)) for b, lat in rm.pp_links))
+
+
+def _memo(key: tuple, compute) -> float:
+    try:
+        value = _MEMO.get(key)
+    except TypeError:  # an unhashable workload (e.g. lengths from a trace as arrays): no memo
+        return compute()
+    if value is None:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        value = _MEMO[key] = compute()
+    return value
+
+
+def colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
+    """Req/s at the SLO of a colocated replica with SGLang's default (prefill-first) scheduling."""
+    return _memo(("pf", _shape_key(rm), wl, slo, t), lambda: _colocated_capacity(rm, wl, slo, t))
+
+
+def colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets, chunk: int) -> float:
+    """Req/s at the SLO of a colocated replica with mixed chunks of ``chunk`` tokens."""
+    return _memo(("mix", chunk, _shape_key(rm), wl, slo, t),
+                 lambda: _colocated_mixed_capacity(rm, wl, slo, t, chunk))

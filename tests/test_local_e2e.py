@@ -110,7 +110,7 @@ def test_up_brings_mixed_gpu_nodes_and_answers_chat(cluster: LocalCluster) -> No
     snap = cluster.status()
     ready = [n for n in snap["nodes"] if n["status"] == "ready"]
     assert len(ready) >= 3, snap["nodes"]
-    assert len({n["gpu_type"] for n in ready}) >= 2, f"expected mixed GPU types: {[n['gpu_type'] for n in ready]}"
+    assert len({n["gpu_type"] for n in ready}) >= 3, f"want 3+ GPU types: {[n['gpu_type'] for n in ready]}"
     roles = {r["role"] for r in snap["replicas"] if r["status"] == "ready"}
     assert {"prefill", "decode"} <= roles, snap["replicas"]
     assert snap["spend_per_hour"] <= snap["budget_per_hour"]

@@ -111,3 +111,39 @@ def test_a_mixed_step_costs_its_chunk_plus_the_decodes_minus_one_weight_read() -
     first = rm.mixed_step_time(b, ctx, 1024, 1024.0**2, 0)
     later = rm.mixed_step_time(b, ctx, 1024, 2 * 1024 * 6144 + 1024.0**2, 0, prefix_tokens=6144)
     assert later > first
+
+
+def test_colocated_capacity_is_computed_once_per_replica_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rent step meets the same replica shape from many offers (1x, 2x, 8x instances, every region): the
+    capacity search runs once per shape, and the memo returns exactly what a fresh computation would."""
+    import planner.capacity as cap
+    from planner.capacity import Targets, colocated_mixed_capacity
+
+    wl = Workload(0.0, Lengths(512, "lognormal", 0.8, lo=8, hi=4096), Lengths(128, "lognormal", 0.8, lo=1, hi=1024))
+    slo = SLO(2.0, 0.1)
+    t = Targets.for_slo(slo)
+    m = load_model("llama-2-7b")
+    a = ReplicaModel(m, [Stage("n0", GPUS["L40S"], 1, m.layers, True, True)], [])
+    b = ReplicaModel(m, [Stage("n7", GPUS["L40S"], 1, m.layers, True, True)], [])  # same shape, other node
+    c = ReplicaModel(m, [Stage("n0", GPUS["A100-80GB"], 1, m.layers, True, True)], [])
+    cap._MEMO.clear()
+    calls: list[int] = []
+    real = cap._colocated_mixed_capacity
+    monkeypatch.setattr(cap, "_colocated_mixed_capacity", lambda *args: calls.append(1) or real(*args))
+    first = colocated_mixed_capacity(a, wl, slo, t, 512)
+    assert first > 0 and colocated_mixed_capacity(b, wl, slo, t, 512) == first and len(calls) == 1
+    assert colocated_mixed_capacity(a, wl, slo, t, 256) != first and len(calls) == 2  # another chunk: computed
+    assert colocated_mixed_capacity(c, wl, slo, t, 512) != first and len(calls) == 3  # another GPU: computed
+    cap._MEMO.clear()
+    assert real(a, wl, slo, t, 512) == first
+
+
+def test_finalist_race_prefers_a_cheaper_plan_at_the_same_goodput() -> None:
+    from planner.scheduler import _rate_to_beat
+
+    # most goodput (no demanded rate): 1% more, or the same within 0.5% when at least 1% cheaper
+    assert _rate_to_beat("goodput", 100.0, 10.0, 10.0) == pytest.approx(101.0)
+    assert _rate_to_beat("goodput", 100.0, 10.0, 8.9) == pytest.approx(99.5)
+    assert _rate_to_beat("goodput", 100.0, 10.0, 9.95) == pytest.approx(101.0)  # 0.5% cheaper is noise
+    # per dollar: 1% more goodput per dollar at the finalist's own cost
+    assert _rate_to_beat("per_dollar", 100.0, 10.0, 5.0) == pytest.approx(50.5)
