@@ -8,7 +8,9 @@ prefill and decode write into, the LM head on the last prompt token only, and th
 of launch overhead is what SGLang's CUDA graphs leave.
 
 Measures (CUDA events, warm-up, median of several): prefill latency at batch 1 for several prompt
-lengths, and decode step latency at a fixed context for several batch sizes. Predicts the same
+lengths, decode step latency at a fixed context for several batch sizes, and a mixed step (a decode
+batch plus a prefill chunk in one pass, SGLang ``--enable-mixed-chunk``) against the same chunk and
+decode step run apart, both captured as CUDA graphs, to check ``ReplicaModel.mixed_step_time``. Predicts the same
 points with the planner's own ``ReplicaModel`` (TP=1, PP=1, the GPU's catalog figures from
 ``planner.gpus``, ``DEFAULT_EFF``) and prints a plain table and, last, one JSON line.
 
@@ -170,6 +172,37 @@ class Decoder:
         out = F.linear(self._norm(x, self.final_norm), self.lm_head)
         return out if logits else out.argmax(-1)
 
+    def mixed(self, dec_ids: torch.Tensor, pos: int, chunk_ids: torch.Tensor) -> torch.Tensor:
+        """One iteration of chunked prefill mixed with decode (SGLang ``--enable-mixed-chunk``): ``b``
+        decoding sequences (each holding ``pos`` tokens) and the first ``c``-token chunk of a new prompt.
+        The GEMMs see ``b + c`` rows (one read of the weights); attention runs per part, as engines do."""
+        s, b, c = self.s, dec_ids.shape[0], chunk_ids.shape[1]
+        nh, nkv, hd = s.heads, s.kv_heads, s.hd
+        dcos, dsin = self.cos[pos][None, None, None], self.sin[pos][None, None, None]
+        pcos, psin = self.cos[:c][None, None], self.sin[:c][None, None]
+        x = torch.cat([F.embedding(dec_ids, self.embed), F.embedding(chunk_ids[0], self.embed)])  # (b + c, hidden)
+        for i, lw in enumerate(self.layers):
+            qkv = F.linear(self._norm(x, lw["ln1"]), lw["qkv"])
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            qd = self._rope(q[:b].view(b, nkv, self.group, hd), dcos, dsin)
+            self.dk[i][:b, :, pos:pos + 1].copy_(self._rope(k[:b].view(b, nkv, 1, hd), dcos, dsin))
+            self.dv[i][:b, :, pos:pos + 1].copy_(v[:b].view(b, nkv, 1, hd))
+            ad = F.scaled_dot_product_attention(qd, self.dk[i][:b, :, :pos + 1], self.dv[i][:b, :, :pos + 1])
+            qp = self._rope(q[b:].view(1, c, nh, hd).transpose(1, 2), pcos, psin)
+            self.pk[i][:, :, :c].copy_(self._rope(k[b:].view(1, c, nkv, hd).transpose(1, 2), pcos, psin))
+            self.pv[i][:, :, :c].copy_(v[b:].view(1, c, nkv, hd).transpose(1, 2))
+            kk, vv = self.pk[i][:, :, :c], self.pv[i][:, :, :c]
+            if self.gqa == "repeat":
+                kk, vv = kk.repeat_interleave(self.group, 1), vv.repeat_interleave(self.group, 1)
+                ap = F.scaled_dot_product_attention(qp, kk, vv, is_causal=True)
+            else:
+                ap = F.scaled_dot_product_attention(qp, kk, vv, is_causal=True, enable_gqa=True)
+            a = torch.cat([ad.reshape(b, nh * hd), ap.transpose(1, 2).reshape(c, nh * hd)])
+            x = x + F.linear(a, lw["o"])
+            x = x + self._mlp(self._norm(x, lw["ln2"]), lw)
+        rows = torch.cat([x[:b], x[-1:]])  # the LM head: every decode row and the chunk's last token
+        return F.linear(self._norm(rows, self.final_norm), self.lm_head).argmax(-1)
+
     def check_consistency(self, n: int) -> float:
         """Max |logit difference| between prefilling n+1 tokens and prefilling n then decoding one
         (through the decode cache): a wrong cache, RoPE position or GQA mapping shows up here."""
@@ -205,6 +238,22 @@ def probe_gqa(device: str, dtype: torch.dtype) -> str:
 
 
 # -- timing -------------------------------------------------------------------------------------------
+def captured(fn: Callable[[], object], device: str, pool) -> Callable[[], object]:
+    """``fn`` as a CUDA graph replay on the GPU (warmed up on a side stream first), else ``fn`` itself."""
+    if device != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph.replay
+
+
 def median_ms(fn: Callable[[], object], device: str, reps: int, warmup: int) -> tuple[float, list[float]]:
     """Median milliseconds of ``fn()`` (CUDA events around each call on a GPU, wall clock on the CPU)."""
     for _ in range(warmup):
@@ -284,6 +333,8 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="comma-separated decode batch sizes")
     ap.add_argument("--context", type=int, default=None, help="tokens each decoding sequence already holds")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per point (median reported)")
+    ap.add_argument("--chunks", default=None, help="comma-separated prefill chunk sizes mixed into a decode batch")
+    ap.add_argument("--mixed-batch", type=int, default=None, help="decode batch of the mixed steps (default 32)")
     ap.add_argument("--json-out", default=None, help="also write the final JSON line to this file")
     args = ap.parse_args()
 
@@ -298,6 +349,8 @@ def main() -> None:
     batches = [int(x) for x in (args.batches or ("1,4" if smoke else "1,8,32,128")).split(",")]
     ctx = args.context or (32 if smoke else 1024)
     reps = args.reps or (3 if smoke else 10)
+    chunks = [int(x) for x in (args.chunks or ("16" if smoke else "256,512,1024,2048")).split(",")]
+    mixed_batch = args.mixed_batch or (4 if smoke else 32)
     torch.manual_seed(0)
     if smoke:
         torch.set_num_threads(2)
@@ -341,7 +394,7 @@ def main() -> None:
     if smoke and not ok:
         sys.exit(1)
     t0 = time.perf_counter()
-    net = Decoder(spec, device, dtype, max(batches), ctx, max(prompts), gqa)
+    net = Decoder(spec, device, dtype, max(batches), ctx, max(*prompts, *chunks), gqa)
     if device == "cuda":
         torch.cuda.synchronize()
         print(f"built decoder in {time.perf_counter() - t0:.1f}s; GPU memory allocated "
@@ -367,22 +420,15 @@ def main() -> None:
             print(f"  prefill {n}: {ms:.3f} ms", flush=True)
         # decode, CUDA graph per batch size on the GPU
         pool = torch.cuda.graph_pool_handle() if device == "cuda" else None
+        decode_ms: dict[int, float] = {}
+        graphs: list[Callable[[], object]] = []
         for b in batches:
             ids = torch.randint(0, spec.vocab, (b,), device=device)
-            if device == "cuda":
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        net.decode(ids, ctx)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    net.decode(ids, ctx)
-                step = graph.replay
-            else:
-                step = lambda ids=ids: net.decode(ids, ctx)  # noqa: E731
+            step = captured(lambda ids=ids: net.decode(ids, ctx), device, pool)
             ms, _ = median_ms(step, device, reps=max(reps, 20) if device == "cuda" else reps, warmup=3)
+            decode_ms[b] = ms
+            graphs.append(step)  # kept alive: freeing a graph of a shared pool before the next capture trips
+            # PyTorch's caching allocator (seen with torch 2.11: "use_count > 0 INTERNAL ASSERT FAILED")
             context_tokens = b * (ctx + 1)
             pred_s = rm.decode_step_time(b, context_tokens)
             flops, nbytes = model_counts(spec, "decode", b, context_tokens)
@@ -391,8 +437,30 @@ def main() -> None:
                            "predicted_gpu_only_ms": (pred_s - eff.step_overhead_s) * 1e3,
                            "flops": flops, "bytes": nbytes})
             print(f"  decode b={b}: {ms:.3f} ms", flush=True)
-            if device == "cuda":
-                del graph
+        # chunked prefill mixed with decode, against the same chunk and decode batch run apart (all graphed)
+        mb = mixed_batch if mixed_batch in decode_ms else max(decode_ms)
+        for c in chunks:
+            dec_ids = torch.randint(0, spec.vocab, (mb,), device=device)
+            chunk_ids = torch.randint(0, spec.vocab, (1, c), device=device)
+            mixed_step = captured(lambda d=dec_ids, p=chunk_ids: net.mixed(d, ctx, p), device, pool)
+            ms, _ = median_ms(mixed_step, device, reps=max(reps, 20) if device == "cuda" else reps, warmup=3)
+            alone = captured(lambda p=chunk_ids: net.prefill(p), device, pool)
+            pre_ms, _ = median_ms(alone, device, reps=max(reps, 20) if device == "cuda" else reps, warmup=3)
+            graphs += [mixed_step, alone]
+            context_tokens = mb * (ctx + 1)
+            pred_s = rm.mixed_step_time(mb, context_tokens, c, float(c * c), 1)
+            pred_apart = rm.prefill_time(c, float(c * c), 1) + rm.decode_step_time(mb, context_tokens)
+            fp, bp = model_counts(spec, "prefill", c)
+            fd, bd = model_counts(spec, "decode", mb, context_tokens)
+            b_weights = spec.layers * spec.layer_bytes + spec.head_params * spec.dtype_bytes
+            points.append({"kind": "mixed", "point": f"mixed b={mb}+{c} tok", "tokens": mb + c, "batch": mb,
+                           "measured_ms": ms, "predicted_ms": pred_s * 1e3,
+                           "predicted_gpu_only_ms": (pred_s - eff.step_overhead_s) * 1e3,
+                           "flops": fp + fd, "bytes": bp + bd - b_weights,
+                           "apart_measured_ms": pre_ms + decode_ms[mb],
+                           "apart_predicted_gpu_only_ms": (pred_apart - 2 * eff.step_overhead_s) * 1e3})
+            print(f"  mixed b={mb} + chunk {c}: {ms:.3f} ms (apart: prefill {pre_ms:.3f} + decode "
+                  f"{decode_ms[mb]:.3f} ms)", flush=True)
 
     rows = []
     for p in points:
@@ -417,6 +485,16 @@ def main() -> None:
 
     pre = [p for p in points if p["kind"] == "prefill"]
     dec = [p for p in points if p["kind"] == "decode"]
+    mix = [p for p in points if p["kind"] == "mixed"]
+    for p in mix:  # what one pass saves over running the chunk and the decode step apart
+        p["saving_measured"] = 1 - p["measured_ms"] / p["apart_measured_ms"]
+        p["saving_predicted"] = 1 - p["predicted_gpu_only_ms"] / p["apart_predicted_gpu_only_ms"]
+    if mix:
+        print_table("Mixed step vs the same chunk and decode batch apart (GPU time; prediction without host overhead)",
+                    ["point", "mixed ms", "apart ms", "saving", "pred-gpu mixed", "pred-gpu apart", "pred saving"],
+                    [[p["point"], f"{p['measured_ms']:.3f}", f"{p['apart_measured_ms']:.3f}",
+                      f"{p['saving_measured']:.2f}", f"{p['predicted_gpu_only_ms']:.3f}",
+                      f"{p['apart_predicted_gpu_only_ms']:.3f}", f"{p['saving_predicted']:.2f}"] for p in mix])
     big = max(pre, key=lambda p: p["tokens"]) if pre else None
     small = min(dec, key=lambda p: p["batch"]) if dec else None
     suggest = {
@@ -443,11 +521,13 @@ def main() -> None:
         "points": [{k: (r(v) if isinstance(v, float) else v) for k, v in p.items()
                     if k in ("point", "kind", "measured_ms", "predicted_ms", "ratio", "predicted_gpu_only_ms",
                              "ratio_gpu_only", "achieved_tflops", "compute_fraction", "achieved_gbs",
-                             "memory_fraction")} for p in points],
+                             "memory_fraction", "apart_measured_ms", "apart_predicted_gpu_only_ms",
+                             "saving_measured", "saving_predicted")} for p in points],
         "mape_prefill_pct": mape([(p["predicted_ms"], p["measured_ms"]) for p in pre]),
         "mape_decode_pct": mape([(p["predicted_ms"], p["measured_ms"]) for p in dec]),
         "mape_prefill_gpu_only_pct": mape([(p["predicted_gpu_only_ms"], p["measured_ms"]) for p in pre]),
         "mape_decode_gpu_only_pct": mape([(p["predicted_gpu_only_ms"], p["measured_ms"]) for p in dec]),
+        "mape_mixed_gpu_only_pct": mape([(p["predicted_gpu_only_ms"], p["measured_ms"]) for p in mix]),
         "implied_efficiency": suggest,
     }
     line = json.dumps(summary)

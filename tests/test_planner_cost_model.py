@@ -104,7 +104,7 @@ def test_a_mixed_step_costs_its_chunk_plus_the_decodes_minus_one_weight_read() -
     for chunk in (256, 1024, 4096):
         mixed = rm.mixed_step_time(b, ctx, chunk, float(chunk) ** 2, 1)
         pre = rm.prefill_time(chunk, float(chunk) ** 2, 1)
-        weights = m.weight_bytes / (g.mem_bytes_per_s * 0.8)
+        weights = m.weight_bytes / (g.mem_bytes_per_s * rm.eff.memory)
         assert max(pre, dec) < mixed < pre + dec  # one pass, longer than either part alone
         assert mixed > pre + dec - weights - 2e-3  # ... it saves at most one weight read (+ one step overhead)
     # a later chunk of a long prompt attends to the earlier ones: it costs more than the first chunk
