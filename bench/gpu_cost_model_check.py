@@ -122,6 +122,17 @@ class Decoder:
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rot * sin
 
+    def _prompt_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of one prompt's ``n`` tokens at layer ``i`` (K/V written to the prefill cache first)."""
+        n = q.shape[2]
+        self.pk[i][:, :, :n].copy_(k)
+        self.pv[i][:, :, :n].copy_(v)
+        kk, vv = self.pk[i][:, :, :n], self.pv[i][:, :, :n]
+        if self.gqa == "repeat":
+            kk, vv = kk.repeat_interleave(self.group, 1), vv.repeat_interleave(self.group, 1)
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=True)
+
     def _mlp(self, x: torch.Tensor, lw: dict) -> torch.Tensor:
         gate, up = F.linear(x, lw["gate_up"]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, lw["down"])
@@ -138,14 +149,7 @@ class Decoder:
             q = self._rope(q.view(1, n, nh, hd).transpose(1, 2), cos, sin)
             k = self._rope(k.view(1, n, nkv, hd).transpose(1, 2), cos, sin)
             v = v.view(1, n, nkv, hd).transpose(1, 2)
-            self.pk[i][:, :, :n].copy_(k)
-            self.pv[i][:, :, :n].copy_(v)
-            kk, vv = self.pk[i][:, :, :n], self.pv[i][:, :, :n]
-            if self.gqa == "repeat":
-                kk, vv = kk.repeat_interleave(self.group, 1), vv.repeat_interleave(self.group, 1)
-                a = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
-            else:
-                a = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=True)
+            a = self._prompt_attention(i, q, k, v)
             x = x + F.linear(a.transpose(1, 2).reshape(1, n, nh * hd), lw["o"])
             x = x + self._mlp(self._norm(x, lw["ln2"]), lw)
         last = self._norm(x[:, -1], self.final_norm)  # the LM head runs on the last token only
@@ -188,15 +192,9 @@ class Decoder:
             self.dk[i][:b, :, pos:pos + 1].copy_(self._rope(k[:b].view(b, nkv, 1, hd), dcos, dsin))
             self.dv[i][:b, :, pos:pos + 1].copy_(v[:b].view(b, nkv, 1, hd))
             ad = F.scaled_dot_product_attention(qd, self.dk[i][:b, :, :pos + 1], self.dv[i][:b, :, :pos + 1])
-            qp = self._rope(q[b:].view(1, c, nh, hd).transpose(1, 2), pcos, psin)
-            self.pk[i][:, :, :c].copy_(self._rope(k[b:].view(1, c, nkv, hd).transpose(1, 2), pcos, psin))
-            self.pv[i][:, :, :c].copy_(v[b:].view(1, c, nkv, hd).transpose(1, 2))
-            kk, vv = self.pk[i][:, :, :c], self.pv[i][:, :, :c]
-            if self.gqa == "repeat":
-                kk, vv = kk.repeat_interleave(self.group, 1), vv.repeat_interleave(self.group, 1)
-                ap = F.scaled_dot_product_attention(qp, kk, vv, is_causal=True)
-            else:
-                ap = F.scaled_dot_product_attention(qp, kk, vv, is_causal=True, enable_gqa=True)
+            ap = self._prompt_attention(i, self._rope(q[b:].view(1, c, nh, hd).transpose(1, 2), pcos, psin),
+                                        self._rope(k[b:].view(1, c, nkv, hd).transpose(1, 2), pcos, psin),
+                                        v[b:].view(1, c, nkv, hd).transpose(1, 2))
             a = torch.cat([ad.reshape(b, nh * hd), ap.transpose(1, 2).reshape(c, nh * hd)])
             x = x + F.linear(a, lw["o"])
             x = x + self._mlp(self._norm(x, lw["ln2"]), lw)

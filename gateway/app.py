@@ -72,7 +72,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         resp, status = err.response(), e.status
         if e.status == 405:
             resp.headers["Allow"] = e.headers.get("Allow", "")
-    except RedisError as e:  # admin key routes, key lookups: the shared store is down, not this gateway
+    except RedisError as e:  # admin key routes (key lookups answer their own 503): the shared store is down
         log.warning("Redis unavailable on %s %s: %s", request.method, request.path, e)
         status = 503
         resp = await _fail(request, ApiError(503, f"the state store (Redis) is unavailable: {e}; retry shortly",

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
+from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import NoWorkers, Pair, RoutingTable
 from gateway.tokenizer import GatewayTokenizer
@@ -60,18 +61,25 @@ class Gateway:
     async def choose_pair(self, avoid: set | None = None) -> Pair:
         """A pair from the current table; when none is usable, wait (up to --wait-for-pair-s) for the
         table to change or a worker to recover instead of failing at once: after a lost node the
-        controller's new plan, or a role switch finishing, gives a pair within moments."""
+        controller's new plan, or a role switch finishing, gives a pair within moments. Still none:
+        the client's 503 (``no_workers``)."""
         try:
             return self.table.choose(self.rng, avoid)
-        except NoWorkers:
+        except NoWorkers as e:
             if self.cfg.wait_for_pair_s <= 0:
-                raise
+                raise ApiError(503, str(e), code="no_workers") from e
+        return await self._wait_for_pair(avoid)
+
+    async def _wait_for_pair(self, avoid: set | None) -> Pair:
         self.metrics.pair_waits.inc()
         deadline = time.monotonic() + self.cfg.wait_for_pair_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return self.table.choose(self.rng, avoid)  # raises NoWorkers if still none
+                try:
+                    return self.table.choose(self.rng, avoid)
+                except NoWorkers as e:
+                    raise ApiError(503, str(e), code="no_workers") from e
             self.table_changed.clear()
             try:  # a table swap wakes us at once; health recoveries are seen on the short poll
                 await asyncio.wait_for(self.table_changed.wait(), min(left, 0.1))

@@ -20,7 +20,6 @@ import orjson
 
 from gateway.context import Gateway
 from gateway.errors import ApiError
-from gateway.routing import NoWorkers
 from gateway.sse import sse_payloads
 from gateway.upstream import UpstreamError, bootstrap_fields, error_param
 from gateway.upstream_http import UpstreamIOError
@@ -139,10 +138,7 @@ class TokenGeneration:
             if len(self.output_ids) >= self.max_new_tokens:  # the last attempt died right after its last token
                 self.finish_reason = "length"
                 return
-            try:
-                pair = await gw.choose_pair(avoid)
-            except NoWorkers as e:
-                raise ApiError(503, str(e), code="no_workers") from e
+            pair = await gw.choose_pair(avoid)  # 503 no_workers when none comes
             self.pairs_used.append(pair.label())
             ex = gw.exchange(pair, b"/generate", tokens, stream=True)
             outcome: bool | None = None

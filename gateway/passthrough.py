@@ -23,7 +23,6 @@ from gateway.context import Gateway
 from gateway.errors import ApiError, sse_error_event
 from gateway.generation import upstream_to_api
 from gateway.http import CLIENT_GONE, start_sse
-from gateway.routing import NoWorkers
 from gateway.sse import DONE
 from gateway.upstream import Exchange, UpstreamError, splice_bootstrap
 from gateway.upstream_http import UpstreamIOError, UpstreamResponse
@@ -93,10 +92,7 @@ async def serve_passthrough(request: web.Request, gw: Gateway, raw: bytes, path:
     avoid: set = set()
     path_bytes = path.encode()
     while True:
-        try:
-            pair = await gw.choose_pair(avoid)
-        except NoWorkers as e:
-            raise ApiError(503, str(e), code="no_workers") from e
+        pair = await gw.choose_pair(avoid)  # 503 no_workers when none comes
         ex = gw.exchange(pair, path_bytes, tokens, stream)
         try:
             up = await ex.open(splice_bootstrap(raw, pair))

@@ -27,7 +27,6 @@ from planner.cluster import Cluster, Node
 from planner.evaluate import Evaluation, Evaluator, Group
 from planner.offers import cheapest_per_type
 from planner.scheduler import Setting, plan_thunderserve
-from planner.search import initial_groups
 
 
 def _homogeneous_clusters(s: Setting) -> list[Cluster]:
@@ -125,19 +124,17 @@ def distserve(s: Setting) -> tuple[Evaluator, Evaluation | None]:
         blind = s.evaluator(cluster, bandwidth_aware=False, kv="none")
         aware = s.evaluator(cluster, kv="none")
         prices = {n.id: n.price_per_hour for n in cluster.nodes}
+        # (score with the links counted, the evaluator it is planned with, placement, the aware evaluation)
         options = []
-        high = _distserve_high_affinity(cluster, blind)
-        if high is not None:
-            groups, roles = high
-            options.append((aware.evaluate(groups, roles, prices).score, blind, groups, roles))
-        low = _distserve_low_affinity(cluster, blind)
-        if low is not None:
-            groups, roles = low
-            options.append((aware.evaluate(groups, roles, prices).score, aware, groups, roles))
+        for ev, placement in ((blind, _distserve_high_affinity(cluster, blind)),
+                              (aware, _distserve_low_affinity(cluster, blind))):
+            if placement is not None:
+                options.append((aware.evaluate(*placement, prices), ev, placement))
         if not options:
             continue
-        _, ev, groups, roles = max(options, key=lambda o: o[0])
-        best = _better(best, (ev, ev.evaluate(groups, roles, prices)))
+        seen, ev, (groups, roles) = max(options, key=lambda o: o[0].score)
+        # low node-affinity is planned link-aware: its evaluation is the one already made
+        best = _better(best, (ev, seen if ev is aware else ev.evaluate(groups, roles, prices)))
     return best if best else (None, None)  # type: ignore[return-value]
 
 
@@ -251,4 +248,4 @@ BASELINES: dict[str, Callable[[Setting], tuple[Evaluator, Evaluation | None]]] =
     "no-bandwidth": no_bandwidth,
 }
 
-__all__ = ["BASELINES", "initial_groups"]
+__all__ = ["BASELINES"]

@@ -23,6 +23,7 @@ from statistics import NormalDist
 import numpy as np
 from scipy.special import erfc, pdtrc
 
+from planner.bisection import narrow
 from planner.cost_model import ReplicaModel
 from planner.workload import SLO, Workload
 
@@ -108,13 +109,7 @@ def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, ctx: float, stret
 
     if b_mem < 1 or excess(b_mem) > 0:
         return None
-    lo, hi = 0.0, b_mem
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if excess(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
+    _, hi = narrow(lambda b: excess(b) > 0, 0.0, b_mem, 30)
     return hi
 
 
@@ -141,13 +136,7 @@ def _bisect_rate(ok, hi: float, iters: int = 16) -> float:
     lo = hi * 1e-4
     if ok(hi):
         return hi
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return narrow(ok, lo, hi, iters)[0]
 
 
 def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
@@ -166,15 +155,7 @@ def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> flo
     if not ok(0.05):
         return 0.0
     lo, hi = 0.05, max(1.0, rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0))
-    if ok(hi):
-        lo = hi
-    else:
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if ok(mid):
-                lo = mid
-            else:
-                hi = mid
+    lo = hi if ok(hi) else narrow(ok, lo, hi, 40)[0]
     return lo / (max(wl.mean_output, 1.0) * rm.decode_step_time(lo, lo * ctx))
 
 
@@ -306,13 +287,7 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
         lo = b_k
     else:
         return math.inf, 1.0
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        if excess(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
-    b = hi
+    _, b = narrow(lambda x: excess(x) > 0, lo, hi, 10)
     if not _kv_fits(rm, wl, b, t.z):
         return math.inf, 1.0
     tpot_mean, u = _mixed_tpot(rm, wl, rate, b, chunk)

@@ -31,11 +31,11 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from planner.plan import Instance, Plan, ReplicaSpec
+from planner.plan import Instance, Plan, ReplicaSpec, replica_number
 from planner.state import NodeRecord, ReplicaRecord, StateStore
 
 log = logging.getLogger("planner.controller")
@@ -126,8 +126,9 @@ def plan_for_config(cfg: ControllerConfig) -> Plan:
 def dist_init_port(replica_id: str) -> int:
     """Rank 0's --dist-init-addr port for a replica, fixed by its id so every rank (and a restarted
     controller) agrees on it. Two replicas share one only if their numbers are equal mod 512."""
-    digits = replica_id[1:]
-    n = int(digits) if replica_id[:1] == "r" and digits.isdigit() else zlib.crc32(replica_id.encode())
+    n = replica_number(replica_id)
+    if n is None:
+        n = zlib.crc32(replica_id.encode())
     return DIST_INIT_PORT_BASE + DIST_INIT_PORT_STRIDE * (n % DIST_INIT_PORT_SLOTS)
 
 
@@ -568,14 +569,14 @@ class Controller:
         }
         if self.cfg.max_batch:
             body["max_batch"] = self.cfg.max_batch
+        if self.cfg.engine == "sglang" and len(spec.node_ids) > 1:  # SGLang: one process per node
+            await self._start_ranks(spec, body, hosts)  # each rank's GPUs and launch hints set there
+            return
         if len(spec.node_ids) > 1:  # one replica over several nodes (PP across nodes): the head's agent
             body["extra_args"] = {"nnodes": len(spec.node_ids), "layer_split": spec.layer_split}
         elif self.cfg.engine == "sglang" and spec.mixed_chunk:  # the colocated scheduling the plan assumed
             body["extra_args"] = ["--enable-mixed-chunk"] + (
                 ["--chunked-prefill-size", str(spec.prefill_chunk)] if spec.prefill_chunk > 0 else [])
-        if self.cfg.engine == "sglang" and len(spec.node_ids) > 1:  # SGLang: one process per node
-            await self._start_ranks(spec, body, hosts)
-            return
         t0 = time.perf_counter()
         try:
             res = await self._agent(head).start_replica(body)
@@ -685,10 +686,10 @@ def _without_nodes(plan: Plan, lost: list[str]) -> Plan:
     ids = {r.id for r in keep}
     routes = [r for r in plan.routing if r.prefill in ids and r.decode in ids]
     total = sum(r.weight for r in routes) or 1.0
-    return Plan(plan.model, [i for i in plan.instances if i.id not in lost], keep,
-                [Route(r.prefill, r.decode, r.weight / total, r.kv_compression) for r in routes], plan.strategy,
-                plan.seed, plan.version, {}, plan.workload, plan.slo, network=dict(plan.network),
-                next_replica_id=plan.first_free_replica_number())
+    return replace(plan, instances=[i for i in plan.instances if i.id not in lost], replicas=keep,
+                   routing=[Route(r.prefill, r.decode, r.weight / total, r.kv_compression) for r in routes],
+                   expected={}, network=dict(plan.network), created_at=time.time(),
+                   next_replica_id=plan.first_free_replica_number())
 
 
 def _changes_dict(changes: Any) -> Any:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from planner.bisection import narrow
 from planner.capacity import (
     MIXED_CHUNKS,
     PREFILL_FIRST,
@@ -118,12 +119,7 @@ def balance_layers(layers: int, costs: list[float], fixed: list[float], caps: li
         return [max(1, min(cap, math.floor((t - f) / c + 1e-9))) for c, f, cap in zip(costs, fixed, caps, strict=True)]
 
     lo, hi = 0.0, max(f + cap * c for c, f, cap in zip(costs, fixed, caps, strict=True))
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if sum(take(mid)) >= layers:
-            hi = mid
-        else:
-            lo = mid
+    _, hi = narrow(lambda t: sum(take(t)) < layers, lo, hi, 60)
     split = take(hi)
     while sum(split) > layers:  # trim from the slowest stage that can give one up
         order = sorted(range(len(split)), key=lambda i: -(fixed[i] + split[i] * costs[i]))

@@ -53,6 +53,11 @@ ROLES: tuple[str, ...] = ("prefill", "decode", "both")
 KV_COMPRESSIONS: tuple[str, ...] = ("none", "int8", "int4")
 
 
+def replica_number(replica_id: str) -> int | None:
+    """``n`` of a planner-issued replica id ``r<n>``; None for any other id."""
+    return int(replica_id[1:]) if replica_id[:1] == "r" and replica_id[1:].isdigit() else None
+
+
 class PlanError(ValueError):
     """A plan that breaks its own invariants (unknown ids, bad weights, a GPU used twice)."""
 
@@ -137,7 +142,7 @@ class Plan:
 
     def first_free_replica_number(self) -> int:
         """The number of the next replica id: past every id issued so far, never one that was lost."""
-        used = [int(r.id[1:]) for r in self.replicas if r.id[:1] == "r" and r.id[1:].isdigit()]
+        used = [n for n in (replica_number(r.id) for r in self.replicas) if n is not None]
         return max(self.next_replica_id, 1 + max(used, default=-1))
 
     def replica(self, replica_id: str) -> ReplicaSpec:

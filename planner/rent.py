@@ -29,6 +29,7 @@ from planner.cluster import DEFAULT_GBPS, Cluster, Node
 from planner.cost_model import KV_FACTOR
 from planner.offers import Offer, cheapest_per_type
 from planner.parallel import PlanContext, ReplicaConfig, configure_group
+from planner.routing import LINK_UTILISATION
 
 MAX_UNITS_PER_KIND = 64
 
@@ -94,9 +95,11 @@ class UnitCatalog:
 
     def _configure(self, gpu_type: str, count: int, n_inst: int, per: int, role: str) -> ReplicaConfig | None:
         """The replica of ``per`` GPUs over ``n_inst`` instances of ``count`` GPUs, for ``role``."""
-        key = ("unit", gpu_type, count, n_inst, per, role, self.gbps)
+        # a replica inside one instance does not depend on how many GPUs the instance has: 1x, 2x and 8x
+        # offers of a type share the configuration of their 1-, 2- or 4-GPU replicas
+        key = ("unit", gpu_type, count if per > count else per, n_inst, per, role, self.gbps)
         if key not in self._groups:
-            nodes = [Node(f"t{i}", gpu_type, count, 1.0, region="x") for i in range(n_inst)]
+            nodes = [Node(f"t{i}", gpu_type, count if per > count else per, 1.0, region="x") for i in range(n_inst)]
             ctx = self.ctx_factory(Cluster(nodes, inter_node_gbps=self.gbps))
             gpus = [g for node in nodes for g in node.gpu_ids()][:per]
             self._groups[key] = configure_group(ctx, gpus, role)
@@ -257,7 +260,8 @@ def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbp
     if math.isfinite(rate_cap):
         row({n: 1.0, n + 1: 1.0}, -np.inf, rate_cap)
     if kv_s > 0:  # KV leaves prefill nodes over their NICs (at most LINK_UTILISATION busy each)
-        row({n: kv_s, **{i: -0.7 * u.instances for i, u in enumerate(units) if u.role == "prefill"}}, -np.inf, 0.0)
+        row({n: kv_s, **{i: -LINK_UTILISATION * u.instances for i, u in enumerate(units) if u.role == "prefill"}},
+            -np.inf, 0.0)
     ub = [min(MAX_UNITS_PER_KIND, math.floor(budget / u.cost + 1e-9)) for u in units] + [np.inf, np.inf]
     with _stdout_to_stderr():
         res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=[1] * n + [0, 0],

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from planner.bisection import narrow
 from planner.cost_model import KV_FACTOR, ReplicaModel, kv_segments
 from planner.deployment import materialize
 from planner.plan import Plan
@@ -635,10 +636,4 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None 
         if probe <= 1e-3:
             return 0.0
         lo = probe
-    for _ in range(iters):
-        mid = (lo + up) / 2
-        if ok(mid):
-            lo = mid
-        else:
-            up = mid
-    return lo
+    return narrow(ok, lo, up, iters)[0]
