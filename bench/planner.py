@@ -8,8 +8,9 @@ goodput per dollar over the best of the three baselines (colocated, distserve, h
 scenario and on average (geometric mean), measured in the same run. Also timed: planning 32- and
 64-GPU owned pools (CPU seconds, one process) and a reschedule after losing a node.
 
-    python bench/planner.py            # full suite (~20-30 min on 2 shared cores)
-    python bench/planner.py --quick    # 4 scenarios, shorter searches
+    python bench/planner.py                       # full suite (~30-40 min on 2 shared cores)
+    python bench/planner.py --quick               # 4 scenarios, shorter searches
+    python bench/planner.py --suite interactive   # MLPerf's interactive latency targets (4 scenarios)
 Prints a rich table and, last, one JSON line.
 
 Baselines get their best engine setting: a colocated replica (ours or a baseline's) is planned with
@@ -32,6 +33,11 @@ per output token, as DistServe defines it), chosen per model size before running
 
 Short prompts are 256 in / 256 out, long ones 2048 in / 128 out (lognormal, clipped), the two
 shapes of the Azure conversation / code traces.
+
+``--suite interactive``: tight TTFT and TPOT together, the regime where splitting prefill from decode
+is expected to pay (no prefill chunk ever shares a decode step), with targets taken from MLPerf
+Inference's interactive scenarios rather than chosen here: Llama-2-70B TTFT 450 ms / TPOT 40 ms
+(MLPerf v5.0), Llama-3.1-8B TTFT 500 ms / TPOT 30 ms (v5.1); short and long prompts, 40 Gbps.
 """
 
 from __future__ import annotations
@@ -70,6 +76,10 @@ SLOS = {"llama-2-7b": (1.0, 0.04), "llama-2-13b": (1.5, 0.05), "llama-30b": (2.5
 TIGHT = {"llama-2-7b": (4.0, 0.02), "llama-2-13b": (4.0, 0.025), "llama-30b": (4.0, 0.05), "llama-2-70b": (6.0, 0.06)}
 
 
+# MLPerf Inference interactive scenarios (TTFT, TPOT): Llama-2-70B (v5.0), Llama-3.1-8B (v5.1)
+INTERACTIVE = {"llama-2-70b": (0.45, 0.04), "llama-3.1-8b": (0.5, 0.03)}
+
+
 @dataclass(frozen=True)
 class Scenario:
     model: str
@@ -77,12 +87,16 @@ class Scenario:
     prompts: str
     gbps: float
     tight: bool = False
+    interactive: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.model} ${self.budget:g}/h {self.prompts} {self.gbps:g}G" + (" tight-TPOT" if self.tight else "")
+        return (f"{self.model} ${self.budget:g}/h {self.prompts} {self.gbps:g}G" + (" tight-TPOT" if self.tight else "")
+                + (" interactive" if self.interactive else ""))
 
     def slo(self) -> SLO:
+        if self.interactive:
+            return SLO(*INTERACTIVE[self.model], 0.9)
         if self.tight:
             return SLO(*TIGHT[self.model], 0.9)
         ttft, tpot = SLOS[self.model]
@@ -99,6 +113,10 @@ SUITE = [
     Scenario("llama-30b", 30, "long", 40, tight=True), Scenario("llama-2-70b", 40, "long", 40, tight=True),
 ]
 QUICK = [SUITE[0], SUITE[3], SUITE[5], SUITE[11]]
+INTERACTIVE_SUITE = [Scenario("llama-3.1-8b", 10, "short", 40, interactive=True),
+                     Scenario("llama-3.1-8b", 10, "long", 40, interactive=True),
+                     Scenario("llama-2-70b", 40, "short", 40, interactive=True),
+                     Scenario("llama-2-70b", 40, "long", 40, interactive=True)]
 
 
 def run_scenario(sc: Scenario, offers, time_limit: float, strategies) -> dict:
@@ -147,11 +165,13 @@ def time_pools(time_limit_32: float, time_limit_64: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--suite", choices=("main", "interactive"), default="main",
+                    help="interactive: MLPerf's interactive TTFT/TPOT targets (no planner-time measurements)")
     ap.add_argument("--time-limit", type=float, default=None, help="search seconds per plan")
     args = ap.parse_args()
     console = Console(stderr=False)
     offers = load_offers(sorted(CATALOGS.glob("*_vms.csv")))
-    suite = QUICK if args.quick else SUITE
+    suite = INTERACTIVE_SUITE if args.suite == "interactive" else QUICK if args.quick else SUITE
     limit = args.time_limit or (4.0 if args.quick else 8.0)
     strategies = ("thunderserve", *BASELINES, *ABLATIONS)
     table = Table(title="ThunderServe vs baselines: simulated goodput per $/h (req/s per $/h)")
@@ -174,7 +194,8 @@ def main() -> None:
     finite = [r for r in ratios if math.isfinite(r) and r > 0]
     geo = math.exp(sum(math.log(r) for r in finite) / len(finite)) if finite else 0.0
     console.print(table)
-    timing = time_pools(18.0 if not args.quick else 8.0, 55.0 if not args.quick else 15.0)
+    timing = ({} if args.suite == "interactive" else
+              time_pools(18.0 if not args.quick else 8.0, 55.0 if not args.quick else 15.0))
     tt = Table(title="Planner time (one process)")
     tt.add_column("what")
     tt.add_column("value")
@@ -186,7 +207,7 @@ def main() -> None:
         return round(math.exp(sum(math.log(v) for v in vals) / len(vals)), 3) if vals else 0.0
 
     summary = {
-        "bench": "planner", "scenarios": len(rows), "time_limit_s": limit,
+        "bench": "planner", "suite": args.suite, "scenarios": len(rows), "time_limit_s": limit,
         "ratio_geomean_tight_tpot": geo_of([sc.name for sc in suite if sc.tight]),
         "ratio_geomean_other": geo_of([sc.name for sc in suite if not sc.tight]),
         "ratio_vs_best_baseline": {r["scenario"]: r["ratio"] for r in rows},

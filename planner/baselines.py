@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from planner.cluster import Cluster, Node
 from planner.evaluate import Evaluation, Evaluator, Group
-from planner.offers import cheapest_per_type
+from planner.offers import Offer, cheapest_per_type
 from planner.scheduler import Setting, plan_thunderserve
 
 
@@ -38,11 +38,13 @@ def _homogeneous_clusters(s: Setting) -> list[Cluster]:
         return [Cluster(nodes, s.pool.inter_node_gbps, s.pool.links_gbps) for nodes in by_type.values()]
     assert s.offers is not None and s.budget is not None
     out = []
-    seen: set[tuple[str, int, float]] = set()
+    # the cheapest offer of each (GPU type, GPU count) buys at least as many of the same instance as any
+    # other: it dominates, so the others are not planned
+    cheapest: dict[tuple[str, int], tuple[float, str, str, Offer, bool]] = {}
     for (cloud, region, gpu, count), (offer, price, is_spot) in sorted(cheapest_per_type(s.offers, s.spot).items()):
-        if (gpu, count, round(price, 4)) in seen:  # the same offer elsewhere plans the same
-            continue
-        seen.add((gpu, count, round(price, 4)))
+        if (gpu, count) not in cheapest or price < cheapest[(gpu, count)][0]:
+            cheapest[(gpu, count)] = (price, cloud, region, offer, is_spot)
+    for (gpu, count), (price, cloud, region, offer, is_spot) in sorted(cheapest.items()):
         k = min(math.floor(s.budget / price + 1e-9), max(1, s.max_gpus // count))
         if s.workload.rate > 0:  # like ours: no more instances than the demand needs (with headroom)
             k = min(k, _instances_for_rate(s, gpu, count, price))
@@ -100,9 +102,37 @@ def _better(a: tuple[Evaluator, Evaluation] | None, b: tuple[Evaluator, Evaluati
     return b if a is None or b[1].score > a[1].score else a
 
 
-def colocated(s: Setting) -> tuple[Evaluator, Evaluation | None]:
-    best = None
+def promising_clusters(s: Setting, split: bool, keep: int) -> list[Cluster]:
+    """The ``keep`` homogeneous clusters that look best per dollar for colocated replicas (``split``
+    False) or a prefill/decode split (True), judged by the smallest replica each type can hold (its
+    configuration is usually cached by the rent step) and the next size up (a replica that barely
+    holds the model has little room for KV); the scheduler plans only these by hand-style."""
+    scored = []
     for cluster in _homogeneous_clusters(s):
+        ev = s.evaluator(cluster, kv="none")
+        price = cluster.nodes[0].price_per_hour / cluster.nodes[0].gpu_count
+        value, tried = 0.0, 0
+        for size in _sizes(cluster):
+            groups = _cut(cluster, size)
+            if not groups or ev.config(groups[0], "decode" if split else "both") is None:
+                continue
+            if split:
+                p, d = ev.config(groups[0], "prefill"), ev.config(groups[0], "decode")
+                if p is not None and d is not None and p.capacity > 0 and d.capacity > 0:
+                    value = max(value, 1.0 / (size * price) / (1.0 / p.capacity + 1.0 / d.capacity))
+            else:
+                value = max(value, ev.config(groups[0], "both").capacity / (size * price))  # type: ignore[union-attr]
+            tried += 1
+            if tried == 2:
+                break
+        scored.append((value, cluster))
+    scored.sort(key=lambda vc: -vc[0])
+    return [c for v, c in scored[:keep] if v > 0]
+
+
+def colocated(s: Setting, clusters: list[Cluster] | None = None) -> tuple[Evaluator, Evaluation | None]:
+    best = None
+    for cluster in _homogeneous_clusters(s) if clusters is None else clusters:
         ev = s.evaluator(cluster, kv="none")
         prices = {n.id: n.price_per_hour for n in cluster.nodes}
         for size in _sizes(cluster):
@@ -113,14 +143,14 @@ def colocated(s: Setting) -> tuple[Evaluator, Evaluation | None]:
     return best if best else (None, None)  # type: ignore[return-value]
 
 
-def distserve(s: Setting) -> tuple[Evaluator, Evaluation | None]:
+def distserve(s: Setting, clusters: list[Cluster] | None = None) -> tuple[Evaluator, Evaluation | None]:
     """DistServe's two placements, as its paper prescribes by cluster: high node-affinity (prefill and
     decode instances anywhere, KV over the network, which its planner assumes is fast) and, for
     multi-GPU instances, low node-affinity (each node holds prefill and decode instances, so KV moves
     over the node's own GPU link). The operator picks the placement that suits the network: the one
     that scores better with the links counted."""
     best = None
-    for cluster in _homogeneous_clusters(s):
+    for cluster in _homogeneous_clusters(s) if clusters is None else clusters:
         blind = s.evaluator(cluster, bandwidth_aware=False, kv="none")
         aware = s.evaluator(cluster, kv="none")
         prices = {n.id: n.price_per_hour for n in cluster.nodes}

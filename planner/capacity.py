@@ -16,6 +16,7 @@ simulator (``planner.simulator``) is the judge of the final plan. Models, per ro
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -79,11 +80,38 @@ def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets) -> float:
     return kmax / rm.prefill_bottleneck(kmax * mean_in, kmax * sq, max(1, round(kmax)))
 
 
+def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Targets) -> np.ndarray:
+    """``_prefill_point``'s TTFT quantile at many rates at once (the same fixed point and tail)."""
+    mean_in = wl.mean_input
+    sq = mean_in * mean_in * (1 + wl.input.scv)
+    kmax = max(1.0, t.max_batch_tokens / mean_in)
+
+    def passes(k: np.ndarray, tokens: np.ndarray, sum_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return rm.prefill_array(tokens, sum_sq, np.maximum(1.0, np.round(k)))
+
+    k = np.ones_like(rates)
+    for _ in range(4):
+        b = passes(k, k * mean_in, k * sq)[1]
+        k = np.minimum(kmax, 1.0 + rates * b)
+    lat, b = passes(k, k * mean_in, k * sq)
+    s = b / k
+    rho = rates * s
+    scv_sum = wl.arrival_scv + wl.input.scv
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(rho >= 1, np.inf,
+                     np.where(rho <= 1 - t.q, 0.0,
+                              s * scv_sum / (2 * (1 - np.minimum(rho, 1 - 1e-12)))
+                              * np.log(np.maximum(rho, 1e-300) / (1 - t.q))))
+    long_in = wl.input.quantile(t.q)
+    own = passes(k, (k - 1) * mean_in + long_in, (k - 1) * mean_in**2 + long_in**2)[0]
+    return np.maximum(own, lat + w)
+
+
 def prefill_curve(rm: ReplicaModel, wl: Workload, t: Targets) -> tuple[np.ndarray, np.ndarray]:
     """Rates (req/s) and the TTFT quantile at each: a monotone table to read capacities from."""
     hi = prefill_max_rate(rm, wl, t)
     rates = np.linspace(0.0, hi, GRID + 1)[1:] * 0.995
-    ttft = np.array([_prefill_point(rm, wl, r, t)[0] for r in rates])
+    ttft = _prefill_ttft_array(rm, wl, rates, t)
     ttft = np.maximum.accumulate(np.where(np.isfinite(ttft), ttft, 1e9))
     return rates, ttft
 
@@ -99,7 +127,50 @@ def rate_for_slack(rates: np.ndarray, ttft: np.ndarray, slack: float) -> float:
     return float(r0 + (r1 - r0) * (slack - t0) / (t1 - t0)) if t1 > t0 else float(r0)
 
 
-def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, ctx: float, stretch: float = 1.0) -> float | None:
+TABLE_POINTS = 65  # running-batch grid of the step-time tables
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Step times at a grid of running batches in [0, KV-limited batch], for one replica and workload:
+    they do not depend on the rate, and a capacity search probes a dozen rates, each solving a fixed
+    point over the batch, so the steps are computed once, all at once (``decode``: decode-only step;
+    ``mixed``/``chunk``: a mixed step and the prompt tokens it carries, for a mixed-chunk policy)."""
+
+    batch: np.ndarray
+    decode: np.ndarray
+    chunk: np.ndarray | None = None
+    mixed: np.ndarray | None = None
+
+    @staticmethod
+    def build(rm: ReplicaModel, wl: Workload, chunk: int = 0) -> StepTable:
+        b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+        b = np.linspace(0.0, max(b_mem, 0.0), TABLE_POINTS)
+        ctx = wl.mean_input + wl.mean_output / 2
+        if not chunk:  # decode steps as the prefill-first fixed point sees them (never an empty batch)
+            b[0] = 1e-9
+            return StepTable(b, rm.decode_step_array(b, b * ctx))
+        c = np.maximum(chunk - b, 1.0)
+        s2 = wl.mean_input * (1 + wl.input.scv)
+        mixed = rm.mixed_step_array(b, b * ctx, c, c * s2, np.maximum(1.0, np.round(c / wl.mean_input)),
+                                    np.maximum(0.0, (s2 - c) / 2))
+        return StepTable(b, rm.decode_step_array(b, b * ctx), c, mixed)
+
+    def first_root(self, excess: np.ndarray, exact) -> float | None:
+        """The smallest grid-resolved batch where ``excess`` (sampled on the grid; ``exact`` computes it
+        anywhere) turns non-positive: linear between grid points, bisected where a side is infinite."""
+        hits = np.nonzero(excess[1:] <= 0)[0]
+        if len(hits) == 0:
+            return None
+        k = int(hits[0]) + 1
+        lo, hi, e_lo, e_hi = float(self.batch[k - 1]), float(self.batch[k]), float(excess[k - 1]), float(excess[k])
+        if math.isfinite(e_lo) and e_lo > e_hi:
+            return lo + (hi - lo) * e_lo / (e_lo - e_hi)
+        return narrow(lambda x: exact(x) > 0, lo, hi, 10)[1]
+
+
+def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, ctx: float, stretch: float = 1.0,
+                  table: StepTable | None = None) -> float | None:
     """Running batch at ``rate`` (Little's law fixed point), or None if it would exceed memory."""
     b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
     out = wl.mean_output
@@ -107,10 +178,13 @@ def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, ctx: float, stret
     def excess(b: float) -> float:
         return rate * out * rm.decode_step_time(max(b, 1e-9), b * ctx) * stretch - b
 
-    if b_mem < 1 or excess(b_mem) > 0:
+    if b_mem < 1:
         return None
-    _, hi = narrow(lambda b: excess(b) > 0, 0.0, b_mem, 30)
-    return hi
+    table = table or StepTable.build(rm, wl)
+    ex = rate * out * table.decode * stretch - table.batch
+    if ex[-1] > 0:
+        return None
+    return table.first_root(ex, excess)
 
 
 def _kv_fits(rm: ReplicaModel, wl: Workload, b: float, z: float) -> bool:
@@ -159,7 +233,8 @@ def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> flo
     return lo / (max(wl.mean_output, 1.0) * rm.decode_step_time(lo, lo * ctx))
 
 
-def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpot_target: float) -> tuple[float, float]:
+def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpot_target: float,
+                    table: StepTable | None = None) -> tuple[float, float]:
     """(TTFT quantile, share of requests over the TPOT target) of a replica doing both phases.
 
     Prefill runs first, so each prefill batch during a request's decode stalls it for a batch
@@ -171,7 +246,7 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
         return math.inf, 1.0
     stretch = 1.0 / (1.0 - rho)
     ctx = wl.mean_input + wl.mean_output / 2
-    b = _decode_batch(rm, wl, rate, ctx, stretch)
+    b = _decode_batch(rm, wl, rate, ctx, stretch, table)
     if b is None:
         return math.inf, 1.0
     if not _kv_fits(rm, wl, b, t.z):
@@ -193,9 +268,17 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
 
 def _output_gaps(wl: Workload) -> np.ndarray:
     """Token gaps (output length - 1) at evenly spread quantiles of the output length."""
-    if wl.output.kind == "fixed":
-        return np.array([max(wl.output.mean - 1.0, 0.0)])
-    return np.array([max(wl.output.quantile((i + 0.5) / 12) - 1.0, 0.0) for i in range(12)])
+    try:
+        return _gaps_of(wl.output)
+    except TypeError:  # lengths from a trace (arrays) are not hashable
+        return _gaps_of.__wrapped__(wl.output)
+
+
+@functools.lru_cache(maxsize=64)
+def _gaps_of(output) -> np.ndarray:
+    if output.kind == "fixed":
+        return np.array([max(output.mean - 1.0, 0.0)])
+    return np.array([max(output.quantile((i + 0.5) / 12) - 1.0, 0.0) for i in range(12)])
 
 
 def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
@@ -205,8 +288,10 @@ def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) ->
         return 0.0
     hi = min(prefill_max_rate(rm, wl, t), b_mem / (max(wl.mean_output, 1.0) * rm.decode_step_time(b_mem, b_mem * ctx)))
 
+    table = StepTable.build(rm, wl)
+
     def ok(r: float) -> bool:
-        ttft, viol = colocated_point(rm, wl, r, t, slo.tpot_s)
+        ttft, viol = colocated_point(rm, wl, r, t, slo.tpot_s, table)
         return ttft <= slo.ttft_s and viol <= 1 - t.q
 
     return _bisect_rate(ok, hi)
@@ -258,7 +343,7 @@ def _mixed_tpot(rm: ReplicaModel, wl: Workload, rate: float, b: float, chunk: in
 
 
 def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpot_target: float,
-                          chunk: int) -> tuple[float, float]:
+                          chunk: int, table: StepTable | None = None) -> tuple[float, float]:
     """(TTFT quantile, share of requests over the TPOT target) of a colocated replica with mixed chunks.
 
     The running batch ``b`` solves Little's law with the mean TPOT; a request whose decode spans
@@ -277,17 +362,18 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
         return rate * out * tp - b if math.isfinite(tp) else math.inf
 
     # the smallest fixed point: past it a bigger batch leaves less of the chunk to prompts, so the
-    # excess is not monotone; scan for the first batch that keeps up, then bisect below it
-    lo = hi = 0.0
-    for k in range(1, 9):
-        b_k = b_mem * k / 8
-        if excess(b_k) <= 0:
-            hi = b_k
-            break
-        lo = b_k
-    else:
+    # excess is not monotone; the first batch on the grid that keeps up, refined below it
+    table = table or StepTable.build(rm, wl, chunk)
+    assert table.chunk is not None and table.mixed is not None
+    n_m = rate * wl.mean_input / table.chunk
+    u = n_m * table.mixed
+    with np.errstate(divide="ignore"):
+        n_d = np.where(table.decode > 0, (1 - u) / np.where(table.decode > 0, table.decode, 1.0), 0.0)
+        excess_grid = np.where(u < 0.98, rate * out / (n_m + n_d), np.inf) - table.batch
+    found = table.first_root(excess_grid, excess)
+    if found is None:
         return math.inf, 1.0
-    _, b = narrow(lambda x: excess(x) > 0, lo, hi, 10)
+    b = found
     if not _kv_fits(rm, wl, b, t.z):
         return math.inf, 1.0
     tpot_mean, u = _mixed_tpot(rm, wl, rate, b, chunk)
@@ -317,9 +403,10 @@ def _colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targe
     if b_mem < 1:
         return 0.0
     hi = mixed_rate_bound(rm, wl, chunk)
+    table = StepTable.build(rm, wl, chunk)
 
     def ok(r: float) -> bool:
-        ttft, viol = colocated_mixed_point(rm, wl, r, t, slo.tpot_s, chunk)
+        ttft, viol = colocated_mixed_point(rm, wl, r, t, slo.tpot_s, chunk, table)
         return ttft <= slo.ttft_s and viol <= 1 - t.q
 
     return _bisect_rate(ok, hi, iters=10)

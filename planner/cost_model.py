@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.gpus import GpuSpec
 from planner.models import ModelSpec
 
@@ -68,6 +70,16 @@ class Stage:
     layers: int
     first: bool
     last: bool
+
+
+def roof_array(compute_s: np.ndarray, memory_s: np.ndarray, p: float) -> np.ndarray:
+    """``roof`` element by element (the capacity tables evaluate many batch sizes at once)."""
+    hi = np.maximum(compute_s, memory_s)
+    if p == math.inf:
+        return hi
+    safe = np.where(hi > 0, hi, 1.0)
+    soft = safe * ((compute_s / safe) ** p + (memory_s / safe) ** p) ** (1.0 / p)
+    return np.where((compute_s <= 0) | (memory_s <= 0), hi, soft)
 
 
 def roof(compute_s: float, memory_s: float, p: float) -> float:
@@ -145,28 +157,65 @@ class ReplicaModel:
                 comm_tok += self._act_bytes_per_token / (bw * e.network)
             self._coef.append((f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last))
             self._dec_den.append(s.tp * s.gpu.sustained_flops * (e.decode_compute or e.compute))
+        # Identical stages (a 70B model over 8 pipeline stages of one GPU type) take identical times:
+        # each distinct stage is computed once and counted as often as it occurs.
+        index: dict[tuple, int] = {}
+        self._stage_group: list[int] = []
+        groups: list[list] = []
+        for coef, d_den in zip(self._coef, self._dec_den, strict=True):
+            key = (*coef, d_den)
+            if key not in index:
+                index[key] = len(groups)
+                groups.append([coef, d_den, 0])
+            groups[index[key]][2] += 1
+            self._stage_group.append(index[key])
+        self._groups: list[tuple[tuple, float, int]] = [(c, d, n) for c, d, n in groups]
+        self._counts = np.array([n for _, _, n in self._groups], dtype=float)
 
-    def prefill_stage_times(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> list[float]:
-        """Per-stage time to prefill ``tokens`` prompt tokens (``sum_sq`` = sum of squared prompt lengths)."""
-        if sum_sq is None:
-            sum_sq = tokens * tokens / max(n_req, 1)
+    def _prefill_group_times(self, tokens: float, sum_sq: float, n_req: int) -> list[float]:
         head = self._head_flops_per_req
         p = self.eff.roofline_p
         out = []
-        for f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last in self._coef:
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _, _ in self._groups:
             flops = f_tok * tokens + f_sq * sum_sq
             if last:  # the LM head runs on the last token of each prompt only
                 flops += head * (n_req - tokens)
             out.append(roof(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm_tok * tokens)
         return out
 
+    def prefill_stage_times(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> list[float]:
+        """Per-stage time to prefill ``tokens`` prompt tokens (``sum_sq`` = sum of squared prompt lengths)."""
+        if sum_sq is None:
+            sum_sq = tokens * tokens / max(n_req, 1)
+        times = self._prefill_group_times(tokens, sum_sq, n_req)
+        return [times[g] for g in self._stage_group]
+
+    def prefill_array(self, tokens: np.ndarray, sum_sq: np.ndarray, n_req: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(``prefill_time``, ``prefill_bottleneck``) for many batches at once."""
+        head = self._head_flops_per_req
+        p = self.eff.roofline_p
+        rows = []
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _, _ in self._groups:
+            flops = f_tok * tokens + f_sq * sum_sq
+            if last:
+                flops = flops + head * (n_req - tokens)
+            rows.append(roof_array(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm_tok * tokens)
+        st = np.array(rows)
+        overhead = self.eff.step_overhead_s
+        return (st * self._counts[:, None]).sum(axis=0) + overhead, st.max(axis=0) + overhead
+
     def prefill_time(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> float:
         """Latency of one prefill batch (all stages, plus the per-pass overhead)."""
-        return sum(self.prefill_stage_times(tokens, sum_sq, n_req)) + self.eff.step_overhead_s
+        if sum_sq is None:
+            sum_sq = tokens * tokens / max(n_req, 1)
+        times = self._prefill_group_times(tokens, sum_sq, n_req)
+        return sum(t * n for t, (_, _, n) in zip(times, self._groups, strict=True)) + self.eff.step_overhead_s
 
     def prefill_bottleneck(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> float:
         """Time the slowest stage is busy with one batch: the inverse of pipelined batch throughput."""
-        return max(self.prefill_stage_times(tokens, sum_sq, n_req)) + self.eff.step_overhead_s
+        if sum_sq is None:
+            sum_sq = tokens * tokens / max(n_req, 1)
+        return max(self._prefill_group_times(tokens, sum_sq, n_req)) + self.eff.step_overhead_s
 
     def decode_step_time(self, batch: float, context_tokens: float) -> float:
         """One decode iteration for ``batch`` sequences holding ``context_tokens`` tokens in total."""
@@ -174,11 +223,37 @@ class ReplicaModel:
             return 0.0
         t = self.eff.step_overhead_s
         p = self.eff.roofline_p
-        for (f_tok, f_sq, b_const, b_kv, _, b_den, fixed, comm_tok, _), f_den in zip(self._coef, self._dec_den,
-                                                                                      strict=True):
+        for (f_tok, f_sq, b_const, b_kv, _, b_den, fixed, comm_tok, _), f_den, n in self._groups:
             flops = f_tok * batch + 2 * f_sq * context_tokens
-            t += roof(flops / f_den, (b_const + b_kv * context_tokens) / b_den, p) + fixed + comm_tok * batch
+            t += n * (roof(flops / f_den, (b_const + b_kv * context_tokens) / b_den, p) + fixed + comm_tok * batch)
         return t
+
+    def decode_step_array(self, batch: np.ndarray, context_tokens: np.ndarray) -> np.ndarray:
+        """``decode_step_time`` for many batches at once (0 where the batch is empty)."""
+        t = np.full(np.shape(batch), self.eff.step_overhead_s)
+        p = self.eff.roofline_p
+        for (f_tok, f_sq, b_const, b_kv, _, b_den, fixed, comm_tok, _), f_den, n in self._groups:
+            flops = f_tok * batch + 2 * f_sq * context_tokens
+            t = t + n * (roof_array(flops / f_den, (b_const + b_kv * context_tokens) / b_den, p) + fixed
+                         + comm_tok * batch)
+        return np.where(batch > 0, t, 0.0)
+
+    def mixed_step_array(self, batch: np.ndarray, context_tokens: np.ndarray, chunk_tokens: np.ndarray,
+                         chunk_sum_sq: np.ndarray, chunk_reqs: np.ndarray, prefix_tokens: np.ndarray) -> np.ndarray:
+        """``mixed_step_time`` for many (batch, chunk) pairs at once; every chunk is non-empty."""
+        t = np.full(np.shape(batch), self.eff.step_overhead_s)
+        head = self._head_flops_per_req
+        p = self.eff.roofline_p
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), d_den, n in self._groups:
+            flops = f_tok * (batch + chunk_tokens)
+            if last:
+                flops = flops + head * (chunk_reqs - chunk_tokens)
+            gemm = roof_array(flops / f_den, np.full(np.shape(batch), b_const / b_den), p)
+            attn_p = roof_array(f_sq * chunk_sum_sq / f_den, b_kv * (prefix_tokens + chunk_tokens) / b_den, p)
+            attn_d = roof_array(2 * f_sq * context_tokens / d_den, b_kv * context_tokens / b_den, p)
+            t = t + n * (gemm + attn_p + attn_d + fixed + comm_tok * (batch + chunk_tokens))
+        alone = self.prefill_array(chunk_tokens, chunk_sum_sq, chunk_reqs)[0]
+        return np.where(batch > 0, t, alone)
 
     def mixed_step_time(self, batch: float, context_tokens: float, chunk_tokens: float, chunk_sum_sq: float,
                         chunk_reqs: int, prefix_tokens: float = 0.0) -> float:
@@ -195,8 +270,7 @@ class ReplicaModel:
         t = self.eff.step_overhead_s
         head = self._head_flops_per_req
         p = self.eff.roofline_p
-        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), d_den in zip(self._coef, self._dec_den,
-                                                                                          strict=True):
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), d_den, n in self._groups:
             # the GEMMs see one batch of (decode rows + chunk tokens): one read of the weights
             flops = f_tok * (batch + chunk_tokens)
             if last:  # the LM head runs on the decode rows and the last token of each prompt only
@@ -205,7 +279,7 @@ class ReplicaModel:
             # attention runs as separate kernels (prefill: compute-bound; decode: reads the whole KV)
             attn_p = roof(f_sq * chunk_sum_sq / f_den, b_kv * (prefix_tokens + chunk_tokens) / b_den, p)
             attn_d = roof(2 * f_sq * context_tokens / d_den, b_kv * context_tokens / b_den, p)
-            t += gemm + attn_p + attn_d + fixed + comm_tok * (batch + chunk_tokens)
+            t += n * (gemm + attn_p + attn_d + fixed + comm_tok * (batch + chunk_tokens))
         return t
 
     def kv_compress_time(self, tokens: float, compression: str) -> float:

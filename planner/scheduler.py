@@ -148,9 +148,9 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     search_s = s.time_limit_s * (1 - VERIFY_SHARE if s.verify else 1.0)
     shortlist = _search_pools(s, phases, bandwidth_aware, tabu, t0, t0 + search_s * (0.7 if _extra_pass(s, phases)
                                                                                       else 1.0))
+    homogeneous = _homogeneous_candidates(s) if _extra_pass(s, phases) and tabu else []
     if _extra_pass(s, phases):  # the colocated-only pass rents a different pool; it belongs to our space too
         shortlist += _search_pools(s, ("both",), bandwidth_aware, tabu, time.perf_counter(), t0 + search_s)
-    homogeneous = _homogeneous_candidates(s) if _extra_pass(s, phases) and tabu else []
     shortlist += homogeneous
     if not shortlist:
         raise PlanningError("no GPU group in the pool can hold the model")
@@ -161,18 +161,37 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
 
 
 def _homogeneous_candidates(s: Setting) -> list[tuple[Evaluator, Evaluation]]:
-    """The best all-one-type colocated deployment (what a user would rent by hand) as one more candidate:
-    it is in our space, but the rent MIP's coarse view of KV traffic and queueing can rank it below a
-    mix the simulator then finds worse. Cheap: its replica capacities are memoised from the rent step."""
-    from planner.baselines import colocated
+    """The best all-one-type deployments a user would build by hand, colocated (vLLM-style) and split
+    into prefill and decode (DistServe-style), as candidates that always reach the simulator: they
+    are in our space, but the rent MIP's coarse view of KV traffic and queueing can rank them below a
+    mix the simulator then finds worse. The split one also with our routing (link-aware, KV
+    compression where it pays). Cheap: only the most promising instance types are planned, and
+    replica capacities are memoised from the rent step."""
+    from planner.baselines import colocated, distserve, promising_clusters
 
-    ev, e = colocated(s)
-    return [(ev, e)] if e is not None and e.goodput > 0 else []
+    out = []
+    ev, e = colocated(s, promising_clusters(s, split=False, keep=HOMOGENEOUS_TYPES))
+    if e is not None and e.goodput > 0:
+        out.append((ev, e))
+    ev, e = distserve(s, promising_clusters(s, split=True, keep=HOMOGENEOUS_TYPES))
+    if e is not None and e.goodput > 0:
+        out.append((ev, e))
+        ours = s.evaluator(ev.ctx.cluster)
+        routed = ours.evaluate(e.groups, e.roles, {n.id: n.price_per_hour for n in ev.ctx.cluster.nodes})
+        if routed.goodput > 0:
+            out.append((ours, routed))
+    return out
 
 
-VERIFY_SHARE = 0.25  # of the time limit, for simulating the finalists
+HOMOGENEOUS_TYPES = 6  # instance types planned by hand-style for the always-simulated candidates
+VERIFY_SHARE = 0.35  # of the time limit, for simulating the finalists
 MIN_PROBED = 3  # finalists that always get at least their one-simulation probe, even past the deadline
 FINALISTS = 4
+# Finalists are simulated for ``simulator.sim_requests_for`` arrivals (~8 request lifetimes) up to this
+# many: 4,000 (40 s at 100 req/s) ended before the queues of long-lived requests (70B, 256-token outputs
+# at 100 ms, ~29 s each) settled and ranked plans differently from 20,000; 12,000 agreed with 20,000 on
+# the bench scenarios checked, at 0.4 s per simulation.
+RACE_REQUESTS = 12000
 
 
 def _extra_pass(s: Setting, phases: tuple[str, ...]) -> bool:
@@ -232,39 +251,47 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
                           must: list[tuple[Evaluator, Evaluation]] | None = None) -> tuple[Evaluator, Evaluation]:
     """Simulate the best few distinct candidates (by the cost model's score, plus ``must``); keep the best.
 
-    A race with common random numbers: the first finalist's simulated goodput is measured; each
-    next one is first probed only at the rate it needs to beat the best so far (one simulation),
-    and measured only if it passes, so the time goes into the comparisons that decide."""
+    Candidates are told apart by what would be deployed (instances, replica shapes, roles and engine
+    settings), not by the search that found them. A race with common random numbers: the first
+    finalist's simulated goodput is measured; each next one is first probed only at the rate it needs
+    to beat the best so far (one simulation), and measured upwards from there only if it passes, so
+    the time goes into the comparisons that decide."""
     from planner.simulator import goodput, meets_slo
 
-    seen: set[tuple] = set()
-    finalists = []
+    seen: dict[tuple, Evaluation] = {}
+    finalists: list[tuple[Evaluator, Evaluation, Plan]] = []
+    must_ids = {id(c[1]) for c in must or []}
+    forced: set[int] = set()
     for ev, e in sorted(shortlist, key=lambda c: -c[1].score):
-        key = (id(ev.ctx.cluster), frozenset(zip(e.groups, e.roles, strict=True)))
+        plan = build_plan(s, ev, e, "candidate")
+        key = _deployed(plan)
         if key not in seen:
-            seen.add(key)
-            finalists.append((ev, e))
-    finalists = finalists[:FINALISTS]
-    for cand in must or []:  # compared in any case, in place of the lowest-ranked finalist
-        if all(cand[1] is not f[1] for f in finalists):
-            finalists = [*finalists[:FINALISTS - 1], cand]
-    best, best_g, best_cost = finalists[0], 0.0, math.inf
+            seen[key] = e
+            finalists.append((ev, e, plan))
+        if id(e) in must_ids:  # a candidate that must run: the copy kept of it runs
+            forced.add(id(seen[key]))
+    top = finalists[:FINALISTS]
+    for cand in finalists[FINALISTS:]:  # compared in any case, in place of the lowest-ranked other
+        if id(cand[1]) in forced:
+            others = [j for j, f in enumerate(top) if id(f[1]) not in forced]
+            if others:
+                top.pop(others[-1])
+            top.append(cand)
+    best, best_g, best_cost = (top[0][0], top[0][1]), 0.0, math.inf
     simulated = 0
-    for i, (ev, e) in enumerate(finalists):
-        forced = any(e is c[1] for c in must or [])
-        if i >= MIN_PROBED and not forced and time.perf_counter() > deadline:
+    for i, (ev, e, plan) in enumerate(top):
+        if i >= MIN_PROBED and id(e) not in forced and time.perf_counter() > deadline:
             continue  # out of time: the cost model's ranking decides, except for a candidate that must be probed
         simulated += 1
-        plan = build_plan(s, ev, e, "candidate")
         wl = s.workload if s.workload.rate > 0 else s.workload.with_rate(e.goodput)
         cost = plan.cost_per_hour
         if best_g > 0:
             need = _rate_to_beat(s.objective, best_g, best_cost, cost)
-            if not meets_slo(plan, wl, s.slo, need, max_requests=4000):
+            if not meets_slo(plan, wl, s.slo, need, max_requests=RACE_REQUESTS):
                 continue
-            g = goodput(plan, wl, s.slo, hi=need, iters=3, max_requests=4000)
+            g = goodput(plan, wl, s.slo, hi=need, iters=3, max_requests=RACE_REQUESTS, passes=need, deadline=deadline)
         else:
-            g = goodput(plan, wl, s.slo, iters=4, max_requests=4000)
+            g = goodput(plan, wl, s.slo, iters=3, max_requests=RACE_REQUESTS, deadline=deadline)
         if g > 0 and (best_g <= 0 or g >= _rate_to_beat(s.objective, best_g, best_cost, cost)):
             best, best_g, best_cost = (ev, e), g, cost
             s.stats["sim_goodput_rps"] = round(g, 4)
@@ -272,14 +299,34 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
     return best
 
 
+def _deployed(plan: Plan) -> tuple:
+    """What a plan would rent and run, without ids: two searches that found the same thing match."""
+    nodes = {i.id: i for i in plan.instances}
+    return (tuple(sorted((i.instance_type, i.gpu_type, i.gpu_count, i.cloud, i.region, round(i.price_per_hour, 4))
+                         for i in plan.instances)),
+            tuple(sorted((r.role, r.tp, r.pp, r.prefill_chunk, r.mixed_chunk, tuple(r.layer_split),
+                          tuple(nodes[n].gpu_type for n in r.node_ids)) for r in plan.replicas)))
+
+
+MARGINAL_VALUE = 0.5  # with no demanded rate, money beyond a plan's price must buy half its goodput per $
+
+
 def _rate_to_beat(objective: str, best_g: float, best_cost: float, cost: float) -> float:
     """The simulated goodput a finalist costing ``cost`` $/h needs to replace the best so far.
 
-    Per dollar: 1% more per dollar. Most goodput (no demand given, or an owned pool): 1% more, or, for a
-    plan at least 1% cheaper, the same goodput within the simulation's noise (0.5%)."""
+    Per dollar: 1% more per dollar. Most goodput (no demand given, or an owned pool): 1% more; and the
+    price difference is weighed: a dearer plan must earn its extra dollars at ``MARGINAL_VALUE`` of the
+    best plan's goodput per dollar (a replica that adds 2% for 11% more money is not worth renting),
+    and a cheaper plan wins when the goodput it gives up is worth less than that (at least 0.5%: the
+    simulation's noise)."""
     if objective != "goodput":
         return best_g / best_cost * cost * 1.01
-    return best_g * (0.995 if cost < best_cost * 0.99 else 1.01)
+    if best_cost <= 0:  # an owned pool costs nothing by the hour: only goodput counts
+        return best_g * 1.01
+    weighed = best_g * (1 + MARGINAL_VALUE * (cost / best_cost - 1))
+    if cost < best_cost * 0.99:
+        return min(best_g * 0.995, weighed)
+    return max(best_g * 1.01, weighed)
 
 
 def build_plan(s: Setting, ev: Evaluator, e: Evaluation, strategy: str) -> Plan:

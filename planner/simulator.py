@@ -36,6 +36,7 @@ import bisect
 import heapq
 import math
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -611,26 +612,32 @@ def meets_slo(plan: Plan, workload: Workload, slo: SLO, rate: float, *, n_reques
 
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None = None, seed: int = 0,
-            hi: float | None = None, iters: int = 8, max_requests: int = 20000) -> float:
+            hi: float | None = None, iters: int = 8, max_requests: int = 20000, passes: float = 0.0,
+            deadline: float | None = None) -> float:
     """Highest rate (req/s) at which the simulated SLO attainment meets the target (bisection).
 
     A rate passes when the attainment meets the target over all requests and over the ones after the
     warm-up (a slowly growing queue fails late requests first; an empty start flatters early ones).
     Each probe simulates ``n_requests`` arrivals (default: ``sim_requests_for``) with common random
     numbers, so probes at different rates see the same lengths and the same arrival pattern.
+    ``passes``: a rate already known to pass (the search never answers below it). ``deadline``
+    (``time.perf_counter()``): past it no more simulations run and the answer is the highest rate
+    shown to pass so far (a planner racing finalists under a time limit).
     """
 
     def ok(rate: float) -> bool:
+        if deadline is not None and time.perf_counter() > deadline:
+            return False
         return meets_slo(plan, workload, slo, rate, n_requests=n_requests, seed=seed, max_requests=max_requests)
 
-    guess = hi or float(plan.expected.get("goodput_rps", 0.0)) or 1.0
-    lo, up = 0.0, guess * 1.25
+    guess = max(hi or float(plan.expected.get("goodput_rps", 0.0)) or 1.0, passes)
+    lo, up = passes, guess * 1.25
     while ok(up):  # grow until it fails
         lo, up = up, up * 2
         if up > 1e5:
             return up
-    if lo == 0.0:
-        probe = guess * 0.5
+    if lo == 0.0:  # the estimate is usually within 20%: bracket it tightly first, then halve down
+        probe = guess * 0.8
         while probe > 1e-3 and not ok(probe):
             up, probe = probe, probe * 0.5
         if probe <= 1e-3:

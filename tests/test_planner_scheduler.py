@@ -133,3 +133,39 @@ def test_planning_errors_are_one_clear_line() -> None:
         plan_deployment("llama-2-7b", CONV, SLO(2.0, 0.1))
     with pytest.raises(PlanningError, match=r"no GPU group|no deployment"):
         plan_deployment("llama-2-70b", CONV, SLO(2.0, 0.1), pool="L4")
+
+
+def test_the_race_always_simulates_the_hand_built_plan_and_keeps_the_better_one() -> None:
+    """Four poor deployments (GPUs left idle) the cost model overrates fill the finalists; the
+    hand-built plan (a replica per GPU), passed as one that must run and also present as an unforced copy ranked below
+    them, is still simulated and wins on simulated goodput."""
+    from dataclasses import replace
+    from time import perf_counter
+
+    from planner.scheduler import _deployed, _select_by_simulation, build_plan
+
+    cluster = pool_from_spec("4xL40S", 40.0)
+    s = Setting(load_model("llama-2-7b"), CONV, SLO(1.5, 0.06), None, None, cluster, True, 40.0, "auto", 0, 5.0, 64,
+                DEFAULT_EFF)
+    ev = s.evaluator(cluster)
+    g = cluster.gpus()
+    prices = {n.id: n.price_per_hour for n in cluster.nodes}
+
+    def cand(groups: list[tuple], score: float):
+        e = ev.evaluate(groups, ["both"] * len(groups), prices)
+        return ev, replace(e, score=score)
+
+    poor = [cand([(g[0],)], 1e6), cand([(g[0], g[1])], 1e6 - 1), cand([(g[0],), (g[1],), (g[2],)], 1e6 - 2),
+            cand([(g[0],), (g[1],)], 1e6 - 3)]  # every one leaves GPUs idle
+    good = cand([(x,) for x in g], 1.0)
+    good_copy = cand([(x,) for x in g], 2.0)
+    assert _deployed(build_plan(s, *good, "x")) == _deployed(build_plan(s, *good_copy, "x"))
+    chosen = _select_by_simulation(s, [*poor, good_copy, good], perf_counter() + 60, must=[good])
+    assert len([c for c in chosen[1].configs if c is not None]) == 4
+    assert s.stats["finalists_simulated"] == 4
+
+
+def test_an_owned_pool_race_compares_goodput_only() -> None:
+    from planner.scheduler import _rate_to_beat
+
+    assert _rate_to_beat("goodput", 10.0, 0.0, 0.0) == pytest.approx(10.1)
