@@ -38,14 +38,22 @@ def _homogeneous_clusters(s: Setting) -> list[Cluster]:
         return [Cluster(nodes, s.pool.inter_node_gbps, s.pool.links_gbps) for nodes in by_type.values()]
     assert s.offers is not None and s.budget is not None
     out = []
-    # the cheapest offer of each (GPU type, GPU count) buys at least as many of the same instance as any
-    # other: it dominates, so the others are not planned
-    cheapest: dict[tuple[str, int], tuple[float, str, str, Offer, bool]] = {}
+    # Offers of one (GPU type, GPU count), cheapest first. The cheapest buys at least as many of the same
+    # instance as any other, so the dearer ones are planned only while the cheaper ones are capped by
+    # what the provider can give (the catalog's optional Capacity column).
+    by_shape: dict[tuple[str, int], list[tuple[float, str, str, Offer, bool]]] = {}
     for (cloud, region, gpu, count), (offer, price, is_spot) in sorted(cheapest_per_type(s.offers, s.spot).items()):
-        if (gpu, count) not in cheapest or price < cheapest[(gpu, count)][0]:
-            cheapest[(gpu, count)] = (price, cloud, region, offer, is_spot)
-    for (gpu, count), (price, cloud, region, offer, is_spot) in sorted(cheapest.items()):
+        by_shape.setdefault((gpu, count), []).append((price, cloud, region, offer, is_spot))
+    chosen = []
+    for (gpu, count), options in sorted(by_shape.items()):
+        for price, cloud, region, offer, is_spot in sorted(options, key=lambda o: o[0]):
+            chosen.append((gpu, count, price, cloud, region, offer, is_spot))
+            if offer.capacity is None or offer.capacity >= math.floor(s.budget / price + 1e-9):
+                break
+    for gpu, count, price, cloud, region, offer, is_spot in chosen:
         k = min(math.floor(s.budget / price + 1e-9), max(1, s.max_gpus // count))
+        if offer.capacity is not None:
+            k = min(k, offer.capacity)
         if s.workload.rate > 0:  # like ours: no more instances than the demand needs (with headroom)
             k = min(k, _instances_for_rate(s, gpu, count, price))
         if k < 1:
@@ -110,7 +118,8 @@ def promising_clusters(s: Setting, split: bool, keep: int) -> list[Cluster]:
     scored = []
     for cluster in _homogeneous_clusters(s):
         ev = s.evaluator(cluster, kv="none")
-        price = cluster.nodes[0].price_per_hour / cluster.nodes[0].gpu_count
+        # per GPU; an owned pool's free nodes rank by capacity alone
+        price = max(cluster.nodes[0].price_per_hour / cluster.nodes[0].gpu_count, 1e-9)
         value, tried = 0.0, 0
         for size in _sizes(cluster):
             groups = _cut(cluster, size)

@@ -16,7 +16,6 @@ simulator (``planner.simulator``) is the judge of the final plan. Models, per ro
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -164,14 +163,17 @@ class StepTable:
             return None
         k = int(hits[0]) + 1
         lo, hi, e_lo, e_hi = float(self.batch[k - 1]), float(self.batch[k]), float(excess[k - 1]), float(excess[k])
-        if math.isfinite(e_lo) and e_lo > e_hi:
+        # the first cell starts at an empty batch, where the step time jumps (no decode step at all):
+        # not a line, so it is bisected like a cell with an infinite side
+        if k > 1 and math.isfinite(e_lo) and e_lo > e_hi:
             return lo + (hi - lo) * e_lo / (e_lo - e_hi)
-        return narrow(lambda x: exact(x) > 0, lo, hi, 10)[1]
+        return narrow(lambda x: exact(x) > 0, lo, hi, 12)[1]
 
 
 def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, ctx: float, stretch: float = 1.0,
                   table: StepTable | None = None) -> float | None:
-    """Running batch at ``rate`` (Little's law fixed point), or None if it would exceed memory."""
+    """Running batch at ``rate`` (Little's law fixed point), or None if it would exceed memory.
+    ``ctx``: mean context per sequence, the one ``StepTable.build`` uses (input + half the output)."""
     b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
     out = wl.mean_output
 
@@ -267,18 +269,17 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
 
 
 def _output_gaps(wl: Workload) -> np.ndarray:
-    """Token gaps (output length - 1) at evenly spread quantiles of the output length."""
-    try:
-        return _gaps_of(wl.output)
-    except TypeError:  # lengths from a trace (arrays) are not hashable
-        return _gaps_of.__wrapped__(wl.output)
-
-
-@functools.lru_cache(maxsize=64)
-def _gaps_of(output) -> np.ndarray:
-    if output.kind == "fixed":
-        return np.array([max(output.mean - 1.0, 0.0)])
-    return np.array([max(output.quantile((i + 0.5) / 12) - 1.0, 0.0) for i in range(12)])
+    """Token gaps (output length - 1) at evenly spread quantiles of the output length (memoised on the
+    lengths object, like its quantiles: the capacity search asks for them at every probe)."""
+    out = wl.output
+    gaps = out.__dict__.get("_gaps")
+    if gaps is None:
+        if out.kind == "fixed":
+            gaps = np.array([max(out.mean - 1.0, 0.0)])
+        else:
+            gaps = np.array([max(out.quantile((i + 0.5) / 12) - 1.0, 0.0) for i in range(12)])
+        out.__dict__["_gaps"] = gaps
+    return gaps
 
 
 def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
@@ -342,6 +343,25 @@ def _mixed_tpot(rm: ReplicaModel, wl: Workload, rate: float, b: float, chunk: in
     return 1.0 / (n_m + n_d), u
 
 
+def _mixed_batch(rm: ReplicaModel, wl: Workload, rate: float, chunk: int, table: StepTable) -> float | None:
+    """Running batch of a mixed-chunk replica at ``rate``: the smallest fixed point of Little's law with
+    the mean TPOT (past it a bigger batch leaves less of the chunk to prompts, so the excess is not
+    monotone): the first batch on the grid that keeps up, refined below it. None: none keeps up."""
+    assert table.chunk is not None and table.mixed is not None
+    out = max(wl.mean_output, 1.0)
+
+    def excess(b: float) -> float:
+        tp, _ = _mixed_tpot(rm, wl, rate, b, chunk)
+        return rate * out * tp - b if math.isfinite(tp) else math.inf
+
+    n_m = rate * wl.mean_input / table.chunk
+    u = n_m * table.mixed
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n_d = np.where(table.decode > 0, (1 - u) / np.where(table.decode > 0, table.decode, 1.0), 0.0)
+        excess_grid = np.where(u < 0.98, rate * out / (n_m + n_d), np.inf) - table.batch
+    return table.first_root(excess_grid, excess)
+
+
 def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpot_target: float,
                           chunk: int, table: StepTable | None = None) -> tuple[float, float]:
     """(TTFT quantile, share of requests over the TPOT target) of a colocated replica with mixed chunks.
@@ -355,22 +375,7 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
     b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
     if b_mem < 1 or chunk <= 1:
         return math.inf, 1.0
-    out = max(wl.mean_output, 1.0)
-
-    def excess(b: float) -> float:
-        tp, _ = _mixed_tpot(rm, wl, rate, b, chunk)
-        return rate * out * tp - b if math.isfinite(tp) else math.inf
-
-    # the smallest fixed point: past it a bigger batch leaves less of the chunk to prompts, so the
-    # excess is not monotone; the first batch on the grid that keeps up, refined below it
-    table = table or StepTable.build(rm, wl, chunk)
-    assert table.chunk is not None and table.mixed is not None
-    n_m = rate * wl.mean_input / table.chunk
-    u = n_m * table.mixed
-    with np.errstate(divide="ignore"):
-        n_d = np.where(table.decode > 0, (1 - u) / np.where(table.decode > 0, table.decode, 1.0), 0.0)
-        excess_grid = np.where(u < 0.98, rate * out / (n_m + n_d), np.inf) - table.batch
-    found = table.first_root(excess_grid, excess)
+    found = _mixed_batch(rm, wl, rate, chunk, table or StepTable.build(rm, wl, chunk))
     if found is None:
         return math.inf, 1.0
     b = found

@@ -262,7 +262,9 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
     finalists: list[tuple[Evaluator, Evaluation, Plan]] = []
     must_ids = {id(c[1]) for c in must or []}
     forced: set[int] = set()
-    for ev, e in sorted(shortlist, key=lambda c: -c[1].score):
+    listed = {id(c[1]) for c in shortlist}
+    pool = [*shortlist, *(c for c in must or [] if id(c[1]) not in listed)]
+    for ev, e in sorted(pool, key=lambda c: -c[1].score):
         plan = build_plan(s, ev, e, "candidate")
         key = _deployed(plan)
         if key not in seen:
@@ -300,12 +302,22 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
 
 
 def _deployed(plan: Plan) -> tuple:
-    """What a plan would rent and run, without ids: two searches that found the same thing match."""
+    """What a plan would rent and run, without ids: two searches that found the same thing match.
+    Instances; replicas (role, parallelism, engine settings, GPU types); which replicas share a node
+    (KV over the GPU link or the network); routing weights and KV compression between replica kinds."""
     nodes = {i.id: i for i in plan.instances}
+    kind = {r.id: (r.role, r.tp, r.pp, r.prefill_chunk, r.mixed_chunk, tuple(r.layer_split),
+                   tuple(nodes[n].gpu_type for n in r.node_ids)) for r in plan.replicas}
+    per_node: dict[str, list[tuple]] = {}
+    for r in plan.replicas:
+        for n in r.node_ids:
+            per_node.setdefault(n, []).append(kind[r.id])
     return (tuple(sorted((i.instance_type, i.gpu_type, i.gpu_count, i.cloud, i.region, round(i.price_per_hour, 4))
                          for i in plan.instances)),
-            tuple(sorted((r.role, r.tp, r.pp, r.prefill_chunk, r.mixed_chunk, tuple(r.layer_split),
-                          tuple(nodes[n].gpu_type for n in r.node_ids)) for r in plan.replicas)))
+            tuple(sorted(kind.values())),
+            tuple(sorted(tuple(sorted(v)) for v in per_node.values())),
+            tuple(sorted((kind[rt.prefill], kind[rt.decode], round(rt.weight, 3), rt.kv_compression)
+                         for rt in plan.routing)))
 
 
 MARGINAL_VALUE = 0.5  # with no demanded rate, money beyond a plan's price must buy half its goodput per $

@@ -621,17 +621,19 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None 
     Each probe simulates ``n_requests`` arrivals (default: ``sim_requests_for``) with common random
     numbers, so probes at different rates see the same lengths and the same arrival pattern.
     ``passes``: a rate already known to pass (the search never answers below it). ``deadline``
-    (``time.perf_counter()``): past it no more simulations run and the answer is the highest rate
-    shown to pass so far (a planner racing finalists under a time limit).
+    (``time.perf_counter()``): once some rate has passed and the deadline is gone, no more
+    simulations run and the answer is the highest rate shown to pass (a lower bound: a planner racing
+    finalists under a time limit); until a rate passes the search runs on, so 0 always means "fails".
     """
+    lo = passes
 
     def ok(rate: float) -> bool:
-        if deadline is not None and time.perf_counter() > deadline:
+        if deadline is not None and lo > 0 and time.perf_counter() > deadline:
             return False
         return meets_slo(plan, workload, slo, rate, n_requests=n_requests, seed=seed, max_requests=max_requests)
 
     guess = max(hi or float(plan.expected.get("goodput_rps", 0.0)) or 1.0, passes)
-    lo, up = passes, guess * 1.25
+    up = guess * 1.25
     while ok(up):  # grow until it fails
         lo, up = up, up * 2
         if up > 1e5:

@@ -167,19 +167,38 @@ def pipeline(model: str, gpus: list[str], tp: int = 1) -> ReplicaModel:
     return ReplicaModel(m, stages, [(10e9, 2e-5)] * (n - 1), DEFAULT_EFF)
 
 
-@pytest.mark.parametrize("gpus", [["L40S"] * 8, ["A100-80GB", "L40S", "L40S", "RTX4090"], ["H100"]])
-def test_batched_step_times_equal_the_scalar_ones(gpus: list[str]) -> None:
+def per_stage_reference(rm: ReplicaModel, tokens: float, sum_sq: float, n_req: int, batch: float,
+                        context: float) -> tuple[list[float], float]:
+    """Prefill stage times and a decode step computed stage by stage, without the grouping."""
+    from planner.cost_model import roof
+
+    p, head = rm.eff.roofline_p, 2 * rm.model.vocab * rm.model.hidden
+    pre, dec = [], rm.eff.step_overhead_s
+    for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm, last), d_den in zip(rm._coef, rm._dec_den,
+                                                                                     strict=True):
+        flops = f_tok * tokens + f_sq * sum_sq + (head * (n_req - tokens) if last else 0.0)
+        pre.append(roof(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm * tokens)
+        dflops = f_tok * batch + 2 * f_sq * context
+        dec += roof(dflops / d_den, (b_const + b_kv * context) / b_den, p) + fixed + comm * batch
+    return pre, dec
+
+
+@pytest.mark.parametrize(("gpus", "groups"), [(["L40S"] * 8, [7, 1]),
+                                              (["A100-80GB", "L40S", "L40S", "RTX4090"], [1, 2, 1]), (["H100"], [1])])
+def test_batched_step_times_equal_the_scalar_ones(gpus: list[str], groups: list[int]) -> None:
     import numpy as np
 
     rm = pipeline("llama-2-70b", gpus)
-    assert len(rm._groups) <= len(gpus)  # identical stages are computed once and counted
-    assert sum(n for _, _, n in rm._groups) == len(gpus)
+    # identical stages (same GPU, layers and outgoing link) are computed once and counted; the last
+    # stage differs (LM head, no link)
+    assert [n for _, _, n in rm._groups] == groups
     overhead = rm.eff.step_overhead_s
     for tokens in (1.0, 700.0, 8192.0):
-        assert rm.prefill_time(tokens, tokens**2, 2) == pytest.approx(
-            sum(rm.prefill_stage_times(tokens, tokens**2, 2)) + overhead)
-        assert rm.prefill_bottleneck(tokens, tokens**2, 2) == pytest.approx(
-            max(rm.prefill_stage_times(tokens, tokens**2, 2)) + overhead)
+        stages, step = per_stage_reference(rm, tokens, tokens**2, 2, 48.0, 48.0 * 1500)
+        assert rm.prefill_stage_times(tokens, tokens**2, 2) == pytest.approx(stages)
+        assert rm.prefill_time(tokens, tokens**2, 2) == pytest.approx(sum(stages) + overhead)
+        assert rm.prefill_bottleneck(tokens, tokens**2, 2) == pytest.approx(max(stages) + overhead)
+        assert rm.decode_step_time(48.0, 48.0 * 1500) == pytest.approx(step)
     b = np.array([0.0, 1.0, 7.5, 64.0, 300.0])
     ctx = b * 1500
     scalar = [rm.decode_step_time(x, c) for x, c in zip(b, ctx, strict=True)]
@@ -214,3 +233,35 @@ def test_tabulated_batch_fixed_point_matches_the_exact_one() -> None:
             assert got is None
         else:
             assert got == pytest.approx(exact, rel=0.02)
+
+
+def test_tabulated_mixed_fixed_point_matches_the_exact_one() -> None:
+    """The same for a colocated replica with mixed chunks, including low rates where the batch
+    settles inside the table's first cell (an empty batch has no decode step: not a line)."""
+    import math
+
+    from planner.bisection import narrow
+    from planner.capacity import StepTable, _mixed_batch, _mixed_tpot
+
+    wl = Workload(0.0, Lengths(1024, "lognormal", 0.8, lo=16, hi=8192), Lengths(256, "lognormal", 0.8, lo=4, hi=2048))
+    checked = 0
+    for gpus in (["A100-80GB"], ["L40S"] * 4):
+        rm = pipeline("llama-2-13b", gpus)
+        table = StepTable.build(rm, wl, 512)
+        b_mem = rm.kv_tokens / (wl.mean_input + wl.mean_output)
+        for rate in (0.02, 0.3, 2.0, 1e3):
+            def excess(b: float, rate: float = rate, rm: ReplicaModel = rm) -> float:
+                tp, _ = _mixed_tpot(rm, wl, rate, b, 512)
+                return rate * wl.mean_output * tp - b if math.isfinite(tp) else math.inf
+
+            # the smallest root: a fine scan with the exact function, then bisection
+            grid = [b_mem * i / 4000 for i in range(4001)]
+            first = next((i for i, b in enumerate(grid) if i and excess(b) <= 0), None)
+            got = _mixed_batch(rm, wl, rate, 512, table)
+            if first is None:
+                assert got is None
+                continue
+            exact = narrow(lambda x: excess(x) > 0, grid[first - 1], grid[first], 40)[1]
+            assert got == pytest.approx(exact, rel=0.03, abs=0.01)
+            checked += 1
+    assert checked >= 4

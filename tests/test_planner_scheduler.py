@@ -169,3 +169,39 @@ def test_an_owned_pool_race_compares_goodput_only() -> None:
     from planner.scheduler import _rate_to_beat
 
     assert _rate_to_beat("goodput", 10.0, 0.0, 0.0) == pytest.approx(10.1)
+
+
+def test_hand_built_baselines_respect_offer_capacity() -> None:
+    """The cheapest offer of a GPU shape is planned alone unless the provider caps it below what the
+    budget buys: then the next-cheapest offer of the same shape is planned too, and no cluster rents
+    more instances than its offer has."""
+    from planner.baselines import _homogeneous_clusters
+    from planner.offers import Offer
+
+    def setting(offers: list[Offer]) -> Setting:
+        return Setting(load_model("llama-2-7b"), CONV, SLO(2.0, 0.1), 10.0, offers, None, False, 40.0, "auto", 0, 1.0,
+                       64, DEFAULT_EFF)
+
+    cheap = Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r1")
+    dear = Offer("b", "1x_L40S_b", "L40S", 1, 2.0, None, "r2")
+    sizes = [(c.nodes[0].price_per_hour, len(c.nodes)) for c in _homogeneous_clusters(setting([cheap, dear]))]
+    assert sizes == [(1.0, 10)]  # uncapped: the cheapest dominates
+    capped = Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r1", capacity=3)
+    sizes = [(c.nodes[0].price_per_hour, len(c.nodes)) for c in _homogeneous_clusters(setting([capped, dear]))]
+    assert sizes == [(1.0, 3), (2.0, 5)]
+
+
+def test_finalists_differ_by_routing_and_placement_not_by_ids() -> None:
+    from dataclasses import replace
+
+    from planner.scheduler import _deployed
+
+    plan = plan_deployment("llama-2-7b", CONV, SLO(1.5, 0.06), pool="2xL40S,2xRTX3090", inter_node_gbps=10.0,
+                           disaggregate=True, time_limit_s=2.0, verify=False)
+    assert _deployed(plan) == _deployed(replace(plan, seed=7))
+    renamed = {r.id: f"x{i}" for i, r in enumerate(plan.replicas)}
+    same = replace(plan, replicas=[replace(r, id=renamed[r.id]) for r in plan.replicas],
+                   routing=[replace(rt, prefill=renamed[rt.prefill], decode=renamed[rt.decode]) for rt in plan.routing])
+    assert _deployed(same) == _deployed(plan)  # ids do not matter
+    compressed = replace(plan, routing=[replace(rt, kv_compression="int4") for rt in plan.routing])
+    assert _deployed(compressed) != _deployed(plan)  # how KV travels does

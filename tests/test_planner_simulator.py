@@ -76,6 +76,21 @@ def test_goodput_is_where_attainment_crosses_the_target() -> None:
     assert hi.overloaded or hi.attainment < SLO_.attainment
 
 
+def test_goodput_under_a_deadline_answers_a_rate_shown_to_pass() -> None:
+    """A finalist race past its deadline: the search stops once a rate has passed and answers it
+    (a lower bound, never above the full answer, never 0 for a plan that serves); ``passes`` is a
+    floor the answer never goes below."""
+    import time
+
+    plan = pd_plan()
+    full = goodput(plan, WL, SLO_, iters=6)
+    late = goodput(plan, WL, SLO_, iters=6, deadline=time.perf_counter() - 1.0)
+    assert 0 < late <= full
+    assert simulate(plan, WL.with_rate(late), SLO_, n_requests=1500).attainment >= SLO_.attainment
+    floor = goodput(plan, WL, SLO_, iters=6, passes=0.5 * full, deadline=time.perf_counter() - 1.0)
+    assert floor == pytest.approx(0.5 * full)  # nothing simulated: the known-good rate is the answer
+
+
 def test_reschedule_keeps_survivors_and_their_parallelism() -> None:
     plan = pd_plan()
     decodes = plan.replicas_with_role("decode")
