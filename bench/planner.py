@@ -169,7 +169,7 @@ def main() -> None:
                     help="interactive: MLPerf's interactive TTFT/TPOT targets (no planner-time measurements)")
     ap.add_argument("--time-limit", type=float, default=None, help="search seconds per plan")
     args = ap.parse_args()
-    console = Console(stderr=False)
+    console = Console(stderr=False, width=220)  # the whole table also when stdout is a file
     offers = load_offers(sorted(CATALOGS.glob("*_vms.csv")))
     suite = INTERACTIVE_SUITE if args.suite == "interactive" else QUICK if args.quick else SUITE
     limit = args.time_limit or (4.0 if args.quick else 8.0)
