@@ -68,7 +68,10 @@ class Gateway:
         except NoWorkers as e:
             if self.cfg.wait_for_pair_s <= 0:
                 raise ApiError(503, str(e), code="no_workers") from e
-        return await self._wait_for_pair(avoid)
+        try:
+            return await self._wait_for_pair(avoid)
+        except NoWorkers as e:
+            raise ApiError(503, str(e), code="no_workers") from e
 
     async def _wait_for_pair(self, avoid: set | None) -> Pair:
         self.metrics.pair_waits.inc()
@@ -76,10 +79,7 @@ class Gateway:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                try:
-                    return self.table.choose(self.rng, avoid)
-                except NoWorkers as e:
-                    raise ApiError(503, str(e), code="no_workers") from e
+                return self.table.choose(self.rng, avoid)  # raises NoWorkers if still none
             self.table_changed.clear()
             try:  # a table swap wakes us at once; health recoveries are seen on the short poll
                 await asyncio.wait_for(self.table_changed.wait(), min(left, 0.1))

@@ -29,7 +29,7 @@ from planner.offers import Offer, cheapest_per_type
 from planner.scheduler import Setting, plan_thunderserve
 
 
-def _homogeneous_clusters(s: Setting) -> list[Cluster]:
+def homogeneous_clusters(s: Setting) -> list[Cluster]:
     """One cluster per instance type: as many instances as the budget buys (or the pool's own)."""
     if s.pool is not None:
         by_type: dict[str, list[Node]] = {}
@@ -110,13 +110,14 @@ def _better(a: tuple[Evaluator, Evaluation] | None, b: tuple[Evaluator, Evaluati
     return b if a is None or b[1].score > a[1].score else a
 
 
-def promising_clusters(s: Setting, split: bool, keep: int) -> list[Cluster]:
+def promising_clusters(s: Setting, clusters: list[Cluster], split: bool, keep: int) -> list[Cluster]:
     """The ``keep`` homogeneous clusters that look best per dollar for colocated replicas (``split``
     False) or a prefill/decode split (True), judged by the smallest replica each type can hold (its
     configuration is usually cached by the rent step) and the next size up (a replica that barely
-    holds the model has little room for KV); the scheduler plans only these by hand-style."""
+    holds the model has little room for KV); the scheduler plans only these by hand-style.
+    ``clusters``: ``homogeneous_clusters(s)``, computed once for both kinds."""
     scored = []
-    for cluster in _homogeneous_clusters(s):
+    for cluster in clusters:
         ev = s.evaluator(cluster, kv="none")
         # per GPU; an owned pool's free nodes rank by capacity alone
         price = max(cluster.nodes[0].price_per_hour / cluster.nodes[0].gpu_count, 1e-9)
@@ -141,7 +142,7 @@ def promising_clusters(s: Setting, split: bool, keep: int) -> list[Cluster]:
 
 def colocated(s: Setting, clusters: list[Cluster] | None = None) -> tuple[Evaluator, Evaluation | None]:
     best = None
-    for cluster in _homogeneous_clusters(s) if clusters is None else clusters:
+    for cluster in homogeneous_clusters(s) if clusters is None else clusters:
         ev = s.evaluator(cluster, kv="none")
         prices = {n.id: n.price_per_hour for n in cluster.nodes}
         for size in _sizes(cluster):
@@ -159,7 +160,7 @@ def distserve(s: Setting, clusters: list[Cluster] | None = None) -> tuple[Evalua
     over the node's own GPU link). The operator picks the placement that suits the network: the one
     that scores better with the links counted."""
     best = None
-    for cluster in _homogeneous_clusters(s) if clusters is None else clusters:
+    for cluster in homogeneous_clusters(s) if clusters is None else clusters:
         blind = s.evaluator(cluster, bandwidth_aware=False, kv="none")
         aware = s.evaluator(cluster, kv="none")
         prices = {n.id: n.price_per_hour for n in cluster.nodes}

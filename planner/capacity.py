@@ -44,6 +44,16 @@ class Targets:
         return Targets(q, NormalDist().inv_cdf(q), max_batch_tokens)
 
 
+def _kv_batch(rm: ReplicaModel, wl: Workload) -> float:
+    """Sequences of mean full length the replica's KV cache holds."""
+    return rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+
+
+def _mean_context(wl: Workload) -> float:
+    """Mean context of a decoding sequence: its prompt and half its output."""
+    return wl.mean_input + wl.mean_output / 2
+
+
 def _wait_quantile(rho: float, s: float, scv_sum: float, q: float) -> float:
     if rho >= 1:
         return math.inf
@@ -80,7 +90,9 @@ def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets) -> float:
 
 
 def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Targets) -> np.ndarray:
-    """``_prefill_point``'s TTFT quantile at many rates at once (the same fixed point and tail)."""
+    """``_prefill_point``'s TTFT quantile at many rates at once (the same fixed point and tail; a test
+    holds them equal). Two copies on purpose: the scalar one is the per-probe hot path of every
+    capacity search, where numpy's per-call cost would double the time of a one-rate evaluation."""
     mean_in = wl.mean_input
     sq = mean_in * mean_in * (1 + wl.input.scv)
     kmax = max(1.0, t.max_batch_tokens / mean_in)
@@ -143,9 +155,9 @@ class StepTable:
 
     @staticmethod
     def build(rm: ReplicaModel, wl: Workload, chunk: int = 0) -> StepTable:
-        b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+        b_mem = _kv_batch(rm, wl)
         b = np.linspace(0.0, max(b_mem, 0.0), TABLE_POINTS)
-        ctx = wl.mean_input + wl.mean_output / 2
+        ctx = _mean_context(wl)
         if not chunk:  # decode steps as the prefill-first fixed point sees them (never an empty batch)
             b[0] = 1e-9
             return StepTable(b, rm.decode_step_array(b, b * ctx))
@@ -170,12 +182,12 @@ class StepTable:
         return narrow(lambda x: exact(x) > 0, lo, hi, 12)[1]
 
 
-def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, ctx: float, stretch: float = 1.0,
+def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, stretch: float = 1.0,
                   table: StepTable | None = None) -> float | None:
-    """Running batch at ``rate`` (Little's law fixed point), or None if it would exceed memory.
-    ``ctx``: mean context per sequence, the one ``StepTable.build`` uses (input + half the output)."""
-    b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+    """Running batch at ``rate`` (Little's law fixed point), or None if it would exceed memory."""
+    b_mem = _kv_batch(rm, wl)
     out = wl.mean_output
+    ctx = _mean_context(wl)
 
     def excess(b: float) -> float:
         return rate * out * rm.decode_step_time(max(b, 1e-9), b * ctx) * stretch - b
@@ -198,8 +210,8 @@ def _kv_fits(rm: ReplicaModel, wl: Workload, b: float, z: float) -> bool:
 
 def decode_tpot(rm: ReplicaModel, wl: Workload, rate: float, t: Targets) -> float:
     """TPOT quantile of a decode replica at ``rate`` (inf when memory or compute cannot keep up)."""
-    ctx = wl.mean_input + wl.mean_output / 2
-    b = _decode_batch(rm, wl, rate, ctx)
+    ctx = _mean_context(wl)
+    b = _decode_batch(rm, wl, rate)
     if b is None or not _kv_fits(rm, wl, b, t.z):
         return math.inf
     bq = b + t.z * math.sqrt(max(b, 1e-9))
@@ -222,7 +234,7 @@ def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> flo
     TPOT target, and whose sequences fit in the KV cache, gives the rate by Little's law:
     ``rate = b / (output_len * step(b))``.
     """
-    ctx = wl.mean_input + wl.mean_output / 2
+    ctx = _mean_context(wl)
 
     def ok(b: float) -> bool:
         bq = b + t.z * math.sqrt(b)
@@ -230,7 +242,7 @@ def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> flo
 
     if not ok(0.05):
         return 0.0
-    lo, hi = 0.05, max(1.0, rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0))
+    lo, hi = 0.05, max(1.0, _kv_batch(rm, wl))
     lo = hi if ok(hi) else narrow(ok, lo, hi, 40)[0]
     return lo / (max(wl.mean_output, 1.0) * rm.decode_step_time(lo, lo * ctx))
 
@@ -247,8 +259,8 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
     if rho >= 0.98:
         return math.inf, 1.0
     stretch = 1.0 / (1.0 - rho)
-    ctx = wl.mean_input + wl.mean_output / 2
-    b = _decode_batch(rm, wl, rate, ctx, stretch, table)
+    ctx = _mean_context(wl)
+    b = _decode_batch(rm, wl, rate, stretch, table)
     if b is None:
         return math.inf, 1.0
     if not _kv_fits(rm, wl, b, t.z):
@@ -283,8 +295,8 @@ def _output_gaps(wl: Workload) -> np.ndarray:
 
 
 def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
-    ctx = wl.mean_input + wl.mean_output / 2
-    b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+    ctx = _mean_context(wl)
+    b_mem = _kv_batch(rm, wl)
     if b_mem < 1:
         return 0.0
     hi = min(prefill_max_rate(rm, wl, t), b_mem / (max(wl.mean_output, 1.0) * rm.decode_step_time(b_mem, b_mem * ctx)))
@@ -321,7 +333,7 @@ PREFILL_FIRST = ColocatedPolicy()
 
 def _mixed_terms(rm: ReplicaModel, wl: Workload, b: float, chunk: int) -> tuple[float, float, float]:
     """(prompt tokens per mixed step, mixed step time, decode-only step time) at running batch ``b``."""
-    ctx = wl.mean_input + wl.mean_output / 2
+    ctx = _mean_context(wl)
     c = max(chunk - b, 1.0)
     s2 = wl.mean_input * (1 + wl.input.scv)  # E[s^2] / E[s]: the causal term per prompt token
     # a chunk of c prompt tokens costs c * E[s^2]/E[s] in attention (whole or split prompts alike)
@@ -372,7 +384,7 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
     ``(N * mixed step + (G - N) * decode step) / G``. TTFT: FIFO queue of prompts served ``chunk``
     tokens per mixed step (M/G/1 tail) plus the long prompt's own steps.
     """
-    b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+    b_mem = _kv_batch(rm, wl)
     if b_mem < 1 or chunk <= 1:
         return math.inf, 1.0
     found = _mixed_batch(rm, wl, rate, chunk, table or StepTable.build(rm, wl, chunk))
@@ -404,7 +416,7 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
 
 
 def _colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets, chunk: int) -> float:
-    b_mem = rm.kv_tokens / max(wl.mean_input + wl.mean_output, 1.0)
+    b_mem = _kv_batch(rm, wl)
     if b_mem < 1:
         return 0.0
     hi = mixed_rate_bound(rm, wl, chunk)

@@ -167,13 +167,14 @@ def _homogeneous_candidates(s: Setting) -> list[tuple[Evaluator, Evaluation]]:
     mix the simulator then finds worse. The split one also with our routing (link-aware, KV
     compression where it pays). Cheap: only the most promising instance types are planned, and
     replica capacities are memoised from the rent step."""
-    from planner.baselines import colocated, distserve, promising_clusters
+    from planner.baselines import colocated, distserve, homogeneous_clusters, promising_clusters
 
     out = []
-    ev, e = colocated(s, promising_clusters(s, split=False, keep=HOMOGENEOUS_TYPES))
+    clusters = homogeneous_clusters(s)
+    ev, e = colocated(s, promising_clusters(s, clusters, split=False, keep=HOMOGENEOUS_TYPES))
     if e is not None and e.goodput > 0:
         out.append((ev, e))
-    ev, e = distserve(s, promising_clusters(s, split=True, keep=HOMOGENEOUS_TYPES))
+    ev, e = distserve(s, promising_clusters(s, clusters, split=True, keep=HOMOGENEOUS_TYPES))
     if e is not None and e.goodput > 0:
         out.append((ev, e))
         ours = s.evaluator(ev.ctx.cluster)

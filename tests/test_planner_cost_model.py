@@ -228,7 +228,7 @@ def test_tabulated_batch_fixed_point_matches_the_exact_one() -> None:
 
         b_mem = rm.kv_tokens / (wl.mean_input + wl.mean_output)
         exact = narrow(lambda b: excess(b) > 0, 0.0, b_mem, 50)[1] if excess(b_mem) <= 0 else None
-        got = _decode_batch(rm, wl, rate, ctx, table=table)
+        got = _decode_batch(rm, wl, rate, table=table)
         if exact is None:
             assert got is None
         else:
@@ -265,3 +265,19 @@ def test_tabulated_mixed_fixed_point_matches_the_exact_one() -> None:
             assert got == pytest.approx(exact, rel=0.03, abs=0.01)
             checked += 1
     assert checked >= 4
+
+
+def test_vectorised_prefill_curve_equals_the_per_rate_queue_model() -> None:
+    """The prefill curve is computed for all rates at once; the per-rate model (the capacity probes'
+    hot path) is a second copy of the same formulas: they must agree exactly."""
+    import numpy as np
+
+    from planner.capacity import Targets, _prefill_point, _prefill_ttft_array, prefill_max_rate
+
+    wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+    t = Targets.for_slo(SLO(2.0, 0.05, 0.9))
+    for gpus in (["H100"], ["L40S"] * 4):
+        rm = pipeline("llama-2-13b", gpus)
+        rates = np.linspace(0.0, prefill_max_rate(rm, wl, t), 17)[1:] * 0.999
+        want = [_prefill_point(rm, wl, float(r), t)[0] for r in rates]
+        assert list(_prefill_ttft_array(rm, wl, rates, t)) == pytest.approx(want, rel=1e-9)

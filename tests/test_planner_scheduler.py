@@ -175,7 +175,7 @@ def test_hand_built_baselines_respect_offer_capacity() -> None:
     """The cheapest offer of a GPU shape is planned alone unless the provider caps it below what the
     budget buys: then the next-cheapest offer of the same shape is planned too, and no cluster rents
     more instances than its offer has."""
-    from planner.baselines import _homogeneous_clusters
+    from planner.baselines import homogeneous_clusters
     from planner.offers import Offer
 
     def setting(offers: list[Offer]) -> Setting:
@@ -184,10 +184,10 @@ def test_hand_built_baselines_respect_offer_capacity() -> None:
 
     cheap = Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r1")
     dear = Offer("b", "1x_L40S_b", "L40S", 1, 2.0, None, "r2")
-    sizes = [(c.nodes[0].price_per_hour, len(c.nodes)) for c in _homogeneous_clusters(setting([cheap, dear]))]
+    sizes = [(c.nodes[0].price_per_hour, len(c.nodes)) for c in homogeneous_clusters(setting([cheap, dear]))]
     assert sizes == [(1.0, 10)]  # uncapped: the cheapest dominates
     capped = Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r1", capacity=3)
-    sizes = [(c.nodes[0].price_per_hour, len(c.nodes)) for c in _homogeneous_clusters(setting([capped, dear]))]
+    sizes = [(c.nodes[0].price_per_hour, len(c.nodes)) for c in homogeneous_clusters(setting([capped, dear]))]
     assert sizes == [(1.0, 3), (2.0, 5)]
 
 
