@@ -26,6 +26,7 @@ from collections.abc import Callable
 from planner.cluster import Cluster, Node
 from planner.evaluate import Evaluation, Evaluator, Group
 from planner.offers import Offer, cheapest_per_type
+from planner.parallel import SPLIT_SIZES, best_node_split
 from planner.scheduler import Setting, plan_thunderserve
 
 
@@ -213,22 +214,14 @@ def _distserve_low_affinity(cluster: Cluster, blind: Evaluator) -> tuple[list[Gr
     """Every node the same mix of prefill and decode instances (DistServe's low node-affinity
     placement), chosen by DistServe's own estimate; None when a node cannot hold one of each."""
     per_node = cluster.nodes[0].gpu_count
-    k = len(cluster.nodes)
     node0 = cluster.nodes[0].gpu_ids()
-    choice = None
-    for ps in (1, 2, 4, 8):
-        if ps >= per_node or blind.config(tuple(node0[:ps]), "prefill") is None:
-            continue
-        pcap = blind.config(tuple(node0[:ps]), "prefill").capacity  # type: ignore[union-attr]
-        for ds in (1, 2, 4, 8):
-            if ps + ds > per_node or blind.config(tuple(node0[:ds]), "decode") is None:
-                continue
-            dcap = blind.config(tuple(node0[:ds]), "decode").capacity  # type: ignore[union-attr]
-            for n_p in range(1, (per_node - ds) // ps + 1):
-                n_d = (per_node - n_p * ps) // ds
-                value = min(k * n_p * pcap, k * n_d * dcap)
-                if n_d >= 1 and (choice is None or value > choice[0]):
-                    choice = (value, ps, n_p, ds, n_d)
+    caps: dict[str, dict[int, float]] = {"prefill": {}, "decode": {}}
+    for role, sizes in caps.items():
+        for k in SPLIT_SIZES:
+            c = blind.config(tuple(node0[:k]), role) if k < per_node else None
+            if c is not None:
+                sizes[k] = c.capacity
+    choice = best_node_split(per_node, caps["prefill"], caps["decode"])
     if choice is None:
         return None
     _, ps, n_p, ds, n_d = choice

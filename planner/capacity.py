@@ -17,6 +17,7 @@ simulator (``planner.simulator``) is the judge of the final plan. Models, per ro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -435,16 +436,27 @@ def mixed_rate_bound(rm: ReplicaModel, wl: Workload, chunk: int) -> float:
     return chunk / (wl.mean_input * tm0)
 
 
-def best_colocated(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> tuple[float, ColocatedPolicy]:
-    """The colocated replica's capacity under its best scheduling policy: SGLang's default (prefill
-    first) or mixed chunks of one of ``MIXED_CHUNKS`` tokens (what an operator would tune)."""
-    best = (colocated_capacity(rm, wl, slo, t), PREFILL_FIRST)
-    for chunk in MIXED_CHUNKS:
-        if mixed_rate_bound(rm, wl, chunk) <= best[0] * 1.001:
-            continue
-        cap = colocated_mixed_capacity(rm, wl, slo, t, chunk)
+def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targets
+                   ) -> tuple[float, int, ColocatedPolicy]:
+    """(capacity, index, policy) of the best colocated replica among shapes of one GPU group (its TP
+    choices) under its best scheduling policy: SGLang's default (prefill first) or mixed chunks of one
+    of ``MIXED_CHUNKS`` tokens (what an operator would tune). Prefill-first capacities first, then the
+    mixed-chunk policies in the order of their upper bounds, skipping those that cannot win."""
+    best: tuple[float, int, ColocatedPolicy] | None = None
+    for i, rm in enumerate(rms):
+        cap = colocated_capacity(rm, wl, slo, t)
+        if best is None or cap > best[0] * 1.001:
+            best = (cap, i, PREFILL_FIRST)
+    if best is None:
+        raise ValueError("best_colocated needs at least one replica shape")
+    tries = sorted(((mixed_rate_bound(rm, wl, c), i, c) for i, rm in enumerate(rms) for c in MIXED_CHUNKS),
+                   reverse=True)
+    for bound, i, chunk in tries:
+        if bound <= best[0] * 1.001:
+            break
+        cap = colocated_mixed_capacity(rms[i], wl, slo, t, chunk)
         if cap > best[0] * 1.001:
-            best = (cap, ColocatedPolicy(True, chunk))
+            best = (cap, i, ColocatedPolicy(True, chunk))
     return best
 
 

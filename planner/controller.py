@@ -351,11 +351,12 @@ class Controller:
 
     def _stop_survivors(self, plan: Plan, replica_ids: list[str], lost: list[str]) -> None:
         """A dropped replica over several nodes still runs on the nodes not lost, holding their GPUs (SGLang
-        followers write no record, so no later pass would find them): stop it there, in the background."""
+        followers write no record, so no later pass would find them): stop it there, in the background.
+        Busy under the replica's id, so a record a surviving rank 0 rewrites meanwhile is not stopped twice."""
         for rid in replica_ids:
             survivors = [n for n in plan.replica(rid).node_ids if n not in lost]
             if survivors:
-                self._run_busy(f"stop-{rid}", self._stop_on_ids(rid, survivors))
+                self._run_busy(rid, self._stop_on_ids(rid, survivors))
 
     async def _stop_on_ids(self, replica_id: str, node_ids: list[str]) -> None:
         await self._stop_on(replica_id, _ready(await self.state.nodes(), node_ids))
@@ -591,14 +592,10 @@ class Controller:
     async def _start_ranks(self, spec: ReplicaSpec, body: dict[str, Any], hosts: list[NodeRecord | None]) -> None:
         """Start a multi-node SGLang replica on every node: followers together, then rank 0 (it serves HTTP).
 
-        All or nothing: with a node missing no rank starts, and a rank that fails to start stops the
-        others, which would otherwise hold their GPUs and refuse (409) the next attempt."""
-        missing = [n for n, h in zip(spec.node_ids, hosts, strict=True) if h is None or h.status != "ready"]
-        if missing:
-            await self.state.emit("replica.start_failed", f"{spec.id}: node(s) {', '.join(missing)} not ready; "
-                                  "no rank started", replica=spec.id, nodes=spec.node_ids)
-            return
+        All or nothing: reconcile starts it only with every node ready, and a rank that fails to start stops
+        the others, which would otherwise hold their GPUs and refuse (409) the next attempt."""
         nodes = [h for h in hosts if h is not None]
+        assert len(nodes) == len(spec.node_ids)
         head = nodes[0]
         addr = dist_init_addr(head, spec.id)
         if addr is None:

@@ -25,6 +25,7 @@ with measured forward passes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -309,6 +310,19 @@ def kv_segments(src: ReplicaModel, dst: ReplicaModel) -> list[tuple[str, str, in
             if overlap > 0:
                 segs[(an, bn)] = segs.get((an, bn), 0) + overlap
     return [(a, b, n) for (a, b), n in segs.items()]
+
+
+KV_AUTO_SHARE = 0.05  # "auto" KV compression: the least that keeps a prompt's KV transfer within this share of TTFT
+
+
+def auto_kv_mode(transfer_s: Callable[[str], float], ttft_s: float) -> str:
+    """The least KV compression whose transfer (``transfer_s(mode)`` seconds) stays within
+    ``KV_AUTO_SHARE`` of the TTFT target, else the strongest: quantizing costs accuracy (and two
+    passes over the KV), so it is used only where the link would eat into the TTFT."""
+    for mode in ("none", "int8"):
+        if transfer_s(mode) <= KV_AUTO_SHARE * ttft_s:
+            return mode
+    return "int4"
 
 
 def kv_bytes(model: ModelSpec, tokens: float, layers: int, compression: str) -> float:

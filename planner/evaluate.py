@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from planner.cluster import GpuId
-from planner.cost_model import KV_FACTOR, ReplicaModel, kv_bytes, kv_segments
+from planner.cost_model import KV_FACTOR, ReplicaModel, auto_kv_mode, kv_bytes, kv_segments
 from planner.parallel import PlanContext, ReplicaConfig, configure_group
 from planner.routing import LINK_UTILISATION, RoutingProblem, RoutingSolution, solve_routing
 
@@ -63,7 +63,6 @@ class Evaluator:
         self._configs: dict[tuple, tuple[ReplicaConfig, tuple[str, ...]] | None] = (
             shared_cache if shared_cache is not None else {})
         self._pairs: dict[tuple, PairTerms] = {}
-        self.evaluations = 0
 
     # -- groups --------------------------------------------------------------------------------
     def _class_key(self, group: Group) -> tuple:
@@ -115,16 +114,16 @@ class Evaluator:
 
     def _pair_terms_mode(self, prm: ReplicaModel, drm: ReplicaModel, mode: str) -> PairTerms:
         """Pair terms with a given compression (checking a plan's own per-link choice)."""
-        return self._pair_terms(prm, drm, [mode])
+        return self._pair_terms(prm, drm, mode)
 
-    def _pair_terms(self, prm: ReplicaModel, drm: ReplicaModel, modes: list[str] | None = None) -> PairTerms:
+    def _pair_terms(self, prm: ReplicaModel, drm: ReplicaModel, mode: str | None = None) -> PairTerms:
+        """KV transfer terms of a (prefill, decode) pair with ``mode`` (default: the evaluator's setting)."""
         ctx = self.ctx
         cl, m, tokens = ctx.cluster, ctx.model, ctx.workload.mean_input
         segs = kv_segments(prm, drm)
-        if modes is None:
-            modes = [self.kv_compression] if self.kv_compression != "auto" else ["none", "int8", "int4"]
-        best: PairTerms | None = None
-        for mode in modes:
+        terms: dict[str, PairTerms] = {}
+
+        def transfer_s(mode: str) -> float:
             per_src: dict[str, float] = {}
             uses = []
             for src, dst, layers in segs:
@@ -134,12 +133,15 @@ class Evaluator:
                 uses.append(((("nic" if src != dst else "gpu"), src), busy))
             t = max(per_src.values(), default=0.0)
             t += prm.kv_compress_time(tokens, mode) + drm.kv_compress_time(tokens, mode)
-            best = PairTerms(t, mode, uses)
-            # auto: the least compression whose transfer stays a small part of the TTFT budget
-            if t <= 0.05 * ctx.slo.ttft_s:
-                break
-        assert best is not None
-        return best
+            terms[mode] = PairTerms(t, mode, uses)
+            return t
+
+        mode = mode or self.kv_compression
+        if mode == "auto":
+            mode = auto_kv_mode(transfer_s, ctx.slo.ttft_s)
+        if mode not in terms:
+            transfer_s(mode)
+        return terms[mode]
 
     def _kv_quantile(self, terms: PairTerms) -> float:
         """KV time of a long prompt plus the queueing a link loaded to LINK_UTILISATION adds."""
@@ -160,10 +162,12 @@ class Evaluator:
     def configs_for(self, groups: list[Group], roles: list[str]) -> list[ReplicaConfig | None]:
         return [self.config(g, r) for g, r in zip(groups, roles, strict=True)]
 
-    def bound(self, groups: list[Group], roles: list[str]) -> float:
-        """A fast upper bound on goodput (no links, full TTFT slack) to pre-screen candidates."""
+    def bound(self, groups: list[Group], roles: list[str],
+              configs: list[ReplicaConfig | None] | None = None) -> float:
+        """A fast upper bound on goodput (no links, full TTFT slack) to pre-screen candidates
+        (``configs``: the groups' configurations when the caller has them already)."""
         cp = cd = cc = 0.0
-        for cfg in self.configs_for(groups, roles):
+        for cfg in configs if configs is not None else self.configs_for(groups, roles):
             if cfg is None:
                 continue
             if cfg.role == "prefill":
@@ -180,7 +184,6 @@ class Evaluator:
     def evaluate_configs(self, groups: list[Group], roles: list[str], configs: list[ReplicaConfig | None],
                          node_prices: dict[str, float]) -> Evaluation:
         """Route between given replica configurations (rescheduling keeps each replica's parallelism)."""
-        self.evaluations += 1
         prob = RoutingProblem()
         ids = [f"g{i}" for i in range(len(groups))]
         compression: dict[tuple[int, int], str] = {}

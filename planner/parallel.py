@@ -17,7 +17,6 @@ import numpy as np
 
 from planner.bisection import narrow
 from planner.capacity import (
-    MIXED_CHUNKS,
     PREFILL_FIRST,
     ColocatedPolicy,
     Targets,
@@ -25,7 +24,6 @@ from planner.capacity import (
     colocated_capacity,
     colocated_mixed_capacity,
     decode_capacity,
-    mixed_rate_bound,
     prefill_curve,
     rate_for_slack,
 )
@@ -165,7 +163,7 @@ def role_capacity(ctx: PlanContext, rm: ReplicaModel, role: str, policy: Colocat
     if role == "decode":
         return decode_capacity(rm, ctx.workload, ctx.slo, t), None, PREFILL_FIRST
     if policy is None:
-        cap, policy = best_colocated(rm, ctx.workload, ctx.slo, t)
+        cap, _, policy = best_colocated([rm], ctx.workload, ctx.slo, t)
         return cap, None, policy
     if policy.mixed:
         return colocated_mixed_capacity(rm, ctx.workload, ctx.slo, t, policy.chunk), None, policy
@@ -211,27 +209,10 @@ def configure_group(ctx: PlanContext, gpus: list[GpuId], role: str) -> ReplicaCo
 
 
 def _best_colocated_config(ctx: PlanContext, options: list[tuple[int, list[GpuId], list[int], ReplicaModel]]
-                           ) -> ReplicaConfig | None:
-    """The best (TP, scheduling policy) of a colocated group: prefill-first capacities first, then the
-    mixed-chunk policies in the order of their upper bounds, skipping those that cannot win."""
-    t, wl, slo = ctx.targets, ctx.workload, ctx.slo
-    assert t is not None
-    best: tuple[float, int, ColocatedPolicy] | None = None
-    for i, (_, _, _, rm) in enumerate(options):
-        cap = colocated_capacity(rm, wl, slo, t)
-        if best is None or cap > best[0] * 1.001:
-            best = (cap, i, PREFILL_FIRST)
-    tries = sorted(((mixed_rate_bound(rm, wl, c), i, c) for i, (_, _, _, rm) in enumerate(options)
-                    for c in MIXED_CHUNKS), reverse=True)
-    for bound, i, chunk in tries:
-        assert best is not None
-        if bound <= best[0] * 1.001:
-            break
-        cap = colocated_mixed_capacity(options[i][3], wl, slo, t, chunk)
-        if cap > best[0] * 1.001:
-            best = (cap, i, ColocatedPolicy(True, chunk))
-    assert best is not None
-    cap, i, policy = best
+                           ) -> ReplicaConfig:
+    """The best (TP, scheduling policy) of a colocated group, over every TP choice at once."""
+    assert ctx.targets is not None
+    cap, i, policy = best_colocated([rm for *_, rm in options], ctx.workload, ctx.slo, ctx.targets)
     tp, ordered, split, rm = options[i]
     return ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), "both", rm, cap, None, policy)
 
@@ -249,3 +230,31 @@ def config_from_spec(ctx: PlanContext, gpus: list[GpuId], tp: int, split: list[i
     rm = build_replica_model(ctx, gpus, tp, split)
     cap, curve, policy = role_capacity(ctx, rm, role, policy)
     return ReplicaConfig(tuple(gpus), tp, len(gpus) // tp, tuple(split), role, rm, cap, curve, policy)
+
+
+SPLIT_SIZES = (1, 2, 4, 8)  # GPUs per prefill or decode replica inside one node
+
+
+def best_node_split(gpus: int, prefill_caps: dict[int, float], decode_caps: dict[int, float]
+                    ) -> tuple[float, int, int, int, int] | None:
+    """The prefill/decode mix inside one node of ``gpus`` GPUs that serves the most (KV stays on the
+    node's GPU link): (rate, prefill size, prefill count, decode size, decode count), by the served rate
+    min(n_p x prefill capacity, n_d x decode capacity); ``*_caps``: capacity per replica size (sizes that
+    cannot hold the model left out). None when the node cannot hold one of each. The rent step sizes
+    its in-node units with it, and the DistServe baseline its low node-affinity placement."""
+    best = None
+    for ps in SPLIT_SIZES:
+        pcap = prefill_caps.get(ps, 0.0)
+        if pcap <= 0:
+            continue
+        for ds in SPLIT_SIZES:
+            dcap = decode_caps.get(ds, 0.0)
+            if dcap <= 0 or ps + ds > gpus:
+                continue
+            for n_p in range(1, (gpus - ds) // ps + 1):
+                n_d = (gpus - n_p * ps) // ds
+                rate = min(n_p * pcap, n_d * dcap)
+                if n_d >= 1 and (best is None or rate > best[0] * 1.001):
+                    best = (rate, ps, n_p, ds, n_d)
+    return best
+

@@ -26,9 +26,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from planner.cluster import DEFAULT_GBPS, Cluster, Node
-from planner.cost_model import KV_FACTOR
+from planner.cost_model import KV_FACTOR, auto_kv_mode
 from planner.offers import Offer, cheapest_per_type
-from planner.parallel import PlanContext, ReplicaConfig, configure_group
+from planner.parallel import SPLIT_SIZES, PlanContext, ReplicaConfig, best_node_split, configure_group
 from planner.routing import LINK_UTILISATION
 
 MAX_UNITS_PER_KIND = 64
@@ -72,8 +72,6 @@ class PoolChoice:
     """A rented pool: the instances and the replica groups the MIP had in mind for them."""
 
     site: tuple[str, str]
-    estimate: float  # MIP's served rate
-    cost: float
     cluster: Cluster
     groups: list[list[tuple[str, int]]]
     roles: list[str]
@@ -139,27 +137,16 @@ class UnitCatalog:
     def _pd_in_node(self, gpu_type: str, count: int):
         """One instance split into prefill and decode replicas (KV over the node's GPU link, no NIC):
         the split with the most served rate, min(prefill capacity, decode capacity)."""
-        caps: dict[tuple[str, int], ReplicaConfig | None] = {}
-        for role in ("prefill", "decode"):
-            for k in (1, 2, 4, 8):
-                if k < count:
-                    caps[(role, k)] = self._configure(gpu_type, count, 1, k, role)
-        best = None
-        for ps in (1, 2, 4, 8):
-            pc = caps.get(("prefill", ps))
-            if pc is None or pc.capacity <= 0:
-                continue
-            for ds in (1, 2, 4, 8):
-                dc = caps.get(("decode", ds))
-                if dc is None or dc.capacity <= 0 or ps + ds > count:
-                    continue
-                for n_p in range(1, (count - ds) // ps + 1):
-                    n_d = (count - n_p * ps) // ds
-                    cap = min(n_p * pc.capacity, n_d * dc.capacity)
-                    if n_d >= 1 and (best is None or cap > best[4] * 1.001):
-                        layout = (("prefill", ps),) * n_p + (("decode", ds),) * n_d
-                        best = (1, count, n_p + n_d, "pd", cap, pc, layout)
-        return best
+        configs = {(role, k): self._configure(gpu_type, count, 1, k, role)
+                   for role in ("prefill", "decode") for k in SPLIT_SIZES if k < count}
+        caps = {key: c.capacity for key, c in configs.items() if c is not None}
+        split = best_node_split(count, {k: c for (r, k), c in caps.items() if r == "prefill"},
+                                {k: c for (r, k), c in caps.items() if r == "decode"})
+        if split is None:
+            return None
+        rate, ps, n_p, ds, n_d = split
+        layout = (("prefill", ps),) * n_p + (("decode", ds),) * n_d
+        return 1, count, n_p + n_d, "pd", rate, configs[("prefill", ps)], layout
 
 
 def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *, phases: tuple[str, ...],
@@ -214,19 +201,17 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     results.sort(key=lambda r: (-r[0], -r[2], r[1]))
     in_node.sort(key=lambda r: (-r[0], -r[2], r[1]))
     chosen = results[:top] + in_node[:in_node_top]
-    return [_pool_from_picks(site, rate, cost, picks) for _, site, rate, cost, picks in chosen]
+    return [_pool_from_picks(site, picks) for _, site, _, _, picks in chosen]
 
 
 def _kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:
-    m = ctx.model
-    nbytes = ctx.workload.mean_input * m.kv_bytes_per_token
-    if mode == "auto":
-        for q in ("none", "int8", "int4"):
-            t = nbytes * KV_FACTOR[q] / (gbps * 1e9 / 8 * ctx.eff.network)
-            if t <= 0.05 * ctx.slo.ttft_s:
-                return t
-        return t
-    return nbytes * KV_FACTOR[mode] / (gbps * 1e9 / 8 * ctx.eff.network)
+    """A mean prompt's KV over the network (no compression passes or latency: the MIP's NIC budget)."""
+    nbytes = ctx.workload.mean_input * ctx.model.kv_bytes_per_token
+
+    def transfer_s(q: str) -> float:
+        return nbytes * KV_FACTOR[q] / (gbps * 1e9 / 8 * ctx.eff.network)
+
+    return transfer_s(auto_kv_mode(transfer_s, ctx.slo.ttft_s) if mode == "auto" else mode)
 
 
 def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps: float, kv_mode: str,
@@ -298,7 +283,7 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _pool_from_picks(site: tuple[str, str], rate: float, cost: float, picks: list[tuple[Unit, int]]) -> PoolChoice:
+def _pool_from_picks(site: tuple[str, str], picks: list[tuple[Unit, int]]) -> PoolChoice:
     nodes: list[Node] = []
     groups: list[list[tuple[str, int]]] = []
     roles: list[str] = []
@@ -323,4 +308,4 @@ def _pool_from_picks(site: tuple[str, str], rate: float, cost: float, picks: lis
             for r in range(unit.replicas):
                 groups.append(gpus[r * per : (r + 1) * per])
                 roles.append(unit.role)
-    return PoolChoice(site, rate, cost, Cluster(nodes), groups, roles)
+    return PoolChoice(site, Cluster(nodes), groups, roles)

@@ -148,7 +148,9 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     search_s = s.time_limit_s * (1 - VERIFY_SHARE if s.verify else 1.0)
     shortlist = _search_pools(s, phases, bandwidth_aware, tabu, t0, t0 + search_s * (0.7 if _extra_pass(s, phases)
                                                                                       else 1.0))
+    t_hand = time.perf_counter()
     homogeneous = _homogeneous_candidates(s) if _extra_pass(s, phases) and tabu else []
+    s.stats["hand_built_seconds"] = round(time.perf_counter() - t_hand, 3)
     if _extra_pass(s, phases):  # the colocated-only pass rents a different pool; it belongs to our space too
         shortlist += _search_pools(s, ("both",), bandwidth_aware, tabu, time.perf_counter(), t0 + search_s)
     shortlist += homogeneous
@@ -157,7 +159,10 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     s.stats["search_seconds"] = round(time.perf_counter() - t0, 3)
     if not s.verify or len(shortlist) == 1:
         return max(shortlist, key=lambda c: c[1].score)
-    return _select_by_simulation(s, shortlist, t0 + s.time_limit_s, must=homogeneous)
+    t_race = time.perf_counter()
+    chosen = _select_by_simulation(s, shortlist, t0 + s.time_limit_s, must=homogeneous)
+    s.stats["race_seconds"] = round(time.perf_counter() - t_race, 3)
+    return chosen
 
 
 def _homogeneous_candidates(s: Setting) -> list[tuple[Evaluator, Evaluation]]:
@@ -246,6 +251,7 @@ def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, ta
             found.extend(search.best_by_class.values())
             s.stats["search_iterations"] = s.stats.get("search_iterations", 0) + search.stats.iterations
             s.stats["search_evaluations"] = s.stats.get("search_evaluations", 0) + search.stats.evaluations
+            s.stats["search_improvements"] = s.stats.get("search_improvements", 0) + search.stats.improvements
             s.stats["stopped_by_time"] = float(search.stats.stopped_by == "time") or s.stats.get("stopped_by_time", 0)
         out.extend((ev, e) for e in found if e.goodput > 0)
     return out
@@ -276,13 +282,9 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
             finalists.append((ev, e, plan))
         if id(e) in must_ids:  # a candidate that must run: the copy kept of it runs
             forced.add(id(seen[key]))
-    top = finalists[:FINALISTS]
-    for cand in finalists[FINALISTS:]:  # compared in any case, in place of the lowest-ranked other
-        if id(cand[1]) in forced:
-            others = [j for j, f in enumerate(top) if id(f[1]) not in forced]
-            if others:
-                top.pop(others[-1])
-            top.append(cand)
+    # the best-ranked few, then the ones that must run in any case (in addition: a hand-built plan the
+    # cost model ranks low must not push out the search's own best, as three once did)
+    top = finalists[:FINALISTS] + [c for c in finalists[FINALISTS:] if id(c[1]) in forced]
     best, best_g, best_cost = (top[0][0], top[0][1]), 0.0, math.inf
     simulated = 0
     for i, (ev, e, plan) in enumerate(top):

@@ -158,9 +158,10 @@ class TabuSearch:
         k = st.key()
         if k in self._seen:
             return self._seen[k].score
-        used = {n for g, c in zip(st.groups, self.ev.configs_for(st.groups, st.roles), strict=True) if c for n, _ in g}
+        configs = self.ev.configs_for(st.groups, st.roles)
+        used = {n for g, c in zip(st.groups, configs, strict=True) if c for n, _ in g}
         cost = sum(self.prices[n] for n in used)
-        return self.ev.score_of(self.ev.bound(st.groups, st.roles), cost)
+        return self.ev.score_of(self.ev.bound(st.groups, st.roles, configs), cost)
 
     # -- moves ---------------------------------------------------------------------------------
     def _idle(self, st: State) -> list[GpuId]:

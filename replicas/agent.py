@@ -4,7 +4,7 @@
     --deployment default --gpu-type L4 --gpu-count 2 [--heartbeat-ttl 6]``
 
 Routes: ``GET /health``; ``GET /replicas``; ``POST /replicas`` (body: ``replica_spec.ReplicaRequest``)
--> 201 ``{id, url, bootstrap_port, status}``; ``GET /replicas/{id}``; ``DELETE /replicas/{id}``;
+-> 201 the replica as ``GET /replicas/{id}`` shows it; ``GET /replicas/{id}``; ``DELETE /replicas/{id}``;
 ``POST /replicas/{id}/role`` ``{role, drain: true, timeout_s: 30}``. Each replica's record goes to
 Redis (``planner.state.StateStore``; from rank 0 only, for a replica over several nodes), the node's
 heartbeat every ttl/3. SIGTERM stops every engine cleanly; killing the agent's process group kills the
@@ -180,9 +180,7 @@ class NodeAgent:
             if not await rep.wait_ready(timeout):
                 return _error(504, f"replica {req.id} not ready within {timeout:g} s (status {rep.status}); "
                                    f"it keeps starting, see {rep.log_path}")
-        return _json({"id": rep.id, "url": rep.url if rep.serves_http else None, "node_rank": req.node_rank,
-                      "bootstrap_port": rep.bootstrap_port if rep.serves_bootstrap else None,
-                      "status": rep.status, "port": rep.port, "pid": rep.proc.pid if rep.proc else None}, 201)
+        return _json(rep.to_json(), 201)
 
     async def delete(self, request: web.Request) -> web.Response:
         rid = request.match_info["id"]

@@ -109,6 +109,7 @@ async def test_replicas_serve_pd_and_are_recorded_in_redis(agent: tuple[AgentPro
     assert info["max_running_requests"] == 4
     listed = {r["id"]: r for r in await client.replicas()}
     assert listed["p0"]["kv_compression"] == "int8" and listed["d0"]["status"] == "ready"
+    assert p == listed["p0"]  # the start answer is the replica as listed
     stopped = await client.stop_replica("d0")
     assert stopped["status"] == "stopped" and not _alive(listed["d0"]["pid"])
     assert (await state.get_replica("d0")).status == "stopped"

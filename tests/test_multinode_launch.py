@@ -149,10 +149,6 @@ async def test_a_node_not_ready_starts_no_rank(state: StateStore) -> None:
     await c.reconcile()  # the pass waits for the node, as for any replica
     await c.settle()
     assert c.calls == []
-    await c._start_replica(c.plan, "r7", [node("n0"), node("n1"), None])  # asked anyway: refuses, says why
-    assert c.calls == []
-    failed = [e for e in await state.events() if e.kind == "replica.start_failed"]
-    assert len(failed) == 1 and "n2" in failed[0].reason
 
 
 async def test_a_rank_that_fails_to_start_stops_the_others_and_the_head_never_starts(state: StateStore) -> None:
@@ -165,6 +161,26 @@ async def test_a_rank_that_fails_to_start_stops_the_others_and_the_head_never_st
     assert sorted(n for kind, n, _ in c.calls if kind == "stop") == ["n0", "n1", "n2"]
     assert await state.replicas() == {}
     assert "replica.start_failed" in [e.kind for e in await state.events()]
+
+
+async def test_a_lost_node_stops_the_surviving_ranks_once(state: StateStore) -> None:
+    await put_nodes(state, *(node(n) for n in NODES))
+    c = RecordingController(state, "sglang")
+    c.plan = before = plan(MULTI)
+    await c.reconcile()
+    await c.settle()
+    await state.put_node(node("n2", status="preempted"))
+    c.plan = Plan("smollm2", [i for i in before.instances if i.id != "n2"], [], [], strategy="test")
+    await state.delete_replica("r7")  # as the reschedule does; then rank 0 on n0 writes it again as it fails
+    await state.put_replica(ReplicaRecord(id="r7", node_ids=list(NODES), role="both", url="http://10.0.0.1:30000",
+                                          engine="sglang", status="failed"))
+    c.calls.clear()
+    c._stop_survivors(before, ["r7"], ["n2"])
+    await c.reconcile()  # the record is the survivors' stop's to remove, not this pass's
+    await c.settle()
+    assert sorted(n for kind, n, _ in c.calls if kind == "stop") == ["n0", "n1"]
+    assert "r7" not in await state.replicas()
+    assert "replica.stopped" not in [e.kind for e in await state.events()]
 
 
 async def test_reference_engine_still_runs_a_multi_node_replica_on_the_head_only(state: StateStore) -> None:

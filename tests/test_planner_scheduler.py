@@ -162,7 +162,33 @@ def test_the_race_always_simulates_the_hand_built_plan_and_keeps_the_better_one(
     assert _deployed(build_plan(s, *good, "x")) == _deployed(build_plan(s, *good_copy, "x"))
     chosen = _select_by_simulation(s, [*poor, good_copy, good], perf_counter() + 60, must=[good])
     assert len([c for c in chosen[1].configs if c is not None]) == 4
-    assert s.stats["finalists_simulated"] == 4
+    assert s.stats["finalists_simulated"] == 5  # the four best-ranked and, in addition, the hand-built one
+
+
+def test_a_hand_built_plan_does_not_push_the_search_s_own_best_out_of_the_race() -> None:
+    """The search's fourth-ranked plan is the one that simulates best; a hand-built plan ranked below
+    it runs in addition, not in its place (three such plans once filled three of four places)."""
+    from dataclasses import replace
+    from time import perf_counter
+
+    from planner.scheduler import _select_by_simulation
+
+    cluster = pool_from_spec("4xL40S", 40.0)
+    s = Setting(load_model("llama-2-7b"), CONV, SLO(1.5, 0.06), None, None, cluster, True, 40.0, "auto", 0, 5.0, 64,
+                DEFAULT_EFF)
+    ev = s.evaluator(cluster)
+    g = cluster.gpus()
+    prices = {n.id: n.price_per_hour for n in cluster.nodes}
+
+    def cand(groups: list[tuple], score: float):
+        return ev, replace(ev.evaluate(groups, ["both"] * len(groups), prices), score=score)
+
+    ranked = [cand([(g[0],)], 1e6), cand([(g[0], g[1])], 1e6 - 1), cand([(g[0],), (g[1],)], 1e6 - 2),
+              cand([(x,) for x in g], 1e6 - 3)]  # the last uses every GPU: the best in simulation
+    hand_built = cand([(g[0],), (g[1],), (g[2],)], 1.0)
+    chosen = _select_by_simulation(s, [*ranked, hand_built], perf_counter() + 60, must=[hand_built])
+    assert len([c for c in chosen[1].configs if c is not None]) == 4
+    assert s.stats["finalists_simulated"] == 5
 
 
 def test_an_owned_pool_race_compares_goodput_only() -> None:
