@@ -349,6 +349,10 @@ class Simulator:
         rep.kv_used -= held
         rep.ctx_sum -= ctx
         req.done_at = self.now
+        first = req.first if req.first is not None else self.now
+        if (first - req.arrival <= self.slo.ttft_s and req.total_out > 1
+                and (self.now - first) / (req.total_out - 1) > self.slo.tpot_s):
+            self.late += 1
         if req.id in self.finished_ids:
             raise AssertionError(f"request {req.id} finished twice")
         self.finished_ids.add(req.id)
@@ -485,9 +489,14 @@ class Simulator:
 
     # -- run -------------------------------------------------------------------------------------
     def run(self, requests: list[Request], *, preemption: Preemption | None = None,
-            horizon_s: float | None = None) -> SimResult:
-        """Simulate until every admitted request finishes (or overload/horizon stops it)."""
+            horizon_s: float | None = None, stop_when_failed: bool = False) -> SimResult:
+        """Simulate until every admitted request finishes (or overload/horizon stops it).
+
+        ``stop_when_failed``: also stop (as overloaded) once more requests have missed the SLO than the
+        attainment target allows: the verdict of a goodput probe is known, and an overloaded plan's
+        queues would otherwise take longer to drain than the rest of the run."""
         self.refused = 0
+        self.late = 0  # finished within TTFT but over TPOT
         reqs = [_Req(r) for r in requests]
         for r in reqs:
             self._push(r.arrival, "arrive", r)
@@ -496,11 +505,15 @@ class Simulator:
         last_arrival = requests[-1].arrival if requests else 0.0
         rate = len(requests) / max(last_arrival, 1e-9)
         wl = self.workload
-        e2e_target = self.slo.ttft_s + self.slo.tpot_s * (wl.mean_output if wl else 128)
+        slo = self.slo
+        e2e_target = slo.ttft_s + slo.tpot_s * (wl.mean_output if wl else 128)
         limit = self.overload_factor * rate * e2e_target + 200
+        allowed = (1.0 - slo.attainment) * len(reqs) if stop_when_failed else math.inf
         horizon = horizon_s if horizon_s is not None else math.inf
         overloaded = False
         arrived = 0
+        judged = no_first_token = 0  # requests whose TTFT deadline has passed; of them, without a first token
+        events = 0
         while self.events:
             t, _, kind, payload = heapq.heappop(self.events)
             if t > horizon:
@@ -511,6 +524,16 @@ class Simulator:
                 arrived += 1
                 in_system = arrived - len(self.finished) - self.refused
                 if in_system > limit:
+                    overloaded = True
+                    break
+            events += 1
+            if allowed < math.inf and events % 64 == 0:
+                cutoff = t - slo.ttft_s
+                while judged < len(reqs) and reqs[judged].arrival < cutoff:
+                    r = reqs[judged]
+                    no_first_token += r.first is None or r.first - r.arrival > slo.ttft_s
+                    judged += 1
+                if no_first_token + self.late > allowed:  # refused ones never get a first token
                     overloaded = True
                     break
             self._on(kind, payload)
@@ -573,14 +596,16 @@ def _chunk_attention(batch: list[tuple[_Req, int]]) -> tuple[float, float]:
 
 def simulate(plan: Plan, workload: Workload, slo: SLO, *, duration_s: float | None = None,
              n_requests: int | None = None, seed: int = 0, preemption: Preemption | None = None,
-             max_batch_tokens: int = 8192, overload_factor: float = 8.0) -> SimResult:
-    """Simulate ``plan`` under ``workload`` at its rate for ``duration_s`` (or ``n_requests``)."""
+             max_batch_tokens: int = 8192, overload_factor: float = 8.0, stop_when_failed: bool = False
+             ) -> SimResult:
+    """Simulate ``plan`` under ``workload`` at its rate for ``duration_s`` (or ``n_requests``);
+    ``stop_when_failed``: see ``Simulator.run``."""
     if duration_s is None and n_requests is None:
         n_requests = 1000
     reqs = workload.requests(duration_s, n=n_requests, seed=seed)
     sim = Simulator(plan, slo, workload=workload, max_batch_tokens=max_batch_tokens, seed=seed,
                     overload_factor=overload_factor)
-    return sim.run(reqs, preemption=preemption)
+    return sim.run(reqs, preemption=preemption, stop_when_failed=stop_when_failed)
 
 
 WARMUP_SHARE = 0.2  # requests arriving into a still-empty system; goodput judges the ones after them
@@ -605,7 +630,7 @@ def meets_slo(plan: Plan, workload: Workload, slo: SLO, rate: float, *, n_reques
     requests at a huge rate is a burst that a lax SLO absorbs, not proof of a steady state (a 135M
     model on GPUs would otherwise "serve" millions of req/s)."""
     n = n_requests or sim_requests_for(workload, slo, rate, max_requests=max_requests)
-    res = simulate(plan, workload.with_rate(rate), slo, n_requests=n, seed=seed)
+    res = simulate(plan, workload.with_rate(rate), slo, n_requests=n, seed=seed, stop_when_failed=True)
     if res.overloaded or min(res.attainment, res.steady_attainment) < slo.attainment:
         return False
     return len(res.e2e) == 0 or n / rate >= MIN_SPAN_LIFETIMES * float(np.percentile(res.e2e, 90))
@@ -613,36 +638,54 @@ def meets_slo(plan: Plan, workload: Workload, slo: SLO, rate: float, *, n_reques
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None = None, seed: int = 0,
             hi: float | None = None, iters: int = 8, max_requests: int = 20000, passes: float = 0.0,
-            deadline: float | None = None) -> float:
-    """Highest rate (req/s) at which the simulated SLO attainment meets the target (bisection).
+            deadline: float | None = None, tol: float | None = None) -> float:
+    """Highest rate (req/s) at which the simulated SLO attainment meets the target.
 
     A rate passes when the attainment meets the target over all requests and over the ones after the
     warm-up (a slowly growing queue fails late requests first; an empty start flatters early ones).
     Each probe simulates ``n_requests`` arrivals (default: ``sim_requests_for``) with common random
     numbers, so probes at different rates see the same lengths and the same arrival pattern.
-    ``passes``: a rate already known to pass (the search never answers below it). ``deadline``
-    (``time.perf_counter()``): once some rate has passed and the deadline is gone, no more
-    simulations run and the answer is the highest rate shown to pass (a lower bound: a planner racing
-    finalists under a time limit); until a rate passes the search runs on, so 0 always means "fails".
+
+    The search brackets the answer in steps of ``BRACKET_STEP`` from 0.9x the guess (``hi``, else the
+    plan's own estimate, which the simulation usually finds 0-20% optimistic), then bisects the
+    bracket ``iters`` times. ``passes``: a rate already known to pass (the answer is never below it).
+    ``deadline`` (``time.perf_counter()``): past it, once some rate has passed, the search stops and
+    answers the highest rate shown to pass (a lower bound: a planner racing finalists under a time
+    limit); with ``tol``, not before the bracket is that narrow (relative), so the answer is within
+    ``tol`` of the full one. Until a rate passes the search runs on, so 0 always means "fails".
     """
-    lo = passes
+    lo, up = passes, math.inf
+
+    def done(lo: float, up: float) -> bool:
+        if deadline is None or lo <= 0 or time.perf_counter() <= deadline:
+            return False
+        return tol is None or up <= lo * (1 + tol)
 
     def ok(rate: float) -> bool:
-        if deadline is not None and lo > 0 and time.perf_counter() > deadline:
-            return False
         return meets_slo(plan, workload, slo, rate, n_requests=n_requests, seed=seed, max_requests=max_requests)
 
     guess = max(hi or float(plan.expected.get("goodput_rps", 0.0)) or 1.0, passes)
-    up = guess * 1.25
-    while ok(up):  # grow until it fails
-        lo, up = up, up * 2
-        if up > 1e5:
-            return up
-    if lo == 0.0:  # the estimate is usually within 20%: bracket it tightly first, then halve down
-        probe = guess * 0.8
-        while probe > 1e-3 and not ok(probe):
-            up, probe = probe, probe * 0.5
-        if probe <= 1e-3:
-            return 0.0
-        lo = probe
-    return narrow(ok, lo, up, iters)[0]
+    probe = guess * BRACKET_STEP if passes > 0 else guess * 0.9
+    down = 0
+    while True:  # bracket: [lo passes, up fails]
+        if done(lo, up):
+            return lo
+        if ok(probe):
+            lo = probe
+            if up < math.inf:
+                break
+            probe *= BRACKET_STEP
+            if probe > 1e5:
+                return probe
+        else:
+            up = probe
+            if lo > 0:
+                break
+            down += 1
+            probe /= BRACKET_STEP if down <= 3 else 2.0
+            if probe <= 1e-3:
+                return 0.0
+    return narrow(ok, lo, up, iters, stop=done)[0]
+
+
+BRACKET_STEP = 1.1  # the goodput search's bracketing steps (x or /): the estimate is usually within 20%

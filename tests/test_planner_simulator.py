@@ -76,6 +76,24 @@ def test_goodput_is_where_attainment_crosses_the_target() -> None:
     assert hi.overloaded or hi.attainment < SLO_.attainment
 
 
+def test_a_probe_stops_once_the_slo_is_lost_and_its_verdict_is_unchanged() -> None:
+    """Stopping a run once more requests missed the SLO than the target allows gives the verdict the
+    full run gives, and an overloaded run stops well before the end (it would drain its queues)."""
+    plan = pd_plan()
+    g = goodput(plan, WL, SLO_, iters=5)
+    for scale in (0.5, 0.9, 1.1, 1.5, 3.0):
+        wl = WL.with_rate(scale * g)
+        full = simulate(plan, wl, SLO_, n_requests=1500)
+        fast = simulate(plan, wl, SLO_, n_requests=1500, stop_when_failed=True)
+        passes_full = not full.overloaded and full.attainment >= SLO_.attainment
+        passes_fast = not fast.overloaded and fast.attainment >= SLO_.attainment
+        assert passes_full == passes_fast, scale
+        if passes_fast:
+            assert fast.finished == full.finished and fast.attained == full.attained
+    over = simulate(plan, WL.with_rate(3.0 * g), SLO_, n_requests=1500, stop_when_failed=True)
+    assert over.overloaded and over.finished < 0.5 * 1500
+
+
 def test_goodput_under_a_deadline_answers_a_rate_shown_to_pass() -> None:
     """A finalist race past its deadline: the search stops once a rate has passed and answers it
     (a lower bound, never above the full answer, never 0 for a plan that serves); ``passes`` is a
@@ -89,6 +107,9 @@ def test_goodput_under_a_deadline_answers_a_rate_shown_to_pass() -> None:
     assert simulate(plan, WL.with_rate(late), SLO_, n_requests=1500).attainment >= SLO_.attainment
     floor = goodput(plan, WL, SLO_, iters=6, passes=0.5 * full, deadline=time.perf_counter() - 1.0)
     assert floor == pytest.approx(0.5 * full)  # nothing simulated: the known-good rate is the answer
+    # with a tolerance the search goes on past the deadline until the answer is that close
+    bounded = goodput(plan, WL, SLO_, iters=6, deadline=time.perf_counter() - 1.0, tol=0.03)
+    assert bounded <= full <= bounded * 1.03
 
 
 def test_reschedule_keeps_survivors_and_their_parallelism() -> None:
