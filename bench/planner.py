@@ -8,7 +8,7 @@ goodput per dollar over the best of the three baselines (colocated, distserve, h
 scenario and on average (geometric mean), measured in the same run. Also timed: planning 32- and
 64-GPU owned pools (CPU seconds, one process) and a reschedule after losing a node.
 
-    python bench/planner.py                       # full suite (~30-40 min on 2 shared cores)
+    python bench/planner.py                       # full suite (~16 min on this 2-core machine)
     python bench/planner.py --quick               # 4 scenarios, shorter searches
     python bench/planner.py --suite interactive   # MLPerf's interactive latency targets (4 scenarios)
 Prints a rich table and, last, one JSON line.
@@ -215,12 +215,19 @@ def main() -> None:
         "ratio_max": round(max(finite), 3) if finite else 0.0, "ratio_min": round(min(finite), 3) if finite else 0.0,
         "wins": sum(1 for r in ratios if r > 1.01), "ties": sum(1 for r in ratios if 0.99 <= r <= 1.01),
         "losses": sum(1 for r in ratios if r < 0.99),
+        "plan_s_ours": _spread([r["results"]["thunderserve"].get("plan_s", 0.0) for r in rows]),
         "gpd": {r["scenario"]: {s: r["results"][s]["gpd"] for s in strategies} for r in rows},
         "plans": {r["scenario"]: {s: f"{r['results'][s].get('mix', '-')} {r['results'][s].get('shape', '')} "
                                      f"{r['results'][s].get('col', '')}" for s in strategies} for r in rows},
         **timing,
     }
     print(orjson.dumps(summary).decode())
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """min / median / max of the planning times (the limit is per plan)."""
+    v = sorted(values)
+    return {"min": v[0], "median": v[len(v) // 2], "max": v[-1]} if v else {}
 
 
 if __name__ == "__main__":
