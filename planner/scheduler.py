@@ -201,8 +201,9 @@ RACE_REQUESTS = 12000
 # Bisection steps of a measured finalist: its result is the bar the next must beat by 1%, and it is a
 # lower bound within (bracket / 2^steps); 3 steps (~6%) let a plan 4% worse than the bar's owner through.
 RACE_ITERS = 5
-# Past the deadline the bar (the first finalist's goodput) stops once known within this (relative): a
-# challenger can then win while up to this much worse; the bar costs ~4 simulations instead of ~7.
+# Past the deadline a bar (the first finalist's goodput, or a challenger's that beat it) is measured only
+# until known within this (relative): a challenger can then win while up to this much worse; the first
+# bar costs ~4 simulations instead of ~7.
 BAR_TOL = 0.03
 
 
@@ -300,8 +301,9 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
             need = _rate_to_beat(s.objective, best_g, best_cost, cost)
             if not meets_slo(plan, wl, s.slo, need, max_requests=RACE_REQUESTS):
                 continue
+            # it beats the bar and becomes the next one: measured to within BAR_TOL like the first
             g = goodput(plan, wl, s.slo, hi=need, iters=RACE_ITERS, max_requests=RACE_REQUESTS, passes=need,
-                        deadline=deadline)
+                        deadline=deadline, tol=BAR_TOL)
         else:  # the first measurement is the bar every other finalist is judged by: cut short only
             # once it is within BAR_TOL (a bar cut at its first passing rate let a 22% worse plan win)
             g = goodput(plan, wl, s.slo, iters=RACE_ITERS, max_requests=RACE_REQUESTS, deadline=deadline,
