@@ -165,7 +165,9 @@ class Controller:
         self.lease_lost = asyncio.Event()  # set when this controller stepped down without being told to stop
         self._plan_lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._busy: set[str] = set()  # replica ids with a start/stop/switch in flight
+        # replica ids with a start/stop/switch in flight, counted: two tasks can hold one id (a survivors'
+        # stop and a start), and the id stays busy until both end
+        self._busy: Counter[str] = Counter()
         self._replacing: dict[str, str] = {}  # lost node id -> replacement node id ("" until chosen); in Redis too
         self._replace_running: set[str] = set()  # lost node ids with a replace() task in this process
         self._persist_lock = asyncio.Lock()
@@ -518,13 +520,15 @@ class Controller:
             self._start_replacement(lost_id)
 
     def _run_busy(self, key: str, coro: Any) -> None:
-        self._busy.add(key)
+        self._busy[key] += 1
 
         async def wrapped() -> None:
             try:
                 await coro
             finally:
-                self._busy.discard(key)
+                self._busy[key] -= 1
+                if self._busy[key] <= 0:
+                    del self._busy[key]
                 self._wake.set()
 
         self._spawn(wrapped(), f"busy-{key}")

@@ -508,7 +508,6 @@ class Simulator:
         slo = self.slo
         e2e_target = slo.ttft_s + slo.tpot_s * (wl.mean_output if wl else 128)
         limit = self.overload_factor * rate * e2e_target + 200
-        allowed = (1.0 - slo.attainment) * len(reqs) if stop_when_failed else math.inf
         horizon = horizon_s if horizon_s is not None else math.inf
         overloaded = False
         arrived = 0
@@ -527,13 +526,14 @@ class Simulator:
                     overloaded = True
                     break
             events += 1
-            if allowed < math.inf and events % 64 == 0:
+            if stop_when_failed and events % 64 == 0:
                 cutoff = t - slo.ttft_s
                 while judged < len(reqs) and reqs[judged].arrival < cutoff:
-                    r = reqs[judged]
-                    no_first_token += r.first is None or r.first - r.arrival > slo.ttft_s
+                    r = reqs[judged]  # TTFT as _result takes it (an orphan's first token is its end)
+                    first = r.first if r.first is not None else r.done_at
+                    no_first_token += first is None or first - r.arrival > slo.ttft_s
                     judged += 1
-                if no_first_token + self.late > allowed:  # refused ones never get a first token
+                if slo_lost(len(reqs), no_first_token + self.late, slo.attainment):  # refused: no first token
                     overloaded = True
                     break
             self._on(kind, payload)
@@ -580,6 +580,13 @@ class Simulator:
         return SimResult(len(reqs), len(reqs) - self.refused, len(self.finished), attained, np.array(ttft),
                          np.array(tpot), np.array(e2e), self.now, overloaded, self.retried,
                          sorted(self.finished_ids), steady / n_steady if n_steady else 1.0)
+
+
+def slo_lost(requests: int, failed: int, target: float) -> bool:
+    """Whether ``failed`` of ``requests`` already miss the attainment ``target``: the comparison
+    ``SimResult.attainment`` is judged by (``(1 - target) * requests`` in floating point is just under
+    100 for 0.9 x 1000, and stopped runs exactly at the target)."""
+    return (requests - failed) / requests < target
 
 
 def _chunk_attention(batch: list[tuple[_Req, int]]) -> tuple[float, float]:
@@ -646,9 +653,10 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None 
     Each probe simulates ``n_requests`` arrivals (default: ``sim_requests_for``) with common random
     numbers, so probes at different rates see the same lengths and the same arrival pattern.
 
-    The search brackets the answer in steps of ``BRACKET_STEP`` from 0.9x the guess (``hi``, else the
-    plan's own estimate, which the simulation usually finds 0-20% optimistic), then bisects the
-    bracket ``iters`` times. ``passes``: a rate already known to pass (the answer is never below it).
+    The search brackets the answer from 0.9x the guess (``hi``, else the plan's own estimate, which
+    the simulation usually finds 0-20% optimistic) in three steps of ``BRACKET_STEP``, then doubling
+    or halving, and bisects the bracket ``iters`` times. ``passes``: a rate already known to pass (the
+    answer is never below it).
     ``deadline`` (``time.perf_counter()``): past it, once some rate has passed, the search stops and
     answers the highest rate shown to pass (a lower bound: a planner racing finalists under a time
     limit); with ``tol``, not before the bracket is that narrow (relative), so the answer is within
@@ -664,25 +672,27 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None 
     def ok(rate: float) -> bool:
         return meets_slo(plan, workload, slo, rate, n_requests=n_requests, seed=seed, max_requests=max_requests)
 
-    guess = max(hi or float(plan.expected.get("goodput_rps", 0.0)) or 1.0, passes)
+    estimate = hi or float(plan.expected.get("goodput_rps", 0.0))
+    guess = max(estimate if math.isfinite(estimate) and estimate > 0 else 1.0, passes)
     probe = guess * BRACKET_STEP if passes > 0 else guess * 0.9
-    down = 0
+    steps = 0  # BRACKET_STEP while near the guess, then doubling (or halving) when it is far off
     while True:  # bracket: [lo passes, up fails]
         if done(lo, up):
             return lo
+        steps += 1
+        factor = BRACKET_STEP if steps <= 3 else 2.0
         if ok(probe):
             lo = probe
             if up < math.inf:
                 break
-            probe *= BRACKET_STEP
             if probe > 1e5:
-                return probe
+                return lo
+            probe *= factor
         else:
             up = probe
             if lo > 0:
                 break
-            down += 1
-            probe /= BRACKET_STEP if down <= 3 else 2.0
+            probe /= factor
             if probe <= 1e-3:
                 return 0.0
     return narrow(ok, lo, up, iters, stop=done)[0]

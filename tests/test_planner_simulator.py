@@ -94,6 +94,14 @@ def test_a_probe_stops_once_the_slo_is_lost_and_its_verdict_is_unchanged() -> No
     assert over.overloaded and over.finished < 0.5 * 1500
 
 
+def test_a_run_is_stopped_only_once_the_target_cannot_be_met() -> None:
+    """Exactly at the target still passes (100 misses of 1000 at 90%), one more does not."""
+    from planner.simulator import slo_lost
+
+    assert not slo_lost(1000, 100, 0.9) and slo_lost(1000, 101, 0.9)
+    assert not slo_lost(10, 2, 0.8) and slo_lost(10, 3, 0.8)  # (1 - 0.8) * 10 is 1.9999999999999996
+
+
 def test_goodput_under_a_deadline_answers_a_rate_shown_to_pass() -> None:
     """A finalist race past its deadline: the search stops once a rate has passed and answers it
     (a lower bound, never above the full answer, never 0 for a plan that serves); ``passes`` is a
