@@ -122,7 +122,7 @@ def plan(
     inter_node_gbps: float = typer.Option(None, "--inter-node-gbps", help="bandwidth of every inter-node link"),
     kv_compression: str = typer.Option("auto", "--kv-compression", help="none | int8 | int4 | auto"),
     seed: int = typer.Option(0, "--seed"),
-    time_limit: float = typer.Option(20.0, "--time-limit", help="seconds the search may take"),
+    time_limit: float = typer.Option(20.0, "--time-limit", help="seconds planning should take"),
     strategy: str = typer.Option("thunderserve", "--strategy", help=STRATEGY_HELP),
     pool: str = typer.Option(None, "--pool", help="your own GPUs: 2xL40S,4xRTX4090 or a YAML file"),
     max_gpus: int = typer.Option(64, "--max-gpus", help="most GPUs to rent"),
