@@ -10,7 +10,7 @@ goodput at the same budget (``ratio_at_budget``: the ThunderServe paper's measur
 leaves unspent counts against it). Also timed: planning 32- and 64-GPU owned pools (CPU seconds, one
 process) and a reschedule after losing a node.
 
-    python bench/planner.py                       # full suite (~16 min on this 2-core machine)
+    python bench/planner.py                       # full suite (~11 min on this 2-core machine)
     python bench/planner.py --quick               # 4 scenarios, shorter searches
     python bench/planner.py --suite interactive   # MLPerf's interactive latency targets (4 scenarios)
 Prints a rich table and, last, one JSON line.

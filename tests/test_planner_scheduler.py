@@ -135,26 +135,31 @@ def test_planning_errors_are_one_clear_line() -> None:
         plan_deployment("llama-2-70b", CONV, SLO(2.0, 0.1), pool="L4")
 
 
-def test_the_race_always_simulates_the_hand_built_plan_and_keeps_the_better_one() -> None:
-    """Four poor deployments (GPUs left idle) the cost model overrates fill the finalists; the
-    hand-built plan (a replica per GPU), passed as one that must run and also present as an unforced copy ranked below
-    them, is still simulated and wins on simulated goodput."""
+def _race_on_4_l40s():
+    """A race setting on 4 L40S and a maker of colocated candidates with a forced cost-model score."""
     from dataclasses import replace
-    from time import perf_counter
-
-    from planner.scheduler import _deployed, _select_by_simulation, build_plan
 
     cluster = pool_from_spec("4xL40S", 40.0)
     s = Setting(load_model("llama-2-7b"), CONV, SLO(1.5, 0.06), None, None, cluster, True, 40.0, "auto", 0, 5.0, 64,
                 DEFAULT_EFF)
     ev = s.evaluator(cluster)
-    g = cluster.gpus()
     prices = {n.id: n.price_per_hour for n in cluster.nodes}
 
     def cand(groups: list[tuple], score: float):
-        e = ev.evaluate(groups, ["both"] * len(groups), prices)
-        return ev, replace(e, score=score)
+        return ev, replace(ev.evaluate(groups, ["both"] * len(groups), prices), score=score)
 
+    return s, cluster.gpus(), cand
+
+
+def test_the_race_always_simulates_the_hand_built_plan_and_keeps_the_better_one() -> None:
+    """Four poor deployments (GPUs left idle) the cost model overrates fill the finalists; the
+    hand-built plan (a replica per GPU), passed as one that must run and also present as an unforced copy ranked below
+    them, is still simulated and wins on simulated goodput."""
+    from time import perf_counter
+
+    from planner.scheduler import _deployed, _select_by_simulation, build_plan
+
+    s, g, cand = _race_on_4_l40s()
     poor = [cand([(g[0],)], 1e6), cand([(g[0], g[1])], 1e6 - 1), cand([(g[0],), (g[1],), (g[2],)], 1e6 - 2),
             cand([(g[0],), (g[1],)], 1e6 - 3)]  # every one leaves GPUs idle
     good = cand([(x,) for x in g], 1.0)
@@ -168,21 +173,11 @@ def test_the_race_always_simulates_the_hand_built_plan_and_keeps_the_better_one(
 def test_a_hand_built_plan_does_not_push_the_search_s_own_best_out_of_the_race() -> None:
     """The search's fourth-ranked plan is the one that simulates best; a hand-built plan ranked below
     it runs in addition, not in its place (three such plans once filled three of four places)."""
-    from dataclasses import replace
     from time import perf_counter
 
     from planner.scheduler import _select_by_simulation
 
-    cluster = pool_from_spec("4xL40S", 40.0)
-    s = Setting(load_model("llama-2-7b"), CONV, SLO(1.5, 0.06), None, None, cluster, True, 40.0, "auto", 0, 5.0, 64,
-                DEFAULT_EFF)
-    ev = s.evaluator(cluster)
-    g = cluster.gpus()
-    prices = {n.id: n.price_per_hour for n in cluster.nodes}
-
-    def cand(groups: list[tuple], score: float):
-        return ev, replace(ev.evaluate(groups, ["both"] * len(groups), prices), score=score)
-
+    s, g, cand = _race_on_4_l40s()
     ranked = [cand([(g[0],)], 1e6), cand([(g[0], g[1])], 1e6 - 1), cand([(g[0],), (g[1],)], 1e6 - 2),
               cand([(x,) for x in g], 1e6 - 3)]  # the last uses every GPU: the best in simulation
     hand_built = cand([(g[0],), (g[1],), (g[2],)], 1.0)
