@@ -97,14 +97,18 @@ def resolve_offers(offers: list[Offer] | None) -> list[Offer]:
 def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, budget: float | None = None,
                     offers: list[Offer] | None = None, pool: Cluster | str | None = None,
                     strategy: str = "thunderserve", spot: bool = True, inter_node_gbps: float | None = None,
-                    kv_compression: str = "auto", seed: int = 0, time_limit_s: float = 20.0, max_gpus: int = 64,
-                    disaggregate: bool = False, verify: bool = True, eff: Efficiency = DEFAULT_EFF) -> Plan:
+                    kv_compression: str = "auto", seed: int = 0, time_limit_s: float | None = 20.0,
+                    max_gpus: int = 64, disaggregate: bool = False, verify: bool = True,
+                    eff: Efficiency = DEFAULT_EFF) -> Plan:
     """Plan a deployment of ``model`` for ``workload`` under ``slo``.
 
     Renting: ``budget`` ($/h) and ``offers`` (default: SkyPilot's catalog, else a built-in table).
     Owned GPUs: ``pool`` (a Cluster or a spec like ``2xL40S,4xRTX4090`` / a YAML path); no budget.
     ``disaggregate``: only prefill and decode replicas (at least one of each), never colocated ones.
-    ``verify``: spend the last quarter of ``time_limit_s`` simulating the best candidates.
+    ``verify``: spend the last ``VERIFY_SHARE`` of ``time_limit_s`` simulating the best candidates.
+    ``time_limit_s`` None (or <= 0): no time cap: searches run to their iteration and patience limits
+    and finalists are measured in full, so a seed always gives the same plan (slower; with a cap, how
+    far the search gets depends on the machine and its load).
     ``workload.rate`` 0 means "as much as the budget buys"; otherwise renting stops at 1.5x the rate.
     Raises PlanningError (BudgetTooSmall included) with a one-line reason.
     """
@@ -119,8 +123,9 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
         if budget is None or budget <= 0:
             raise PlanningError("a positive --budget ($/h) is needed to rent (or pass --pool to use your own GPUs)")
         offers = resolve_offers(offers)
+    limit = time_limit_s if time_limit_s is not None and time_limit_s > 0 else math.inf
     s = Setting(spec, workload, slo, budget, offers, cluster, spot, inter_node_gbps, kv_compression, seed,
-                time_limit_s, max_gpus, eff, verify=verify)
+                limit, max_gpus, eff, verify=verify)
     try:
         if strategy == "thunderserve":
             ev, evaluation = plan_thunderserve(s, phases=("prefill", "decode") if disaggregate else
