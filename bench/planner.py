@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -198,7 +199,6 @@ def main() -> None:
                       f"{ts.get('plan_s', 0):.1f}")
         console.print(f"[dim]{sc.name}: {ratio:.2f}x[/dim]")
     finite = [r for r in ratios if math.isfinite(r) and r > 0]
-    geo = math.exp(sum(math.log(r) for r in finite) / len(finite)) if finite else 0.0
     console.print(table)
     timing = ({} if args.suite == "interactive" else
               time_pools(18.0 if not args.quick else 8.0, 55.0 if not args.quick else 15.0))
@@ -209,15 +209,14 @@ def main() -> None:
         tt.add_row(k, str(v))
     console.print(tt)
     def geo_of(names: list[str]) -> float:
-        vals = [r["ratio"] for r in rows if r["scenario"] in names and math.isfinite(r["ratio"]) and r["ratio"] > 0]
-        return round(math.exp(sum(math.log(v) for v in vals) / len(vals)), 3) if vals else 0.0
+        return _geomean([r["ratio"] for r in rows if r["scenario"] in names])
 
     summary = {
         "bench": "planner", "suite": args.suite, "scenarios": len(rows), "time_limit_s": limit,
         "ratio_geomean_tight_tpot": geo_of([sc.name for sc in suite if sc.tight]),
         "ratio_geomean_other": geo_of([sc.name for sc in suite if not sc.tight]),
         "ratio_vs_best_baseline": {r["scenario"]: r["ratio"] for r in rows},
-        "ratio_geomean": round(geo, 3), "ratio_mean": round(sum(finite) / len(finite), 3) if finite else 0.0,
+        "ratio_geomean": _geomean(ratios), "ratio_mean": round(sum(finite) / len(finite), 3) if finite else 0.0,
         "ratio_at_budget_geomean": _geomean([r["ratio_at_budget"] for r in rows]),
         "ratio_at_budget": {r["scenario"]: r["ratio_at_budget"] for r in rows},
         "ratio_max": round(max(finite), 3) if finite else 0.0, "ratio_min": round(min(finite), 3) if finite else 0.0,
@@ -233,8 +232,9 @@ def main() -> None:
 
 
 def _geomean(values: list[float]) -> float:
+    """Geometric mean of the finite positive ratios (a scenario no baseline serves has ratio inf)."""
     vals = [v for v in values if math.isfinite(v) and v > 0]
-    return round(math.exp(sum(math.log(v) for v in vals) / len(vals)), 3) if vals else 0.0
+    return round(statistics.geometric_mean(vals), 3) if vals else 0.0
 
 
 def _spread(values: list[float]) -> dict[str, float]:

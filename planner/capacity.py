@@ -388,10 +388,9 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
     b_mem = _kv_batch(rm, wl)
     if b_mem < 1 or chunk <= 1:
         return math.inf, 1.0
-    found = _mixed_batch(rm, wl, rate, chunk, table or StepTable.build(rm, wl, chunk))
-    if found is None:
+    b = _mixed_batch(rm, wl, rate, chunk, table or StepTable.build(rm, wl, chunk))
+    if b is None:
         return math.inf, 1.0
-    b = found
     if not _kv_fits(rm, wl, b, t.z):
         return math.inf, 1.0
     tpot_mean, u = _mixed_tpot(rm, wl, rate, b, chunk)

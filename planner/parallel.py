@@ -257,4 +257,3 @@ def best_node_split(gpus: int, prefill_caps: dict[int, float], decode_caps: dict
                 if n_d >= 1 and (best is None or rate > best[0] * 1.001):
                     best = (rate, ps, n_p, ds, n_d)
     return best
-

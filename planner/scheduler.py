@@ -151,12 +151,12 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     models queueing and interference request by request, decides among the finalists)."""
     t0 = time.perf_counter()
     search_s = s.time_limit_s * (1 - VERIFY_SHARE if s.verify else 1.0)
-    shortlist = _search_pools(s, phases, bandwidth_aware, tabu, t0, t0 + search_s * (0.7 if _extra_pass(s, phases)
-                                                                                      else 1.0))
+    extra = _extra_pass(s, phases)
+    shortlist = _search_pools(s, phases, bandwidth_aware, tabu, t0, t0 + search_s * (0.7 if extra else 1.0))
     t_hand = time.perf_counter()
-    homogeneous = _homogeneous_candidates(s) if _extra_pass(s, phases) and tabu else []
+    homogeneous = _homogeneous_candidates(s) if extra and tabu else []
     s.stats["hand_built_seconds"] = round(time.perf_counter() - t_hand, 3)
-    if _extra_pass(s, phases):  # the colocated-only pass rents a different pool; it belongs to our space too
+    if extra:  # the colocated-only pass rents a different pool; it belongs to our space too
         shortlist += _search_pools(s, ("both",), bandwidth_aware, tabu, time.perf_counter(), t0 + search_s)
     shortlist += homogeneous
     if not shortlist:
@@ -268,7 +268,8 @@ def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, ta
 
 def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluation]], deadline: float,
                           must: list[tuple[Evaluator, Evaluation]] | None = None) -> tuple[Evaluator, Evaluation]:
-    """Simulate the best few distinct candidates (by the cost model's score, plus ``must``); keep the best.
+    """Simulate the best few distinct candidates (by the cost model's score, plus ``must``: candidates of
+    the shortlist that always run); keep the best.
 
     Candidates are told apart by what would be deployed (instances, replica shapes, roles and engine
     settings), not by the search that found them. A race with common random numbers: the first
@@ -277,27 +278,24 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
     the time goes into the comparisons that decide."""
     from planner.simulator import goodput, meets_slo
 
-    seen: dict[tuple, Evaluation] = {}
-    finalists: list[tuple[Evaluator, Evaluation, Plan]] = []
-    must_ids = {id(c[1]) for c in must or []}
-    forced: set[int] = set()
-    listed = {id(c[1]) for c in shortlist}
-    pool = [*shortlist, *(c for c in must or [] if id(c[1]) not in listed)]
-    for ev, e in sorted(pool, key=lambda c: -c[1].score):
+    must_ids = {id(e) for _, e in must or []}
+    finalists: dict[tuple, tuple[Evaluator, Evaluation, Plan]] = {}  # by what they deploy, best-ranked first
+    forced: set[tuple] = set()
+    for ev, e in sorted(shortlist, key=lambda c: -c[1].score):
         plan = build_plan(s, ev, e, "candidate")
         key = _deployed(plan)
-        if key not in seen:
-            seen[key] = e
-            finalists.append((ev, e, plan))
+        finalists.setdefault(key, (ev, e, plan))
         if id(e) in must_ids:  # a candidate that must run: the copy kept of it runs
-            forced.add(id(seen[key]))
+            forced.add(key)
     # the best-ranked few, then the ones that must run in any case (in addition: a hand-built plan the
     # cost model ranks low must not push out the search's own best, as three once did)
-    top = finalists[:FINALISTS] + [c for c in finalists[FINALISTS:] if id(c[1]) in forced]
-    best, best_g, best_cost = (top[0][0], top[0][1]), 0.0, math.inf
+    ranked = list(finalists)
+    top = ranked[:FINALISTS] + [k for k in ranked[FINALISTS:] if k in forced]
+    best, best_g, best_cost = finalists[top[0]][:2], 0.0, math.inf
     simulated = 0
-    for i, (ev, e, plan) in enumerate(top):
-        if i >= MIN_PROBED and id(e) not in forced and time.perf_counter() > deadline:
+    for i, key in enumerate(top):
+        ev, e, plan = finalists[key]
+        if i >= MIN_PROBED and key not in forced and time.perf_counter() > deadline:
             continue  # out of time: the cost model's ranking decides, except for a candidate that must be probed
         simulated += 1
         wl = s.workload if s.workload.rate > 0 else s.workload.with_rate(e.goodput)
@@ -313,7 +311,7 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
             # once it is within BAR_TOL (a bar cut at its first passing rate let a 22% worse plan win)
             g = goodput(plan, wl, s.slo, iters=RACE_ITERS, max_requests=RACE_REQUESTS, deadline=deadline,
                         tol=BAR_TOL)
-        if g > 0 and (best_g <= 0 or g >= _rate_to_beat(s.objective, best_g, best_cost, cost)):
+        if g > 0:  # a challenger got here only past the rate it needed
             best, best_g, best_cost = (ev, e), g, cost
             s.stats["sim_goodput_rps"] = round(g, 4)
     s.stats["finalists_simulated"] = float(simulated)

@@ -103,6 +103,14 @@ class _Req:
         self.chunk_left = 0
         self.compression = "none"
 
+    def latencies(self) -> tuple[float, float]:
+        """(TTFT, TPOT) of a finished request, or TTFT so far of one that has its first token: what the
+        SLO judges (an orphan, finished before any token, takes its end as its first token)."""
+        first = self.first if self.first is not None else self.done_at
+        assert first is not None
+        end = self.done_at if self.done_at is not None else first
+        return first - self.arrival, (end - first) / (self.total_out - 1) if self.total_out > 1 else 0.0
+
 
 class _Replica:
     def __init__(self, rid: str, role: str, rm: ReplicaModel, nodes: set[str], max_batch_tokens: int,
@@ -349,9 +357,8 @@ class Simulator:
         rep.kv_used -= held
         rep.ctx_sum -= ctx
         req.done_at = self.now
-        first = req.first if req.first is not None else self.now
-        if (first - req.arrival <= self.slo.ttft_s and req.total_out > 1
-                and (self.now - first) / (req.total_out - 1) > self.slo.tpot_s):
+        tt, tp = req.latencies()
+        if tt <= self.slo.ttft_s and tp > self.slo.tpot_s:
             self.late += 1
         if req.id in self.finished_ids:
             raise AssertionError(f"request {req.id} finished twice")
@@ -529,9 +536,8 @@ class Simulator:
             if stop_when_failed and events % 64 == 0:
                 cutoff = t - slo.ttft_s
                 while judged < len(reqs) and reqs[judged].arrival < cutoff:
-                    r = reqs[judged]  # TTFT as _result takes it (an orphan's first token is its end)
-                    first = r.first if r.first is not None else r.done_at
-                    no_first_token += first is None or first - r.arrival > slo.ttft_s
+                    r = reqs[judged]
+                    no_first_token += (r.first is None and r.done_at is None) or r.latencies()[0] > slo.ttft_s
                     judged += 1
                 if slo_lost(len(reqs), no_first_token + self.late, slo.attainment):  # refused: no first token
                     overloaded = True
@@ -567,9 +573,7 @@ class Simulator:
         cut = reqs[int(WARMUP_SHARE * len(reqs))].id if reqs else 0
         steady = 0
         for r in self.finished:
-            first = r.first if r.first is not None else r.done_at
-            tt = first - r.arrival
-            tp = (r.done_at - first) / (r.total_out - 1) if r.total_out > 1 else 0.0
+            tt, tp = r.latencies()
             ttft.append(tt)
             tpot.append(tp)
             e2e.append(r.done_at - r.arrival)
