@@ -51,7 +51,15 @@ class Efficiency:
     layer_overhead_s: float = 20e-6  # per layer per forward (small kernels; CUDA graphs in decode)
     step_overhead_s: float = 1.5e-3  # per forward pass (scheduler, sampling, detokenize)
     mem_fraction: float = 0.88  # of device memory the engine may take (SGLang mem_fraction_static)
-    decode_compute: float | None = None  # skinny (batch x hidden) GEMMs of decode, if unlike ``compute``
+    # A GEMM over few rows (a decode batch, a short prompt) reaches only part of ``compute``: a weight
+    # GEMM over m > 1 rows runs at ``compute * m / (m + gemm_half_rows)``. 0 = no such ramp (the GPU
+    # fit above: there a few-row GEMM is memory-bound anyway); on one CPU core about 10 rows
+    # (bench/cost_model_check.py calibrates it).
+    gemm_half_rows: float = 0.0
+    # Attention kernels' FLOP rate as a fraction of ``compute``, FLOPs counted causally (half the square
+    # of a prompt). Flash attention on a GPU is folded into ``compute`` (1.0); a kernel that also
+    # computes the masked half, as PyTorch's CPU SDPA does, reaches at most 0.5.
+    attention_compute: float = 1.0
     # How compute and memory time combine in one pass: inf = the plain roofline max(); a finite p gives
     # (t_compute^p + t_memory^p)^(1/p), slower near the ridge point, where real GEMMs reach neither
     # peak (a 256-token prefill chunk, a mixed step: measured 15.4 ms where max() said 8.7 on an H100).
@@ -137,11 +145,11 @@ class ReplicaModel:
         """Per-stage coefficients, so a step time is a few multiply-adds (the search calls it a lot)."""
         m, e = self.model, self.eff
         self._coef = []
-        self._dec_den: list[float] = []
+        self._half_rows = e.gemm_half_rows
         for i, s in enumerate(self.stages):
             last = s.last
             f_tok = 2 * m.layer_params * s.layers + (self._head_flops_per_req if last else 0.0)  # per token/seq
-            f_sq = 2 * self._d_attn * s.layers  # prefill: x sum(s^2); decode: x2 x context
+            f_sq = 2 * self._d_attn * s.layers / e.attention_compute  # prefill: x sum(s^2); decode: x2 x context
             b_const = s.layers * m.layer_bytes + (m.head_params * m.dtype_bytes if last else 0.0)
             b_kv = s.layers * m.kv_bytes_per_token_layer
             f_den = s.tp * s.gpu.sustained_flops * e.compute
@@ -157,30 +165,40 @@ class ReplicaModel:
                 fixed += lat
                 comm_tok += self._act_bytes_per_token / (bw * e.network)
             self._coef.append((f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last))
-            self._dec_den.append(s.tp * s.gpu.sustained_flops * (e.decode_compute or e.compute))
         # Identical stages (a 70B model over 8 pipeline stages of one GPU type) take identical times:
         # each distinct stage is computed once and counted as often as it occurs.
         index: dict[tuple, int] = {}
         self._stage_group: list[int] = []
         groups: list[list] = []
-        for coef, d_den in zip(self._coef, self._dec_den, strict=True):
-            key = (*coef, d_den)
-            if key not in index:
-                index[key] = len(groups)
-                groups.append([coef, d_den, 0])
-            groups[index[key]][2] += 1
-            self._stage_group.append(index[key])
-        self._groups: list[tuple[tuple, float, int]] = [(c, d, n) for c, d, n in groups]
-        self._counts = np.array([n for _, _, n in self._groups], dtype=float)
+        for coef in self._coef:
+            if coef not in index:
+                index[coef] = len(groups)
+                groups.append([coef, 0])
+            groups[index[coef]][1] += 1
+            self._stage_group.append(index[coef])
+        self._groups: list[tuple[tuple, int]] = [(c, n) for c, n in groups]
+        self._counts = np.array([n for _, n in self._groups], dtype=float)
+
+    def _slow_rows(self, rows: float) -> float:
+        """1 / (fraction of peak a weight GEMM over ``rows`` rows reaches): 1.0 exactly with no ramp. One
+        row is a GEMV, a kernel that streams the weights (the roofline's memory side): no ramp there,
+        which also keeps a step's time non-decreasing in its batch."""
+        return 1.0 + self._half_rows / rows if self._half_rows and rows > 1 else 1.0
+
+    def _slow_rows_array(self, rows: np.ndarray) -> np.ndarray | float:
+        if not self._half_rows:
+            return 1.0
+        return np.where(rows > 1, 1.0 + self._half_rows / np.maximum(rows, 1.0), 1.0)
 
     def _prefill_group_times(self, tokens: float, sum_sq: float, n_req: int) -> list[float]:
         head = self._head_flops_per_req
         p = self.eff.roofline_p
+        slow = self._slow_rows(tokens)
         out = []
-        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _, _ in self._groups:
-            flops = f_tok * tokens + f_sq * sum_sq
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _ in self._groups:
+            flops = f_tok * tokens * slow + f_sq * sum_sq
             if last:  # the LM head runs on the last token of each prompt only
-                flops += head * (n_req - tokens)
+                flops += head * (n_req - tokens) * slow
             out.append(roof(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm_tok * tokens)
         return out
 
@@ -195,11 +213,12 @@ class ReplicaModel:
         """(``prefill_time``, ``prefill_bottleneck``) for many batches at once."""
         head = self._head_flops_per_req
         p = self.eff.roofline_p
+        slow = self._slow_rows_array(tokens)
         rows = []
-        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _, _ in self._groups:
-            flops = f_tok * tokens + f_sq * sum_sq
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _ in self._groups:
+            flops = f_tok * tokens * slow + f_sq * sum_sq
             if last:
-                flops = flops + head * (n_req - tokens)
+                flops = flops + head * (n_req - tokens) * slow
             rows.append(roof_array(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm_tok * tokens)
         st = np.array(rows)
         overhead = self.eff.step_overhead_s
@@ -210,7 +229,7 @@ class ReplicaModel:
         if sum_sq is None:
             sum_sq = tokens * tokens / max(n_req, 1)
         times = self._prefill_group_times(tokens, sum_sq, n_req)
-        return sum(t * n for t, (_, _, n) in zip(times, self._groups, strict=True)) + self.eff.step_overhead_s
+        return sum(t * n for t, (_, n) in zip(times, self._groups, strict=True)) + self.eff.step_overhead_s
 
     def prefill_bottleneck(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> float:
         """Time the slowest stage is busy with one batch: the inverse of pipelined batch throughput."""
@@ -224,8 +243,9 @@ class ReplicaModel:
             return 0.0
         t = self.eff.step_overhead_s
         p = self.eff.roofline_p
-        for (f_tok, f_sq, b_const, b_kv, _, b_den, fixed, comm_tok, _), f_den, n in self._groups:
-            flops = f_tok * batch + 2 * f_sq * context_tokens
+        slow = self._slow_rows(batch)
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, _), n in self._groups:
+            flops = f_tok * batch * slow + 2 * f_sq * context_tokens
             t += n * (roof(flops / f_den, (b_const + b_kv * context_tokens) / b_den, p) + fixed + comm_tok * batch)
         return t
 
@@ -233,8 +253,9 @@ class ReplicaModel:
         """``decode_step_time`` for many batches at once (0 where the batch is empty)."""
         t = np.full(np.shape(batch), self.eff.step_overhead_s)
         p = self.eff.roofline_p
-        for (f_tok, f_sq, b_const, b_kv, _, b_den, fixed, comm_tok, _), f_den, n in self._groups:
-            flops = f_tok * batch + 2 * f_sq * context_tokens
+        slow = self._slow_rows_array(batch)
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, _), n in self._groups:
+            flops = f_tok * batch * slow + 2 * f_sq * context_tokens
             t = t + n * (roof_array(flops / f_den, (b_const + b_kv * context_tokens) / b_den, p) + fixed
                          + comm_tok * batch)
         return np.where(batch > 0, t, 0.0)
@@ -245,13 +266,14 @@ class ReplicaModel:
         t = np.full(np.shape(batch), self.eff.step_overhead_s)
         head = self._head_flops_per_req
         p = self.eff.roofline_p
-        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), d_den, n in self._groups:
-            flops = f_tok * (batch + chunk_tokens)
+        slow = self._slow_rows_array(batch + chunk_tokens)
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), n in self._groups:
+            flops = f_tok * (batch + chunk_tokens) * slow
             if last:
-                flops = flops + head * (chunk_reqs - chunk_tokens)
+                flops = flops + head * (chunk_reqs - chunk_tokens) * slow
             gemm = roof_array(flops / f_den, np.full(np.shape(batch), b_const / b_den), p)
             attn_p = roof_array(f_sq * chunk_sum_sq / f_den, b_kv * (prefix_tokens + chunk_tokens) / b_den, p)
-            attn_d = roof_array(2 * f_sq * context_tokens / d_den, b_kv * context_tokens / b_den, p)
+            attn_d = roof_array(2 * f_sq * context_tokens / f_den, b_kv * context_tokens / b_den, p)
             t = t + n * (gemm + attn_p + attn_d + fixed + comm_tok * (batch + chunk_tokens))
         alone = self.prefill_array(chunk_tokens, chunk_sum_sq, chunk_reqs)[0]
         return np.where(batch > 0, t, alone)
@@ -271,15 +293,16 @@ class ReplicaModel:
         t = self.eff.step_overhead_s
         head = self._head_flops_per_req
         p = self.eff.roofline_p
-        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), d_den, n in self._groups:
+        slow = self._slow_rows(batch + chunk_tokens)
+        for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), n in self._groups:
             # the GEMMs see one batch of (decode rows + chunk tokens): one read of the weights
-            flops = f_tok * (batch + chunk_tokens)
+            flops = f_tok * (batch + chunk_tokens) * slow
             if last:  # the LM head runs on the decode rows and the last token of each prompt only
-                flops += head * (chunk_reqs - chunk_tokens)
+                flops += head * (chunk_reqs - chunk_tokens) * slow
             gemm = roof(flops / f_den, b_const / b_den, p)
             # attention runs as separate kernels (prefill: compute-bound; decode: reads the whole KV)
             attn_p = roof(f_sq * chunk_sum_sq / f_den, b_kv * (prefix_tokens + chunk_tokens) / b_den, p)
-            attn_d = roof(2 * f_sq * context_tokens / d_den, b_kv * context_tokens / b_den, p)
+            attn_d = roof(2 * f_sq * context_tokens / f_den, b_kv * context_tokens / b_den, p)
             t += n * (gemm + attn_p + attn_d + fixed + comm_tok * (batch + chunk_tokens))
         return t
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
 from planner.cluster import Cluster, Node
-from planner.cost_model import KV_FACTOR, Efficiency, ReplicaModel, Stage, kv_bytes, kv_segments
+from planner.cost_model import DEFAULT_EFF, KV_FACTOR, Efficiency, ReplicaModel, Stage, kv_bytes, kv_segments
 from planner.gpus import GPUS
 from planner.models import load_model
 from planner.parallel import PlanContext, balance_layers, configure_group
@@ -155,16 +158,14 @@ def test_finalist_race_weighs_price_against_goodput() -> None:
     assert _rate_to_beat("per_dollar", 100.0, 10.0, 5.0) == pytest.approx(50.5)
 
 
-def pipeline(model: str, gpus: list[str], tp: int = 1) -> ReplicaModel:
+def pipeline(model: str, gpus: list[str], tp: int = 1, eff: Efficiency | None = None) -> ReplicaModel:
     """A pipeline over one stage per entry of ``gpus`` (layers split evenly, links of 10 GB/s)."""
     m = load_model(model)
     n = len(gpus)
     split = [m.layers // n] * n
     split[-1] += m.layers - sum(split)
     stages = [Stage(f"n{i}", GPUS[g], tp, split[i], i == 0, i == n - 1) for i, g in enumerate(gpus)]
-    from planner.cost_model import DEFAULT_EFF
-
-    return ReplicaModel(m, stages, [(10e9, 2e-5)] * (n - 1), DEFAULT_EFF)
+    return ReplicaModel(m, stages, [(10e9, 2e-5)] * (n - 1), eff or DEFAULT_EFF)
 
 
 def per_stage_reference(rm: ReplicaModel, tokens: float, sum_sq: float, n_req: int, batch: float,
@@ -173,25 +174,27 @@ def per_stage_reference(rm: ReplicaModel, tokens: float, sum_sq: float, n_req: i
     from planner.cost_model import roof
 
     p, head = rm.eff.roofline_p, 2 * rm.model.vocab * rm.model.hidden
+    half = rm.eff.gemm_half_rows  # a GEMM over m rows runs at m / (m + half) of peak
     pre, dec = [], rm.eff.step_overhead_s
-    for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm, last), d_den in zip(rm._coef, rm._dec_den,
-                                                                                     strict=True):
-        flops = f_tok * tokens + f_sq * sum_sq + (head * (n_req - tokens) if last else 0.0)
+    for f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm, last in rm._coef:
+        gemm = f_tok * tokens + (head * (n_req - tokens) if last else 0.0)
+        flops = gemm * ((tokens + half) / tokens if tokens > 1 else 1.0) + f_sq * sum_sq
         pre.append(roof(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm * tokens)
-        dflops = f_tok * batch + 2 * f_sq * context
-        dec += roof(dflops / d_den, (b_const + b_kv * context) / b_den, p) + fixed + comm * batch
+        dflops = f_tok * (batch + half) + 2 * f_sq * context  # batch > 1 here
+        dec += roof(dflops / f_den, (b_const + b_kv * context) / b_den, p) + fixed + comm * batch
     return pre, dec
 
 
+@pytest.mark.parametrize("half_rows", [0.0, 8.0])
 @pytest.mark.parametrize(("gpus", "groups"), [(["L40S"] * 8, [7, 1]),
                                               (["A100-80GB", "L40S", "L40S", "RTX4090"], [1, 2, 1]), (["H100"], [1])])
-def test_batched_step_times_equal_the_scalar_ones(gpus: list[str], groups: list[int]) -> None:
+def test_batched_step_times_equal_the_scalar_ones(gpus: list[str], groups: list[int], half_rows: float) -> None:
     import numpy as np
 
-    rm = pipeline("llama-2-70b", gpus)
+    rm = pipeline("llama-2-70b", gpus, eff=replace(DEFAULT_EFF, gemm_half_rows=half_rows))
     # identical stages (same GPU, layers and outgoing link) are computed once and counted; the last
     # stage differs (LM head, no link)
-    assert [n for _, _, n in rm._groups] == groups
+    assert [n for _, n in rm._groups] == groups
     overhead = rm.eff.step_overhead_s
     for tokens in (1.0, 700.0, 8192.0):
         stages, step = per_stage_reference(rm, tokens, tokens**2, 2, 48.0, 48.0 * 1500)
@@ -210,6 +213,30 @@ def test_batched_step_times_equal_the_scalar_ones(gpus: list[str], groups: list[
     lat, neck = rm.prefill_array(np.array([100.0, 4096.0]), np.array([1e4, 4096.0**2]), np.array([1.0, 1.0]))
     assert lat == pytest.approx([rm.prefill_time(100.0, 1e4, 1), rm.prefill_time(4096.0, 4096.0**2, 1)])
     assert neck == pytest.approx([rm.prefill_bottleneck(100.0, 1e4, 1), rm.prefill_bottleneck(4096.0, 4096.0**2, 1)])
+
+
+def test_few_row_gemms_run_below_peak_when_a_ramp_is_set() -> None:
+    """``gemm_half_rows``: a weight GEMM over m rows runs at m / (m + half) of peak. On a compute-bound
+    device (one CPU core) a 4-row decode step's GEMMs take 3x as long with half = 8; a 4096-token prefill
+    barely changes; with no ramp (the GPU default) nothing changes at all."""
+    from planner.gpus import GpuSpec
+
+    cpu = GpuSpec("cpu-core", 0.09, 64.0, 1e4, 1e3, "-", "test")  # 90 GFLOP/s, near-free memory
+    flat = Efficiency(compute=1.0, memory=1.0, layer_overhead_s=0.0, step_overhead_s=0.0, roofline_p=math.inf)
+    m = load_model("smollm2-135m")
+
+    def model(eff: Efficiency) -> ReplicaModel:
+        return ReplicaModel(m, [Stage("n", cpu, 1, m.layers, True, True)], [], eff)
+
+    base, ramp = model(flat), model(replace(flat, gemm_half_rows=8.0))
+    assert ramp.decode_step_time(4, 4) == pytest.approx(3 * base.decode_step_time(4, 4), rel=0.01)
+    assert ramp.prefill_time(4096) == pytest.approx(base.prefill_time(4096), rel=0.003)
+    assert ramp.prefill_time(4096) > base.prefill_time(4096)
+    assert model(replace(flat, gemm_half_rows=0.0)).decode_step_time(4, 4) == base.decode_step_time(4, 4)
+    # one row is a GEMV (no ramp), and a step never gets faster with a bigger batch
+    assert ramp.decode_step_time(1, 1) == base.decode_step_time(1, 1)
+    steps = [ramp.decode_step_time(b, b) for b in (0.25, 0.5, 1.0, 1.5, 2.0, 8.0, 64.0)]
+    assert steps == sorted(steps)
 
 
 def test_tabulated_batch_fixed_point_matches_the_exact_one() -> None:
@@ -281,3 +308,25 @@ def test_vectorised_prefill_curve_equals_the_per_rate_queue_model() -> None:
         rates = np.linspace(0.0, prefill_max_rate(rm, wl, t), 17)[1:] * 0.999
         want = [_prefill_point(rm, wl, float(r), t)[0] for r in rates]
         assert list(_prefill_ttft_array(rm, wl, rates, t)) == pytest.approx(want, rel=1e-9)
+
+
+def test_cpu_cost_model_check_runs_against_the_engine() -> None:
+    """``bench/cost_model_check.py`` end to end at its smallest (one model, one prompt, one decode batch,
+    one round): it times the engine's own prefill and decode and predicts both from its calibration.
+    Behaviour only; its accuracy is the bench's to report, not a test's (timing on a shared machine)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "cost_model_check.py"), "--models",
+                          "llama-small-random", "--prompts", "32", "--batches", "2", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, check=True, cwd=root)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["points"] == 2
+    assert set(summary["errors"]) == {"llama-small-random: prefill 32 tokens",
+                                      "llama-small-random: decode batch 2 @ 128 ctx"}
+    assert all(math.isfinite(e) and e > -1.0 for e in summary["errors"].values())
+    cal = summary["calibration"]["llama-small-random"]
+    assert cal["matmul_gflops"] > 0 and cal["stream_gbs"] > 0 and cal["gemm_half_rows"] >= 0

@@ -25,6 +25,18 @@ from replicas.engine.tokenizer import HFTokenizer
 DEFAULT_CONTEXT = 4096
 
 
+@torch.inference_mode()
+def prefill_model(model: Any, ids: list[int], logits_rows: int = 1) -> PrefillResult:
+    """One prompt's forward pass: its KV and the logits of its last ``logits_rows`` positions (also what
+    ``bench/cost_model_check.py`` times as the engine's prefill)."""
+    rows = max(1, min(logits_rows, len(ids)))
+    cache = DynamicCache()
+    out = model(input_ids=torch.tensor([ids], dtype=torch.long), cache=cache, use_cache=True, logits_to_keep=rows)
+    logits = out.logits[0].float().numpy()
+    return PrefillResult(kv=SeqKV.from_cache(out.cache), logits=logits[-1],
+                         prompt_logits=logits if logits_rows > 1 else None)
+
+
 class TorchBackend:
     kind = "torch"
     inline = False
@@ -68,15 +80,8 @@ class TorchBackend:
             h.update(p.detach().reshape(-1)[:256].float().numpy().tobytes())
         return f"{cfg.model_type}-{self.kv_layers}L:{h.hexdigest()[:16]}"
 
-    @torch.inference_mode()
     def prefill(self, ids: list[int], logits_rows: int = 1) -> PrefillResult:
-        rows = max(1, min(logits_rows, len(ids)))
-        cache = DynamicCache()
-        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), cache=cache, use_cache=True,
-                         logits_to_keep=rows)
-        logits = out.logits[0].float().numpy()
-        return PrefillResult(kv=SeqKV.from_cache(out.cache), logits=logits[-1],
-                             prompt_logits=logits if logits_rows > 1 else None)
+        return prefill_model(self.model, ids, logits_rows)
 
     def kv_length(self, kv: Any) -> int:
         return kv.length
