@@ -9,9 +9,10 @@ shapes, never by forward passes of the model:
 - compute: one layer's weights applied to 512 rows (weights in cache): peak FLOP/s at these shapes;
 - few-row ramp (``gemm_half_rows``): the same GEMMs over 8 rows, a decode batch's shape;
 - attention (``attention_compute``): causal SDPA over a 512-token prompt with the model's heads;
+- decode attention (``attention_memory``): one query row per sequence over a padded batch's KV;
 - memory: one row through distinct copies of the layer's weights, 256 MB in all (a decode step
   streams its weights from DRAM);
-- how compute and memory time combine (``roofline_p``): 8 rows through those distinct copies;
+- how compute and memory time combine (``roofline_p``): 4-32 rows through those distinct copies;
 - fixed costs per layer and per pass: decode steps of two tiny random models (2 and 10 layers).
 
 Calibration and measurement run in interleaved rounds and each figure keeps its best (fastest) value:
@@ -52,6 +53,7 @@ from replicas.engine.backends.torch_model import prefill_model
 BIG_ROWS, FEW_ROWS = 512, 8
 STREAM_BYTES = 256 * 2**20
 P_CHOICES = (1.0, 1.5, 2.0, 3.0, math.inf)
+STREAM_ROWS = (4, 8, 16, 32)  # decode-batch shapes through streamed weights: where compute meets memory
 
 
 def timed(fn, reps: int = 5, warmup: int = 2) -> float:
@@ -74,8 +76,9 @@ class Calibration:
     flops: float  # FLOP/s of the layer's GEMMs over many rows
     few_row_flops: float  # the same over FEW_ROWS rows (weights in cache)
     attention_flops: float  # causal SDPA over a 512-token prompt, FLOPs counted causally
+    attention_bytes_s: float  # one-row SDPA over a padded batch's KV, KV bytes counted once
     mem_bytes_s: float  # one row through weights streamed from DRAM
-    p: float  # roofline_p that best explains FEW_ROWS rows through streamed weights
+    p: float  # roofline_p that best explains STREAM_ROWS rows through streamed weights
     layer_overhead_s: float
     pass_overhead_s: float
 
@@ -88,13 +91,15 @@ class Calibration:
         dev = GpuSpec("cpu-calibrated", self.flops / 1e12, 1e6, self.mem_bytes_s / 1e9, 1e3, "-", "microbenchmark")
         eff = Efficiency(compute=1.0, memory=1.0, network=1.0, layer_overhead_s=self.layer_overhead_s,
                          step_overhead_s=self.pass_overhead_s, mem_fraction=1.0, gemm_half_rows=self.gemm_half_rows,
-                         attention_compute=min(1.0, self.attention_flops / self.flops), roofline_p=self.p)
+                         attention_compute=min(1.0, self.attention_flops / self.flops),
+                         attention_memory=min(1.0, self.attention_bytes_s / self.mem_bytes_s), roofline_p=self.p)
         return dev, eff
 
     def row(self) -> dict:
         return {"matmul_gflops": round(self.flops / 1e9, 1), f"gemm_{FEW_ROWS}_rows_gflops":
                 round(self.few_row_flops / 1e9, 1), "gemm_half_rows": round(self.gemm_half_rows, 2),
                 "attention_gflops": round(self.attention_flops / 1e9, 1),
+                "decode_attention_gbs": round(self.attention_bytes_s / 1e9, 2),
                 "stream_gbs": round(self.mem_bytes_s / 1e9, 2), "roofline_p": self.p,
                 "layer_overhead_us": round(self.layer_overhead_s * 1e6, 1),
                 "pass_overhead_ms": round(self.pass_overhead_s * 1e3, 3)}
@@ -137,6 +142,7 @@ class Rig:
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.qkv = [torch.randn(1, cfg.num_attention_heads, 512, hd) for _ in range(3)]
         self.attn_flops = 2 * cfg.num_attention_heads * hd * 512**2  # causal, as the cost model counts
+        self.decode_attn = DecodeAttention(cfg.num_attention_heads, cfg.num_key_value_heads, hd, context)
         self.tiny = {layers: Decoder(tiny_model(layers), 1, 16) for layers in (2, 10)}
         self.prompts = {n: torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in prompts}
         self.decoders = {b: Decoder(model, b, context) for b in batches}
@@ -149,10 +155,12 @@ class Rig:
         self._keep("big", gemm_seconds(self.weights, BIG_ROWS, 3))
         self._keep("few", gemm_seconds(self.weights, FEW_ROWS, 5))
         self._keep("stream", gemm_seconds(self.copies, 1, 3))
-        self._keep("stream_few", gemm_seconds(self.copies, FEW_ROWS, 3))
+        for rows in STREAM_ROWS:
+            self._keep(f"stream {rows}", gemm_seconds(self.copies, rows, 2))
         q, k, v = self.qkv
         self._keep("attn", timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
                                  reps=3))
+        self._keep("decode_attn", self.decode_attn.seconds())
         for layers, dec in self.tiny.items():
             self._keep(f"tiny{layers}", dec.time(reps=5))
         for n, ids in self.prompts.items():
@@ -166,11 +174,43 @@ class Rig:
         flops = 2 * self.params * BIG_ROWS / t["big"]
         few = 2 * self.params * FEW_ROWS / t["few"]
         mem = self.streamed_bytes / t["stream"]
-        compute_s = 2 * self.params * FEW_ROWS * self.copies_per_weight / few
-        p = min(P_CHOICES, key=lambda q: abs(roof(compute_s, self.streamed_bytes / mem, q) - t["stream_few"]))
+        half = max(FEW_ROWS * (flops / few - 1.0), 0.0)
+
+        def misfit(q: float) -> float:  # sum of |log(predicted / measured)| over the streamed shapes
+            out = 0.0
+            for rows in STREAM_ROWS:
+                compute_s = 2 * self.params * self.copies_per_weight * (rows + half) / flops
+                out += abs(math.log(roof(compute_s, self.streamed_bytes / mem, q) / t[f"stream {rows}"]))
+            return out
+
+        p = min(P_CHOICES, key=misfit)
         per_layer = max((t["tiny10"] - t["tiny2"]) / 8, 0.0)
-        return Calibration(flops, few, self.attn_flops / t["attn"], mem, p, per_layer,
-                           max(t["tiny2"] - 2 * per_layer, 0.0))
+        return Calibration(flops, few, self.attn_flops / t["attn"], self.decode_attn.kv_bytes / t["decode_attn"], mem,
+                           p, per_layer, max(t["tiny2"] - 2 * per_layer, 0.0))
+
+
+class DecodeAttention:
+    """What one layer of the engine's decode step does for attention: a query row per sequence over a
+    left-padded batch's KV, with a padding mask (so transformers repeats the KV heads for the query
+    heads first, as it does with a mask). Bytes are counted as the cost model counts them: the KV once."""
+
+    BATCH = 16
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, context: int) -> None:
+        b = self.BATCH
+        self.q = torch.randn(b, heads, 1, head_dim)
+        self.kv = [torch.randn(b, kv_heads, context, head_dim) for _ in range(2)]
+        lens = torch.linspace(context // 2, context, b).long()
+        self.mask = (torch.arange(context)[None, :] >= (context - lens)[:, None])[:, None, None, :]
+        self.rep = heads // kv_heads
+        self.kv_bytes = 2 * b * kv_heads * context * head_dim * 4
+
+    def seconds(self) -> float:
+        def run():
+            k, v = (x.repeat_interleave(self.rep, dim=1) for x in self.kv)
+            torch.nn.functional.scaled_dot_product_attention(self.q, k, v, attn_mask=self.mask)
+
+        return timed(run, reps=5)
 
 
 # -- measurement: the engine's own code ----------------------------------------------------------------

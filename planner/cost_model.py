@@ -18,8 +18,11 @@ KV transfer from a prefill to a decode replica moves ``input_len * kv_bytes_per_
 the stage pairs whose layer ranges overlap (``kv_segments``), each over its own link.
 
 The efficiency factors (achieved fraction of peak) and the fixed overheads are the model's only
-fitted constants; ``bench/cost_model_check.py`` calibrates them for this CPU and compares predictions
-with measured forward passes.
+fitted constants. Three of them only matter off the GPU and default to neutral: a weight GEMM over
+``m`` rows reaching ``m / (m + gemm_half_rows)`` of the compute rate, attention FLOPs running at
+``attention_compute`` of it and attention's KV traffic at ``attention_memory`` of the memory rate.
+``bench/cost_model_check.py`` calibrates all of them for this CPU and compares predictions with the
+reference engine's measured prefill and decode steps.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class Efficiency:
     # of a prompt). Flash attention on a GPU is folded into ``compute`` (1.0); a kernel that also
     # computes the masked half, as PyTorch's CPU SDPA does, reaches at most 0.5.
     attention_compute: float = 1.0
+    # Attention's KV reads and writes as a fraction of ``memory``'s rate. A GPU decode-attention kernel
+    # streams KV about as fast as a GEMV streams weights (1.0); PyTorch's CPU SDPA over one query row
+    # with a padding mask reaches a fraction of it.
+    attention_memory: float = 1.0
     # How compute and memory time combine in one pass: inf = the plain roofline max(); a finite p gives
     # (t_compute^p + t_memory^p)^(1/p), slower near the ridge point, where real GEMMs reach neither
     # peak (a 256-token prefill chunk, a mixed step: measured 15.4 ms where max() said 8.7 on an H100).
@@ -151,7 +158,7 @@ class ReplicaModel:
             f_tok = 2 * m.layer_params * s.layers + (self._head_flops_per_req if last else 0.0)  # per token/seq
             f_sq = 2 * self._d_attn * s.layers / e.attention_compute  # prefill: x sum(s^2); decode: x2 x context
             b_const = s.layers * m.layer_bytes + (m.head_params * m.dtype_bytes if last else 0.0)
-            b_kv = s.layers * m.kv_bytes_per_token_layer
+            b_kv = s.layers * m.kv_bytes_per_token_layer / e.attention_memory
             f_den = s.tp * s.gpu.sustained_flops * e.compute
             b_den = s.tp * s.gpu.sustained_mem_bytes_per_s * e.memory
             fixed = s.layers * e.layer_overhead_s

@@ -239,6 +239,30 @@ def test_few_row_gemms_run_below_peak_when_a_ramp_is_set() -> None:
     assert steps == sorted(steps)
 
 
+def test_attention_knobs_scale_only_attention() -> None:
+    """``attention_compute`` slows prefill attention FLOPs, ``attention_memory`` the KV a decode step
+    reads; neither touches the weight GEMMs (a 1-token prefill, a decode step over no context)."""
+    m = load_model("llama-2-7b")
+    gpu = GPUS["A100-80GB"]
+    flat = Efficiency(layer_overhead_s=0.0, step_overhead_s=0.0, roofline_p=math.inf)
+
+    def model(eff: Efficiency) -> ReplicaModel:
+        return ReplicaModel(m, [Stage("n", gpu, 1, m.layers, True, True)], [], eff)
+
+    base = model(flat)
+    slow_attn, slow_kv = model(replace(flat, attention_compute=0.5)), model(replace(flat, attention_memory=0.5))
+    # 8k-token prompt: compute-bound; attention's share doubles
+    gemm_only = model(replace(flat, attention_compute=1e9)).prefill_time(8192)
+    assert slow_attn.prefill_time(8192) - gemm_only == pytest.approx(2 * (base.prefill_time(8192) - gemm_only),
+                                                                     rel=1e-6)
+    assert slow_attn.prefill_time(1) == pytest.approx(base.prefill_time(1), rel=1e-6)
+    # decode at batch 8 over 4k tokens each: memory-bound; the KV share of the bytes doubles
+    weights_only = base.decode_step_time(8, 0)
+    assert slow_kv.decode_step_time(8, 8 * 4096) - weights_only == pytest.approx(
+        2 * (base.decode_step_time(8, 8 * 4096) - weights_only), rel=1e-6)
+    assert slow_kv.decode_step_time(8, 0) == weights_only
+
+
 def test_tabulated_batch_fixed_point_matches_the_exact_one() -> None:
     """The capacity search reads the running batch off a step-time table: it must agree with solving
     Little's law exactly (bisection on the real step time)."""
