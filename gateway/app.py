@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from gateway import admin
+from gateway import admin, header_deadline
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.context import GATEWAY, Gateway
@@ -50,6 +50,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     """Every failure leaves as an OpenAI-shaped error; every answer is counted by route and status."""
     request["t0"] = time.perf_counter()
     gw = request.app[GATEWAY]
+    head = header_deadline.watch(request)
+    if head is not None:
+        head.head_received()
     # The request deadline: a timer that cancels this task (cheaper than asyncio.timeout on every request).
     task = asyncio.current_task()
     expired: list[bool] = []
@@ -83,6 +86,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         resp = await _fail(request, ApiError(500, "internal gateway error", code="internal_error"))
     finally:
         deadline.cancel()
+        if head is not None:
+            head.request_done()
     gw.metrics.count(_route_label(request), status)
     return resp
 

@@ -44,6 +44,7 @@ class GatewayConfig:
     # limits and timeouts
     max_body_bytes: int = 8 * 1024 * 1024
     body_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 3.0
     upstream_read_timeout_s: float = 120.0
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     lim = p.add_argument_group("limits and timeouts")
     lim.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     lim.add_argument("--body-timeout-s", type=float, default=10.0, help="deadline to receive a request body")
+    lim.add_argument("--header-timeout-s", type=float, default=10.0,
+                     help="deadline to receive a request's line and headers, from its first byte")
     lim.add_argument("--request-timeout-s", type=float, default=600.0)
     lim.add_argument("--connect-timeout-s", type=float, default=3.0)
     lim.add_argument("--upstream-read-timeout-s", type=float, default=120.0,
@@ -178,6 +181,7 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
         default_max_tokens=ns.default_max_tokens,
         max_body_bytes=ns.max_body_bytes,
         body_timeout_s=ns.body_timeout_s,
+        header_timeout_s=ns.header_timeout_s,
         request_timeout_s=ns.request_timeout_s,
         connect_timeout_s=ns.connect_timeout_s,
         upstream_read_timeout_s=ns.upstream_read_timeout_s,

@@ -9,6 +9,7 @@ import sys
 
 from aiohttp import web
 
+from gateway import header_deadline
 from gateway.app import create_app
 from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.tokenizer import TokenizerUnavailable
@@ -24,19 +25,21 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     # handler_cancellation: a client that disconnects cancels its handler, which closes both upstream legs.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=75)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    loop = asyncio.get_running_loop()
+    # not web.TCPSite: each connection's protocol is wrapped in a request-head deadline (slow headers)
+    listener = await loop.create_server(header_deadline.protocol_factory(runner, cfg.header_timeout_s), cfg.host,
+                                        cfg.port, backlog=4096, reuse_address=True)
+    host, port = listener.sockets[0].getsockname()[:2]
     if cfg.no_auth:
         log.warning("--no-auth: anyone who can reach http://%s:%s can use it without an API key", host, port)
     print(f"{READY_LINE}http://{host}:{port}", flush=True)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
+        listener.close()  # stop accepting; the runner then finishes and closes the open connections
         await runner.cleanup()
 
 

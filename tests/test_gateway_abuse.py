@@ -1,7 +1,7 @@
 """A burst of bad requests while good traffic flows: each bad one gets its 4xx, no good one fails.
 
 Bad: malformed JSON, wrong types, huge bodies (declared and chunked), unknown routes and methods,
-missing and wrong keys, unknown model, and slowloris-style slow bodies on raw sockets.
+missing and wrong keys, unknown model, and slowloris-style slow bodies and slow headers on raw sockets.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import pytest
 
 from gateway.launcher import GatewayProcess
@@ -27,7 +28,7 @@ def gateway() -> GatewayProcess:
         e.start()
     p, d = engines
     gw = GatewayProcess(["--prefill", p.url, str(p.bootstrap_port), "--decode", d.url, "--api-key", KEY,
-                         "--max-body-bytes", str(LIMIT), "--body-timeout-s", "1"])
+                         "--max-body-bytes", str(LIMIT), "--body-timeout-s", "1", "--header-timeout-s", "1"])
     try:
         gw.start()
         gw.wait_ready()
@@ -60,6 +61,33 @@ async def slow_body(url: str) -> tuple[int, float]:
         task.cancel()
         writer.close()
     return int(status_line.split()[1]), time.perf_counter() - t0
+
+
+async def slow_headers(url: str) -> tuple[int, float, dict, bool]:
+    """Send a request line, then trickle a header line every 0.2 s (slowloris); return (status, seconds,
+    JSON body, whether the server closed the connection after answering)."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    t0 = time.perf_counter()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    await writer.drain()
+
+    async def trickle() -> None:
+        for i in range(100):
+            await asyncio.sleep(0.2)
+            writer.write(b"X-Slow-%d: y\r\n" % i)
+            await writer.drain()
+
+    task = asyncio.create_task(trickle())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        seconds = time.perf_counter() - t0
+        rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed it
+    finally:
+        task.cancel()
+        writer.close()
+    body = orjson.loads(rest.split(b"\r\n\r\n", 1)[1])
+    return int(status_line.split()[1]), seconds, body, True
 
 
 async def test_bad_requests_get_their_4xx_while_good_traffic_flows(gateway: GatewayProcess) -> None:
@@ -123,11 +151,42 @@ async def test_bad_requests_get_their_4xx_while_good_traffic_flows(gateway: Gate
                 bad("POST", "/generate", 400, None, data=b"", headers=auth),
             ]
         slow = [slow_body(url) for _ in range(10)]
-        results = await asyncio.gather(*burst, *slow, chunked_huge())
+        heads = [slow_headers(url) for _ in range(10)]
+        results = await asyncio.gather(*burst, *slow, *heads, chunked_huge())
         stop.set()
         await asyncio.gather(*workers)
 
-    slow_results = [r for r in results if isinstance(r, tuple)]
+    slow_results = [r for r in results if isinstance(r, tuple) and len(r) == 2]
     assert [s for s, _ in slow_results] == [408] * 10
     assert all(0.9 < t < 5 for _, t in slow_results)  # cut off at the 1 s body deadline, not served
+    head_results = [r for r in results if isinstance(r, tuple) and len(r) == 4]
+    assert [s for s, *_ in head_results] == [408] * 10
+    assert all(0.9 < t < 5 for _, t, *_ in head_results)  # the 1 s head deadline, though bytes kept coming
+    assert all(b["error"]["code"] == "header_timeout" and b["error"]["type"] == "timeout_error"
+               for _, _, b, _ in head_results)
     assert len(good) > 20 and set(good) == {200}
+
+
+async def test_an_idle_kept_alive_connection_outlives_the_head_deadline(gateway: GatewayProcess) -> None:
+    """The head deadline runs from a request's first byte: a client that keeps its connection open and
+    idle for longer (here 1.5 s against 1 s) still gets its next request served on it."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "emulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    events: list[str] = []
+    trace = aiohttp.TraceConfig()
+
+    async def created(*_: object) -> None:
+        events.append("new")
+
+    async def reused(*_: object) -> None:
+        events.append("reused")
+
+    trace.on_connection_create_end.append(created)
+    trace.on_connection_reuseconn.append(reused)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), trace_configs=[trace]) as session:
+        for pause in (0.0, 1.5):
+            await asyncio.sleep(pause)
+            async with session.post(gateway.url + "/v1/chat/completions", json=chat, headers=auth) as r:
+                assert r.status == 200
+                await r.read()
+    assert events == ["new", "reused"]  # the same connection both times
