@@ -52,7 +52,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     gw = request.app[GATEWAY]
     head = header_deadline.watch(request)
     if head is not None:
-        head.head_received()
+        head.head_received(request)
     # The request deadline: a timer that cancels this task (cheaper than asyncio.timeout on every request).
     task = asyncio.current_task()
     expired: list[bool] = []
@@ -86,8 +86,6 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         resp = await _fail(request, ApiError(500, "internal gateway error", code="internal_error"))
     finally:
         deadline.cancel()
-        if head is not None:
-            head.request_done()
     gw.metrics.count(_route_label(request), status)
     return resp
 

@@ -5,11 +5,14 @@ for as long as it likes: aiohttp's keep-alive timeout only closes connections th
 body already has its deadline (``--body-timeout-s``, in ``gateway.http``).
 
 Each connection's aiohttp protocol is wrapped in ``HeaderDeadline``, which forwards everything and
-keeps one timer: armed when the connection opens and, on a kept-alive connection, at the first byte
-of each next request (an idle keep-alive connection is aiohttp's to close, as before). aiohttp has
-parsed a head when the request reaches the middleware, which calls ``head_received`` (timer off) and,
-once the handler is done, ``request_done``. If the timer fires first the client gets a 408 in the
-OpenAI error shape and the connection is closed.
+keeps one timer: armed when the connection opens and at the first byte of each next request (on a
+kept-alive connection, or pipelined), never by a request's own body. aiohttp has parsed a head when
+the request reaches the middleware, which calls ``head_received`` (timer off); the request is in hand
+until aiohttp's task for it, which also writes the response, is done and its body is fully in. If
+the timer fires with no request in hand, a client that sent part of a head gets a 408 in the OpenAI
+error shape and the connection is closed; one that never sent a byte is closed without an answer (a
+408 there could be read as the answer to a request sent at that moment). With a request in hand the
+timer looks again later: a 408 is never written over a response.
 """
 
 from __future__ import annotations
@@ -21,9 +24,6 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 
-# the wrapper of each live connection, by the aiohttp protocol the request carries (request.protocol)
-_BY_HANDLER: dict[object, HeaderDeadline] = {}
-
 
 class HeaderDeadline(asyncio.Protocol):
     """Forwards a connection to aiohttp's protocol; closes it with a 408 if a head takes too long."""
@@ -34,19 +34,30 @@ class HeaderDeadline(asyncio.Protocol):
         self._loop = loop
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
-        self._busy = False  # a request is being handled: bytes now are its body or a pipelined next head
+        # the request in hand: its aiohttp task (handler, then its response written) and its body
+        self._running = False
+        self._payload: object | None = None  # aiohttp's StreamReader of the body; None: no request in hand
+        self._spoke = False  # bytes of a next head have arrived
 
     # -- asyncio.Protocol, forwarded ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        _BY_HANDLER[self._inner] = self
+        self._arm()  # first: a connection whose aiohttp connection_made raises is still closed in time
         self._inner.connection_made(transport)
-        self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None and not self._busy:
-            self._arm()  # the first byte of a next request on a kept-alive connection
+        if self._payload is None or self._payload.is_eof():  # type: ignore[attr-defined]
+            self._spoke = True  # not the body of the request in hand: a next head
+            if self._timer is None:
+                self._arm()  # its first byte (on a kept-alive connection, or pipelined)
         self._inner.data_received(data)
+
+    def _idle(self) -> bool:
+        """No request in hand: its task (handler, response written) is done and its body fully in."""
+        if self._payload is not None and (self._running or not self._payload.is_eof()):  # type: ignore[attr-defined]
+            return False
+        self._payload = None
+        return True
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -59,16 +70,25 @@ class HeaderDeadline(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        _BY_HANDLER.pop(self._inner, None)
+        self._payload = None
         self._inner.connection_lost(exc)
 
     # -- the deadline ---------------------------------------------------------------------------------
-    def head_received(self) -> None:
+    def head_received(self, request: web.BaseRequest) -> None:
+        """From the middleware, in the task that handles ``request`` (aiohttp's task also writes its response)."""
         self._disarm()
-        self._busy = True
+        self._running = True
+        self._spoke = False
+        self._payload = request.content
+        task = asyncio.current_task()
+        assert task is not None
+        task.add_done_callback(self._finished)  # no reference kept: the done task holds the response
 
-    def request_done(self) -> None:
-        self._busy = False
+    def _finished(self, _task: object) -> None:
+        self._running = False
+        if self._timer is not None:  # a pipelined head came in meanwhile: it could not be handled before
+            self._disarm()           # now, so its deadline starts now (aiohttp dispatches a complete one at once)
+            self._arm()
 
     def _arm(self) -> None:
         self._timer = self._loop.call_later(self._seconds, self._expire)
@@ -80,8 +100,14 @@ class HeaderDeadline(asyncio.Protocol):
 
     def _expire(self) -> None:
         self._timer = None
+        if not self._idle():
+            self._arm()  # a response is still going out: never answer over it; look again later
+            return
         t = self._transport
         if t is None or t.is_closing():
+            return
+        if not self._spoke:
+            t.close()
             return
         err = ApiError(408, f"request headers not received within {self._seconds:g} s (--header-timeout-s)",
                        code="header_timeout")
@@ -94,7 +120,9 @@ class HeaderDeadline(asyncio.Protocol):
 def watch(request: web.BaseRequest) -> HeaderDeadline | None:
     """The deadline of the connection ``request`` came on (None when served without one, as in tests
     that use aiohttp's own test server)."""
-    return _BY_HANDLER.get(request.protocol)
+    t = request.transport
+    p = t.get_protocol() if t is not None else None
+    return p if isinstance(p, HeaderDeadline) else None
 
 
 def protocol_factory(runner: web.AppRunner, seconds: float) -> Callable[[], asyncio.Protocol]:

@@ -190,3 +190,37 @@ async def test_an_idle_kept_alive_connection_outlives_the_head_deadline(gateway:
                 assert r.status == 200
                 await r.read()
     assert events == ["new", "reused"]  # the same connection both times
+
+
+async def test_a_body_that_arrives_after_its_answer_does_not_start_the_head_deadline(gateway: GatewayProcess) -> None:
+    """A 401 goes out before the body is in; the body's late bytes are not a next request's head, so the
+    idle kept-alive connection gets no 408 and stays open past the deadline."""
+    parts = urlsplit(gateway.url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    body = b"{}" + b" " * 98
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 401")
+    writer.write(body)
+    await asyncio.sleep(1.5)  # past the 1 s head deadline
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    rest = b""
+    while b'{"status":"ok"}' not in rest and b"header_timeout" not in rest:
+        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        if not chunk:
+            break
+        rest += chunk
+    writer.close()
+    assert b"HTTP/1.1 408" not in rest and b"HTTP/1.1 200" in rest
+
+
+async def test_a_connection_that_never_speaks_is_closed_without_an_answer(gateway: GatewayProcess) -> None:
+    """No byte within the head deadline: closed, and no 408 (a client sending its first request at that
+    moment would read it as the answer)."""
+    parts = urlsplit(gateway.url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    t0 = time.perf_counter()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data == b"" and 0.9 < time.perf_counter() - t0 < 4
