@@ -9,7 +9,7 @@ shapes, never by forward passes of the model:
 - compute: one layer's weights applied to 512 rows (weights in cache): peak FLOP/s at these shapes;
 - few-row ramp (``gemm_half_rows``): the same GEMMs over 8 rows, a decode batch's shape;
 - attention (``attention_compute``): causal SDPA over a 512-token prompt with the model's heads;
-- decode attention (``attention_memory``): one query row per sequence over a padded batch's KV;
+- decode attention (``attention_memory``): one query row per sequence over its KV, grouped-query;
 - memory: one row through distinct copies of the layer's weights, 256 MB in all (a decode step
   streams its weights from DRAM);
 - how compute and memory time combine (``roofline_p``): 4-32 rows through those distinct copies;
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.cost_model import Efficiency, ReplicaModel, Stage, roof
 from planner.gpus import GpuSpec
 from planner.models import ModelSpec, model_from_config
-from replicas.engine.backends.kv_cache import TorchDecodeBatch
+from replicas.engine.backends.kv_cache import HEADROOM, TorchDecodeBatch
 from replicas.engine.backends.torch_model import prefill_model
 
 BIG_ROWS, FEW_ROWS = 512, 8
@@ -84,14 +84,20 @@ class Calibration:
 
     @property
     def gemm_half_rows(self) -> float:
-        """m/(m + half) of peak at m = FEW_ROWS rows."""
-        return max(FEW_ROWS * (self.flops / self.few_row_flops - 1.0), 0.0)
+        """h of the cost model's m/(m + h) law, solved from the rates at FEW_ROWS and BIG_ROWS rows."""
+        return half_rows(self.few_row_flops / self.flops)
+
+    @property
+    def peak_flops(self) -> float:
+        """The law's peak: BIG_ROWS rows reach BIG_ROWS / (BIG_ROWS + h) of it."""
+        return self.flops * (BIG_ROWS + self.gemm_half_rows) / BIG_ROWS
 
     def device(self) -> tuple[GpuSpec, Efficiency]:
-        dev = GpuSpec("cpu-calibrated", self.flops / 1e12, 1e6, self.mem_bytes_s / 1e9, 1e3, "-", "microbenchmark")
+        dev = GpuSpec("cpu-calibrated", self.peak_flops / 1e12, 1e6, self.mem_bytes_s / 1e9, 1e3, "-",
+                      "microbenchmark")
         eff = Efficiency(compute=1.0, memory=1.0, network=1.0, layer_overhead_s=self.layer_overhead_s,
                          step_overhead_s=self.pass_overhead_s, mem_fraction=1.0, gemm_half_rows=self.gemm_half_rows,
-                         attention_compute=min(1.0, self.attention_flops / self.flops),
+                         attention_compute=min(1.0, self.attention_flops / self.peak_flops),
                          attention_memory=min(1.0, self.attention_bytes_s / self.mem_bytes_s), roofline_p=self.p)
         return dev, eff
 
@@ -100,9 +106,19 @@ class Calibration:
                 round(self.few_row_flops / 1e9, 1), "gemm_half_rows": round(self.gemm_half_rows, 2),
                 "attention_gflops": round(self.attention_flops / 1e9, 1),
                 "decode_attention_gbs": round(self.attention_bytes_s / 1e9, 2),
-                "stream_gbs": round(self.mem_bytes_s / 1e9, 2), "roofline_p": self.p,
+                "stream_gbs": round(self.mem_bytes_s / 1e9, 2),
+                "roofline_p": self.p if math.isfinite(self.p) else "max",
                 "layer_overhead_us": round(self.layer_overhead_s * 1e6, 1),
                 "pass_overhead_ms": round(self.pass_overhead_s * 1e3, 3)}
+
+
+def half_rows(ratio: float) -> float:
+    """h such that FEW_ROWS/(FEW_ROWS + h) over BIG_ROWS/(BIG_ROWS + h) is ``ratio`` (few-row rate over
+    many-row rate): 0 when few rows run as fast, large when they barely run at all."""
+    if ratio >= 1.0:
+        return 0.0
+    den = ratio * BIG_ROWS - FEW_ROWS
+    return FEW_ROWS * BIG_ROWS * (1.0 - ratio) / den if den > 0 else 1e6
 
 
 def gemm_seconds(weights: list[torch.Tensor], rows: int, reps: int) -> float:
@@ -174,12 +190,13 @@ class Rig:
         flops = 2 * self.params * BIG_ROWS / t["big"]
         few = 2 * self.params * FEW_ROWS / t["few"]
         mem = self.streamed_bytes / t["stream"]
-        half = max(FEW_ROWS * (flops / few - 1.0), 0.0)
+        half = half_rows(few / flops)
+        peak = flops * (BIG_ROWS + half) / BIG_ROWS
 
         def misfit(q: float) -> float:  # sum of |log(predicted / measured)| over the streamed shapes
             out = 0.0
             for rows in STREAM_ROWS:
-                compute_s = 2 * self.params * self.copies_per_weight * (rows + half) / flops
+                compute_s = 2 * self.params * self.copies_per_weight * (rows + half) / peak
                 out += abs(math.log(roof(compute_s, self.streamed_bytes / mem, q) / t[f"stream {rows}"]))
             return out
 
@@ -190,27 +207,24 @@ class Rig:
 
 
 class DecodeAttention:
-    """What one layer of the engine's decode step does for attention: a query row per sequence over a
-    left-padded batch's KV, with a padding mask (so transformers repeats the KV heads for the query
-    heads first, as it does with a mask). Bytes are counted as the cost model counts them: the KV once."""
+    """What one layer of the engine's decode step does for attention on the check's batches (every row
+    the same length, so no padding mask): a query row per sequence against its KV, the query heads
+    grouped over the KV heads (``enable_gqa``, as transformers calls SDPA without a mask), the KV a view
+    of a buffer with spare capacity (``GrowableLayer``'s layout). Bytes are counted as the cost model
+    counts them: the KV once."""
 
     BATCH = 16
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, context: int) -> None:
         b = self.BATCH
         self.q = torch.randn(b, heads, 1, head_dim)
-        self.kv = [torch.randn(b, kv_heads, context, head_dim) for _ in range(2)]
-        lens = torch.linspace(context // 2, context, b).long()
-        self.mask = (torch.arange(context)[None, :] >= (context - lens)[:, None])[:, None, None, :]
-        self.rep = heads // kv_heads
+        self.kv = [torch.randn(b, kv_heads, context + HEADROOM, head_dim)[:, :, :context] for _ in range(2)]
         self.kv_bytes = 2 * b * kv_heads * context * head_dim * 4
 
     def seconds(self) -> float:
-        def run():
-            k, v = (x.repeat_interleave(self.rep, dim=1) for x in self.kv)
-            torch.nn.functional.scaled_dot_product_attention(self.q, k, v, attn_mask=self.mask)
-
-        return timed(run, reps=5)
+        k, v = self.kv
+        return timed(lambda: torch.nn.functional.scaled_dot_product_attention(self.q, k, v, enable_gqa=True),
+                     reps=5)
 
 
 # -- measurement: the engine's own code ----------------------------------------------------------------
@@ -281,7 +295,8 @@ def main() -> None:
     ap.add_argument("--prompts", default="32,128,512,1024", help="comma-separated prompt lengths")
     ap.add_argument("--batches", default="1,4,16,32", help="comma-separated decode batch sizes")
     ap.add_argument("--context", type=int, default=128, help="tokens per sequence in the decode steps")
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of calibration and measurement")
+    ap.add_argument("--rounds", type=int, default=4, choices=range(1, 65), metavar="1..64",
+                    help="interleaved rounds of calibration and measurement")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)

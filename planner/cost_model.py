@@ -55,22 +55,31 @@ class Efficiency:
     step_overhead_s: float = 1.5e-3  # per forward pass (scheduler, sampling, detokenize)
     mem_fraction: float = 0.88  # of device memory the engine may take (SGLang mem_fraction_static)
     # A GEMM over few rows (a decode batch, a short prompt) reaches only part of ``compute``: a weight
-    # GEMM over m > 1 rows runs at ``compute * m / (m + gemm_half_rows)``. 0 = no such ramp (the GPU
-    # fit above: there a few-row GEMM is memory-bound anyway); on one CPU core about 10 rows
-    # (bench/cost_model_check.py calibrates it).
+    # GEMM over m >= 2 rows runs at ``compute * m / (m + gemm_half_rows)`` (one row is a GEMV, which
+    # streams its weights: no ramp; phased in between). The LM head's rows are the prompts' last tokens
+    # and the decode rows. 0 = no ramp (the GPU fit above: there a few-row GEMM is memory-bound anyway);
+    # on one CPU core about 10 rows (bench/cost_model_check.py calibrates it).
     gemm_half_rows: float = 0.0
     # Attention kernels' FLOP rate as a fraction of ``compute``, FLOPs counted causally (half the square
-    # of a prompt). Flash attention on a GPU is folded into ``compute`` (1.0); a kernel that also
-    # computes the masked half, as PyTorch's CPU SDPA does, reaches at most 0.5.
+    # of a prompt), for prefill, decode and mixed steps alike. Flash attention on a GPU is folded into
+    # ``compute`` (1.0); a kernel that also computes the masked half, as PyTorch's CPU SDPA does,
+    # reaches at most 0.5.
     attention_compute: float = 1.0
-    # Attention's KV reads and writes as a fraction of ``memory``'s rate. A GPU decode-attention kernel
-    # streams KV about as fast as a GEMV streams weights (1.0); PyTorch's CPU SDPA over one query row
-    # with a padding mask reaches a fraction of it.
+    # Attention's KV traffic (reads in decode, reads and writes in prefill) as a fraction of ``memory``'s
+    # rate. A GPU decode-attention kernel streams KV about as fast as a GEMV streams weights (1.0).
     attention_memory: float = 1.0
     # How compute and memory time combine in one pass: inf = the plain roofline max(); a finite p gives
     # (t_compute^p + t_memory^p)^(1/p), slower near the ridge point, where real GEMMs reach neither
     # peak (a 256-token prefill chunk, a mixed step: measured 15.4 ms where max() said 8.7 on an H100).
     roofline_p: float = 1.5
+
+    def __post_init__(self) -> None:
+        rates = ("compute", "memory", "network", "attention_compute", "attention_memory", "mem_fraction",
+                 "roofline_p")
+        bad = [f for f in rates if not getattr(self, f) > 0]
+        bad += [f for f in ("gemm_half_rows", "layer_overhead_s", "step_overhead_s") if not getattr(self, f) >= 0]
+        if bad:
+            raise ValueError(f"Efficiency: {', '.join(bad)} out of range (rates > 0, overheads and ramp >= 0)")
 
 
 DEFAULT_EFF = Efficiency()
@@ -187,25 +196,29 @@ class ReplicaModel:
         self._counts = np.array([n for _, n in self._groups], dtype=float)
 
     def _slow_rows(self, rows: float) -> float:
-        """1 / (fraction of peak a weight GEMM over ``rows`` rows reaches): 1.0 exactly with no ramp. One
-        row is a GEMV, a kernel that streams the weights (the roofline's memory side): no ramp there,
-        which also keeps a step's time non-decreasing in its batch."""
-        return 1.0 + self._half_rows / rows if self._half_rows and rows > 1 else 1.0
+        """1 / (fraction of peak a weight GEMM over ``rows`` rows reaches): 1.0 exactly with no ramp.
+        One row is a GEMV, a kernel that streams the weights (the roofline's memory side): no ramp there;
+        the ramp phases in between one row and two, so a step's time stays continuous and non-decreasing
+        in its rows (the capacity search interpolates and bisects on it)."""
+        if not self._half_rows or rows <= 1:
+            return 1.0
+        return 1.0 + self._half_rows * min(rows - 1.0, 1.0) / rows
 
     def _slow_rows_array(self, rows: np.ndarray) -> np.ndarray | float:
         if not self._half_rows:
             return 1.0
-        return np.where(rows > 1, 1.0 + self._half_rows / np.maximum(rows, 1.0), 1.0)
+        safe = np.maximum(rows, 1.0)
+        return 1.0 + self._half_rows * np.clip(safe - 1.0, 0.0, 1.0) / safe
 
     def _prefill_group_times(self, tokens: float, sum_sq: float, n_req: int) -> list[float]:
         head = self._head_flops_per_req
         p = self.eff.roofline_p
-        slow = self._slow_rows(tokens)
+        slow, slow_head = self._slow_rows(tokens), self._slow_rows(n_req)
         out = []
         for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _ in self._groups:
             flops = f_tok * tokens * slow + f_sq * sum_sq
-            if last:  # the LM head runs on the last token of each prompt only
-                flops += head * (n_req - tokens) * slow
+            if last:  # the LM head runs on the last token of each prompt only (``n_req`` rows)
+                flops += head * (n_req * slow_head - tokens * slow)
             out.append(roof(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm_tok * tokens)
         return out
 
@@ -220,12 +233,12 @@ class ReplicaModel:
         """(``prefill_time``, ``prefill_bottleneck``) for many batches at once."""
         head = self._head_flops_per_req
         p = self.eff.roofline_p
-        slow = self._slow_rows_array(tokens)
+        slow, slow_head = self._slow_rows_array(tokens), self._slow_rows_array(n_req)
         rows = []
         for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), _ in self._groups:
             flops = f_tok * tokens * slow + f_sq * sum_sq
             if last:
-                flops = flops + head * (n_req - tokens) * slow
+                flops = flops + head * (n_req * slow_head - tokens * slow)
             rows.append(roof_array(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm_tok * tokens)
         st = np.array(rows)
         overhead = self.eff.step_overhead_s
@@ -273,11 +286,11 @@ class ReplicaModel:
         t = np.full(np.shape(batch), self.eff.step_overhead_s)
         head = self._head_flops_per_req
         p = self.eff.roofline_p
-        slow = self._slow_rows_array(batch + chunk_tokens)
+        slow, slow_head = self._slow_rows_array(batch + chunk_tokens), self._slow_rows_array(batch + chunk_reqs)
         for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), n in self._groups:
             flops = f_tok * (batch + chunk_tokens) * slow
-            if last:
-                flops = flops + head * (chunk_reqs - chunk_tokens) * slow
+            if last:  # the head's rows: the decode rows and one per prompt in the chunk
+                flops = flops + head * (chunk_reqs * slow_head - chunk_tokens * slow + batch * (slow_head - slow))
             gemm = roof_array(flops / f_den, np.full(np.shape(batch), b_const / b_den), p)
             attn_p = roof_array(f_sq * chunk_sum_sq / f_den, b_kv * (prefix_tokens + chunk_tokens) / b_den, p)
             attn_d = roof_array(2 * f_sq * context_tokens / f_den, b_kv * context_tokens / b_den, p)
@@ -300,12 +313,12 @@ class ReplicaModel:
         t = self.eff.step_overhead_s
         head = self._head_flops_per_req
         p = self.eff.roofline_p
-        slow = self._slow_rows(batch + chunk_tokens)
+        slow, slow_head = self._slow_rows(batch + chunk_tokens), self._slow_rows(batch + chunk_reqs)
         for (f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm_tok, last), n in self._groups:
             # the GEMMs see one batch of (decode rows + chunk tokens): one read of the weights
             flops = f_tok * (batch + chunk_tokens) * slow
             if last:  # the LM head runs on the decode rows and the last token of each prompt only
-                flops += head * (chunk_reqs - chunk_tokens) * slow
+                flops += head * (chunk_reqs * slow_head - chunk_tokens * slow + batch * (slow_head - slow))
             gemm = roof(flops / f_den, b_const / b_den, p)
             # attention runs as separate kernels (prefill: compute-bound; decode: reads the whole KV)
             attn_p = roof(f_sq * chunk_sum_sq / f_den, b_kv * (prefix_tokens + chunk_tokens) / b_den, p)

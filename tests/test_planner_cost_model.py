@@ -174,13 +174,17 @@ def per_stage_reference(rm: ReplicaModel, tokens: float, sum_sq: float, n_req: i
     from planner.cost_model import roof
 
     p, head = rm.eff.roofline_p, 2 * rm.model.vocab * rm.model.hidden
-    half = rm.eff.gemm_half_rows  # a GEMM over m rows runs at m / (m + half) of peak
+    half = rm.eff.gemm_half_rows
+
+    def slow(rows: float) -> float:  # a weight GEMM over m >= 2 rows runs at m / (m + half) of peak
+        return 1.0 + half * min(max(rows - 1.0, 0.0), 1.0) / rows if rows > 0 else 1.0
+
     pre, dec = [], rm.eff.step_overhead_s
     for f_tok, f_sq, b_const, b_kv, f_den, b_den, fixed, comm, last in rm._coef:
-        gemm = f_tok * tokens + (head * (n_req - tokens) if last else 0.0)
-        flops = gemm * ((tokens + half) / tokens if tokens > 1 else 1.0) + f_sq * sum_sq
+        layers_f = f_tok - (head if last else 0.0)  # the layers' GEMMs see the tokens, the head the prompts
+        flops = layers_f * tokens * slow(tokens) + (head * n_req * slow(n_req) if last else 0.0) + f_sq * sum_sq
         pre.append(roof(flops / f_den, (b_const + b_kv * tokens) / b_den, p) + fixed + comm * tokens)
-        dflops = f_tok * (batch + half) + 2 * f_sq * context  # batch > 1 here
+        dflops = f_tok * batch * slow(batch) + 2 * f_sq * context
         dec += roof(dflops / f_den, (b_const + b_kv * context) / b_den, p) + fixed + comm * batch
     return pre, dec
 
@@ -233,10 +237,15 @@ def test_few_row_gemms_run_below_peak_when_a_ramp_is_set() -> None:
     assert ramp.prefill_time(4096) == pytest.approx(base.prefill_time(4096), rel=0.003)
     assert ramp.prefill_time(4096) > base.prefill_time(4096)
     assert model(replace(flat, gemm_half_rows=0.0)).decode_step_time(4, 4) == base.decode_step_time(4, 4)
-    # one row is a GEMV (no ramp), and a step never gets faster with a bigger batch
+    # one row is a GEMV (no ramp), the ramp phases in up to two rows, and a step never gets faster with
+    # more rows (continuous too: the capacity search interpolates and bisects on these times)
     assert ramp.decode_step_time(1, 1) == base.decode_step_time(1, 1)
-    steps = [ramp.decode_step_time(b, b) for b in (0.25, 0.5, 1.0, 1.5, 2.0, 8.0, 64.0)]
+    assert ramp.decode_step_time(1.0001, 1) == pytest.approx(base.decode_step_time(1, 1), rel=1e-3)
+    steps = [ramp.decode_step_time(b, b) for b in (0.25, 0.5, 1.0, 1.001, 1.5, 2.0, 3.0, 8.0, 64.0)]
     assert steps == sorted(steps)
+    for n_req in (1, 4):  # prefill: the head's rows are the prompts, not the tokens
+        times = [ramp.prefill_time(t, t * t / n_req, n_req) for t in (n_req, n_req + 0.3, n_req + 1.0, 64.0, 512.0)]
+        assert times == sorted(times)
 
 
 def test_attention_knobs_scale_only_attention() -> None:
@@ -353,4 +362,6 @@ def test_cpu_cost_model_check_runs_against_the_engine() -> None:
                                       "llama-small-random: decode batch 2 @ 128 ctx"}
     assert all(math.isfinite(e) and e > -1.0 for e in summary["errors"].values())
     cal = summary["calibration"]["llama-small-random"]
-    assert cal["matmul_gflops"] > 0 and cal["stream_gbs"] > 0 and cal["gemm_half_rows"] >= 0
+    rates = ("matmul_gflops", "gemm_8_rows_gflops", "attention_gflops", "decode_attention_gbs", "stream_gbs")
+    assert all(math.isfinite(cal[k]) and cal[k] > 0 for k in rates)
+    assert cal["roofline_p"] in (1.0, 1.5, 2.0, 3.0, "max")
