@@ -73,24 +73,16 @@ def timed(fn, reps: int = 5, warmup: int = 2) -> float:
 class Calibration:
     """Figures of this CPU at one model's shapes (each the best over the rounds)."""
 
-    flops: float  # FLOP/s of the layer's GEMMs over many rows
+    flops: float  # FLOP/s of the layer's GEMMs over BIG_ROWS rows
     few_row_flops: float  # the same over FEW_ROWS rows (weights in cache)
+    gemm_half_rows: float  # h of the cost model's m/(m + h) law, solved from the two (``half_rows``)
+    peak_flops: float  # the law's peak: BIG_ROWS rows reach BIG_ROWS / (BIG_ROWS + h) of it
     attention_flops: float  # causal SDPA over a 512-token prompt, FLOPs counted causally
-    attention_bytes_s: float  # one-row SDPA over a padded batch's KV, KV bytes counted once
+    attention_bytes_s: float  # one-row grouped-query SDPA over a batch's KV, KV bytes counted once
     mem_bytes_s: float  # one row through weights streamed from DRAM
     p: float  # roofline_p that best explains STREAM_ROWS rows through streamed weights
     layer_overhead_s: float
     pass_overhead_s: float
-
-    @property
-    def gemm_half_rows(self) -> float:
-        """h of the cost model's m/(m + h) law, solved from the rates at FEW_ROWS and BIG_ROWS rows."""
-        return half_rows(self.few_row_flops / self.flops)
-
-    @property
-    def peak_flops(self) -> float:
-        """The law's peak: BIG_ROWS rows reach BIG_ROWS / (BIG_ROWS + h) of it."""
-        return self.flops * (BIG_ROWS + self.gemm_half_rows) / BIG_ROWS
 
     def device(self) -> tuple[GpuSpec, Efficiency]:
         dev = GpuSpec("cpu-calibrated", self.peak_flops / 1e12, 1e6, self.mem_bytes_s / 1e9, 1e3, "-",
@@ -132,13 +124,20 @@ def gemm_seconds(weights: list[torch.Tensor], rows: int, reps: int) -> float:
     return timed(run, reps=reps)
 
 
-def tiny_model(layers: int, vocab: int = 256):
+def random_llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int):
+    """A Llama of this shape with seeded random weights (nothing to download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=8192)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                      max_position_embeddings=8192)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_model(layers: int):
+    """Almost all fixed cost: what the per-layer and per-pass overheads are read from."""
+    return random_llama(64, 128, layers, 4, 2, 256)
 
 
 class Rig:
@@ -191,7 +190,7 @@ class Rig:
         few = 2 * self.params * FEW_ROWS / t["few"]
         mem = self.streamed_bytes / t["stream"]
         half = half_rows(few / flops)
-        peak = flops * (BIG_ROWS + half) / BIG_ROWS
+        peak = flops * (BIG_ROWS + half) / BIG_ROWS  # BIG_ROWS rows reach BIG_ROWS / (BIG_ROWS + h) of it
 
         def misfit(q: float) -> float:  # sum of |log(predicted / measured)| over the streamed shapes
             out = 0.0
@@ -202,8 +201,9 @@ class Rig:
 
         p = min(P_CHOICES, key=misfit)
         per_layer = max((t["tiny10"] - t["tiny2"]) / 8, 0.0)
-        return Calibration(flops, few, self.attn_flops / t["attn"], self.decode_attn.kv_bytes / t["decode_attn"], mem,
-                           p, per_layer, max(t["tiny2"] - 2 * per_layer, 0.0))
+        return Calibration(flops, few, half, peak, self.attn_flops / t["attn"],
+                           self.decode_attn.kv_bytes / t["decode_attn"], mem, p, per_layer,
+                           max(t["tiny2"] - 2 * per_layer, 0.0))
 
 
 class DecodeAttention:
@@ -272,12 +272,7 @@ def load_smollm2():
 
 
 def small_random_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=8000, max_position_embeddings=8192)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(512, 1536, 8, 8, 4, 8000)
 
 
 MODELS = {"smollm2": load_smollm2, "llama-small-random": small_random_llama}
