@@ -13,6 +13,7 @@ process) and a reschedule after losing a node.
     python bench/planner.py                       # full suite (~11 min on this 2-core machine)
     python bench/planner.py --quick               # 4 scenarios, shorter searches
     python bench/planner.py --suite interactive   # MLPerf's interactive latency targets (4 scenarios)
+    python bench/planner.py --suite clouds --jobs 2   # the main suite per cloud account (42, ~17 min)
 Prints a rich table and, last, one JSON line.
 
 Baselines get their best engine setting: a colocated replica (ours or a baseline's) is planned with
@@ -45,11 +46,14 @@ Inference's interactive scenarios rather than chosen here: Llama-2-70B TTFT 450 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -91,11 +95,12 @@ class Scenario:
     gbps: float
     tight: bool = False
     interactive: bool = False
+    cloud: str = ""  # rent from this one catalog only ("": all of them)
 
     @property
     def name(self) -> str:
         return (f"{self.model} ${self.budget:g}/h {self.prompts} {self.gbps:g}G" + (" tight-TPOT" if self.tight else "")
-                + (" interactive" if self.interactive else ""))
+                + (" interactive" if self.interactive else "") + (f" {self.cloud}-only" if self.cloud else ""))
 
     def slo(self) -> SLO:
         if self.interactive:
@@ -120,9 +125,19 @@ INTERACTIVE_SUITE = [Scenario("llama-3.1-8b", 10, "short", 40, interactive=True)
                      Scenario("llama-3.1-8b", 10, "long", 40, interactive=True),
                      Scenario("llama-2-70b", 40, "short", 40, interactive=True),
                      Scenario("llama-2-70b", 40, "long", 40, interactive=True)]
+# One cloud account each: the main suite renting from one provider's catalog only (what that cloud lists)
+CLOUDS = ("lambda", "runpod", "vast")
+CLOUD_SUITE = [replace(sc, cloud=c) for c in CLOUDS for sc in SUITE]
 
 
-def run_scenario(sc: Scenario, offers, time_limit: float, strategies) -> dict:
+@functools.cache
+def offers_for(cloud: str) -> list:
+    """The offers of one catalog, or of all of them."""
+    return load_offers(sorted(CATALOGS.glob(f"{cloud or '*'}_vms.csv")))
+
+
+def run_scenario(sc: Scenario, time_limit: float, strategies) -> dict:
+    offers = offers_for(sc.cloud)
     out = {}
     for strat in strategies:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -165,42 +180,51 @@ def time_pools(time_limit_32: float, time_limit_64: float) -> dict:
     return out
 
 
+def summarize(sc: Scenario, res: dict, strategies, table: Table, console: Console) -> dict:
+    """One scenario's row: ratios against the best baseline (per dollar and at the budget), in the table too."""
+    best_base = max(res[b]["gpd"] for b in BASELINES)
+    ours = res["thunderserve"]["gpd"]
+    ratio = ours / best_base if best_base > 0 else math.inf if ours > 0 else math.nan  # nan: no plan serves it
+    # the paper's measure too: goodput at the same budget (money a plan leaves unspent counts against it)
+    best_at_budget = max(res[b].get("goodput", 0.0) for b in BASELINES)
+    at_budget = res["thunderserve"].get("goodput", 0.0) / best_at_budget if best_at_budget > 0 else math.inf
+    ts = res["thunderserve"]
+    table.add_row(sc.name, *[f"{res[s]['gpd']:.3f}" for s in strategies], f"{ratio:.2f}x",
+                  f"{ts.get('mix', '-')}: {ts.get('shape', ts.get('error', ''))}", ts.get("col", "-"),
+                  f"{ts.get('plan_s', 0):.1f}")
+    console.print(f"[dim]{sc.name}: {ratio:.2f}x[/dim]")
+    return {"scenario": sc.name, "ratio": round(ratio, 3), "ratio_at_budget": round(at_budget, 3), "results": res,
+            "best_baseline": max(BASELINES, key=lambda b: res[b]["gpd"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--suite", choices=("main", "interactive"), default="main",
-                    help="interactive: MLPerf's interactive TTFT/TPOT targets (no planner-time measurements)")
+    ap.add_argument("--suite", choices=("main", "interactive", "clouds"), default="main",
+                    help="interactive: MLPerf's interactive TTFT/TPOT targets; clouds: the main suite once per "
+                         "cloud, renting from that cloud's catalog only (neither times the planner on owned pools)")
     ap.add_argument("--time-limit", type=float, default=None, help="search seconds per plan")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="scenarios planned at once, one process each (at most the number of cores: the search "
+                         "is capped by wall time, so a busy core plans worse)")
     args = ap.parse_args()
     console = Console(stderr=False, width=220)  # the whole table also when stdout is a file
-    offers = load_offers(sorted(CATALOGS.glob("*_vms.csv")))
-    suite = INTERACTIVE_SUITE if args.suite == "interactive" else QUICK if args.quick else SUITE
+    suite = {"interactive": INTERACTIVE_SUITE, "clouds": CLOUD_SUITE}.get(args.suite, QUICK if args.quick else SUITE)
     limit = args.time_limit or (4.0 if args.quick else 8.0)
     strategies = ("thunderserve", *BASELINES, *ABLATIONS)
     table = Table(title="ThunderServe vs baselines: simulated goodput per $/h (req/s per $/h)")
     for col in ("scenario", *strategies, "vs best baseline", "ours: plan", "col", "plan s"):
         table.add_column(col)
-    rows, ratios = [], []
-    for sc in suite:
-        res = run_scenario(sc, offers, limit, strategies)
-        best_base = max(res[b]["gpd"] for b in BASELINES)
-        ours = res["thunderserve"]["gpd"]
-        ratio = ours / best_base if best_base > 0 else math.inf
-        ratios.append(ratio)
-        # the paper's measure too: goodput at the same budget (money a plan leaves unspent counts against it)
-        best_at_budget = max(res[b].get("goodput", 0.0) for b in BASELINES)
-        at_budget = res["thunderserve"].get("goodput", 0.0) / best_at_budget if best_at_budget > 0 else math.inf
-        rows.append({"scenario": sc.name, "ratio": round(ratio, 3), "ratio_at_budget": round(at_budget, 3),
-                     "results": res,
-                     "best_baseline": max(BASELINES, key=lambda b: res[b]["gpd"])})
-        ts = res["thunderserve"]
-        table.add_row(sc.name, *[f"{res[s]['gpd']:.3f}" for s in strategies], f"{ratio:.2f}x",
-                      f"{ts.get('mix', '-')}: {ts.get('shape', ts.get('error', ''))}", ts.get("col", "-"),
-                      f"{ts.get('plan_s', 0):.1f}")
-        console.print(f"[dim]{sc.name}: {ratio:.2f}x[/dim]")
+    rows: list[dict] = []
+    jobs = [suite, [limit] * len(suite), [strategies] * len(suite)]
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        results = pool.map(run_scenario, *jobs) if pool else map(run_scenario, *jobs)
+        for sc, res in zip(suite, results, strict=True):
+            rows.append(summarize(sc, res, strategies, table, console))
+    ratios = [r["ratio"] for r in rows]
     finite = [r for r in ratios if math.isfinite(r) and r > 0]
     console.print(table)
-    timing = ({} if args.suite == "interactive" else
+    timing = ({} if args.suite != "main" else
               time_pools(18.0 if not args.quick else 8.0, 55.0 if not args.quick else 15.0))
     tt = Table(title="Planner time (one process)")
     tt.add_column("what")
@@ -215,6 +239,8 @@ def main() -> None:
         "bench": "planner", "suite": args.suite, "scenarios": len(rows), "time_limit_s": limit,
         "ratio_geomean_tight_tpot": geo_of([sc.name for sc in suite if sc.tight]),
         "ratio_geomean_other": geo_of([sc.name for sc in suite if not sc.tight]),
+        **({"ratio_geomean_by_cloud": {c: geo_of([sc.name for sc in suite if sc.cloud == c]) for c in CLOUDS}}
+           if args.suite == "clouds" else {}),
         "ratio_vs_best_baseline": {r["scenario"]: r["ratio"] for r in rows},
         "ratio_geomean": _geomean(ratios), "ratio_mean": round(sum(finite) / len(finite), 3) if finite else 0.0,
         "ratio_at_budget_geomean": _geomean([r["ratio_at_budget"] for r in rows]),

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field, replace
 from planner.cluster import GpuId
 from planner.cost_model import KV_FACTOR, ReplicaModel, auto_kv_mode, kv_bytes, kv_segments
 from planner.parallel import PlanContext, ReplicaConfig, configure_group
-from planner.routing import LINK_UTILISATION, RoutingProblem, RoutingSolution, solve_routing
+from planner.routing import (
+    LINK_UTILISATION,
+    LINK_UTILISATION_STEPS,
+    RoutingProblem,
+    RoutingSolution,
+    solve_routing,
+)
 
 Group = tuple[GpuId, ...]
 
@@ -143,13 +149,13 @@ class Evaluator:
             transfer_s(mode)
         return terms[mode]
 
-    def _kv_quantile(self, terms: PairTerms) -> float:
-        """KV time of a long prompt plus the queueing a link loaded to LINK_UTILISATION adds."""
+    def _kv_quantile(self, terms: PairTerms, link_cap: float = LINK_UTILISATION) -> float:
+        """KV time of a long prompt plus the queueing a link loaded to ``link_cap`` adds."""
         wl, q = self.ctx.workload, self.ctx.targets.q
         scale = wl.input.quantile(q) / wl.mean_input
         busy = max((b for _, b in terms.link_use), default=0.0)
         # mean M/G/1 wait at the utilisation cap; quantiles of the parts do not add up
-        wait = LINK_UTILISATION * busy * (1.0 + wl.input.scv) / (2 * (1 - LINK_UTILISATION))
+        wait = link_cap * busy * (1.0 + wl.input.scv) / (2 * (1 - link_cap))
         return terms.kv_time * scale + wait
 
     # -- candidates ----------------------------------------------------------------------------
@@ -183,11 +189,15 @@ class Evaluator:
 
     def evaluate_configs(self, groups: list[Group], roles: list[str], configs: list[ReplicaConfig | None],
                          node_prices: dict[str, float]) -> Evaluation:
-        """Route between given replica configurations (rescheduling keeps each replica's parallelism)."""
+        """Route between given replica configurations (rescheduling keeps each replica's parallelism).
+
+        A candidate whose links bind at ``LINK_UTILISATION`` is routed again at the next higher caps
+        of ``LINK_UTILISATION_STEPS`` while that routes more: each pair's TTFT budget reserves the KV
+        queueing of the cap, so the LP's answer is the trade between link and prefill throughput."""
         prob = RoutingProblem()
         ids = [f"g{i}" for i in range(len(groups))]
         compression: dict[tuple[int, int], str] = {}
-        tpot_wait = 0.5 * self.ctx.slo.tpot_s
+        pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]] = {}
         for i, cfg in enumerate(configs):
             if cfg is None:
                 continue
@@ -207,15 +217,32 @@ class Evaluator:
                 assert pc is not None and dc is not None
                 terms = self.pair_terms(pc, dc)
                 compression[(index[p], index[d])] = terms.compression
-                kv = self._kv_quantile(terms) if self.bandwidth_aware else 0.0
-                prob.pair_cap[(p, d)] = pc.prefill_capacity(self.ctx.slo.ttft_s - kv - tpot_wait)
-                prob.pair_penalty[(p, d)] = min(0.99, kv / self.ctx.slo.ttft_s)
+                pair_terms[(p, d)] = (pc, terms)
                 if self.bandwidth_aware:
                     for link, busy in terms.link_use:  # a pair's KV may leave one NIC in several segments
                         use = prob.link_use.setdefault(link, {})
                         use[(p, d)] = use.get((p, d), 0.0) + busy
-        sol = solve_routing(prob)
+        sol = self._route(prob, pair_terms, LINK_UTILISATION)
+        for cap in LINK_UTILISATION_STEPS[1:]:
+            if not sol.links_bind:
+                break
+            higher = self._route(prob, pair_terms, cap)
+            if higher.total <= sol.total * (1 + 1e-9):
+                break
+            sol = higher
         used = {n for g, c in zip(groups, configs, strict=True) if c is not None for n, _ in g}
         cost = sum(node_prices.get(n, 0.0) for n in used)
         return Evaluation(sol.total, cost, self.score_of(sol.total, cost), list(groups), list(roles), configs, sol,
                           compression)
+
+    def _route(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
+               link_cap: float) -> RoutingSolution:
+        """Solve the routing LP with links capped at ``link_cap``: each pair's prefill capacity is what its
+        TTFT budget allows after the KV transfer and the queueing at that cap."""
+        slo = self.ctx.slo
+        prob.link_cap = link_cap
+        for pd, (pc, terms) in pair_terms.items():
+            kv = self._kv_quantile(terms, link_cap) if self.bandwidth_aware else 0.0
+            prob.pair_cap[pd] = pc.prefill_capacity(slo.ttft_s - kv - 0.5 * slo.tpot_s)
+            prob.pair_penalty[pd] = min(0.99, kv / slo.ttft_s)
+        return solve_routing(prob)

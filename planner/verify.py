@@ -11,7 +11,7 @@ from planner.deployment import materialize
 from planner.evaluate import Evaluator
 from planner.parallel import config_from_spec, spec_policy
 from planner.plan import Plan
-from planner.routing import LINK_UTILISATION
+from planner.routing import LINK_UTILISATION_STEPS
 from planner.workload import SLO, Workload
 
 
@@ -31,7 +31,8 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
                        slo: SLO | None = None, tol: float = 1e-3) -> list[str]:
     """Check the routing at ``rate`` (default: the plan's expected goodput) against each prefill's
     capacity (per-pair TTFT slack), each decode's capacity, each colocated replica's capacity, and
-    every link's utilisation cap; also that weights form a distribution."""
+    every link's utilisation cap (the lowest of ``LINK_UTILISATION_STEPS`` its links fit under); also
+    that weights form a distribution."""
     out = []
     total = sum(r.weight for r in plan.routing)
     if plan.routing and abs(total - 1) > 1e-6:
@@ -52,6 +53,7 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
     p_load: dict[str, float] = {}
     d_load: dict[str, float] = {}
     links: dict[tuple, float] = {}
+    pairs = []
     for r in plan.routing:
         f = lam * r.weight
         if r.prefill == r.decode:
@@ -61,23 +63,29 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
         terms = ev.pair_terms(p, d)
         if terms.compression != r.kv_compression:
             terms = ev._pair_terms_mode(p.rm, d.rm, r.kv_compression)
-        kv = ev._kv_quantile(terms)
-        cap = p.prefill_capacity(ctx.slo.ttft_s - kv - 0.5 * ctx.slo.tpot_s)
-        if f > 0 and cap <= 0:
-            out.append(f"route {r.prefill}->{r.decode}: KV transfer leaves no TTFT budget")
-            continue
-        p_load[r.prefill] = p_load.get(r.prefill, 0.0) + (f / cap if cap > 0 else 0.0)
-        d_load[r.decode] = d_load.get(r.decode, 0.0) + f
+        pairs.append((r, f, p, terms))
         for link, busy in terms.link_use:
             links[link] = links.get(link, 0.0) + f * busy
+    # the plan's link cap: the lowest step its links fit under (the planner routes at the lowest that
+    # pays); every pair's TTFT budget then reserves the KV queueing of that cap
+    busiest = max(links.values(), default=0.0)
+    cap = next((c for c in LINK_UTILISATION_STEPS if busiest <= c * (1 + tol)), LINK_UTILISATION_STEPS[-1])
+    for r, f, p, terms in pairs:
+        kv = ev._kv_quantile(terms, cap)
+        pcap = p.prefill_capacity(ctx.slo.ttft_s - kv - 0.5 * ctx.slo.tpot_s)
+        if f > 0 and pcap <= 0:
+            out.append(f"route {r.prefill}->{r.decode}: KV transfer leaves no TTFT budget")
+            continue
+        p_load[r.prefill] = p_load.get(r.prefill, 0.0) + (f / pcap if pcap > 0 else 0.0)
+        d_load[r.decode] = d_load.get(r.decode, 0.0) + f
     for rid, use in p_load.items():
         if use > 1 + tol:
             out.append(f"prefill {rid}: {use:.3f} of its capacity")
     for rid, f in d_load.items():
-        cap = cfg[rid].capacity
-        if f > cap * (1 + tol) + 1e-9:
-            out.append(f"{roles[rid]} {rid}: {f:.3f} req/s over its capacity {cap:.3f}")
+        cap_d = cfg[rid].capacity
+        if f > cap_d * (1 + tol) + 1e-9:
+            out.append(f"{roles[rid]} {rid}: {f:.3f} req/s over its capacity {cap_d:.3f}")
     for link, busy in links.items():
-        if busy > LINK_UTILISATION * (1 + tol):
-            out.append(f"link {link}: busy {busy:.3f} of the time, over {LINK_UTILISATION}")
+        if busy > cap * (1 + tol):
+            out.append(f"link {link}: busy {busy:.3f} of the time, over {cap}")
     return out

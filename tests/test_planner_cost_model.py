@@ -95,6 +95,51 @@ def test_routing_lp_respects_every_capacity() -> None:
     assert solve_routing(RoutingProblem(prefill=["p"], decode=[])).total == 0.0
 
 
+def test_routing_lp_keeps_links_under_the_cap_it_is_given_and_says_when_they_bind() -> None:
+    prob = RoutingProblem(prefill=["p"], decode=["d"], pair_cap={("p", "d"): 10.0}, decode_cap={"d": 10.0},
+                          link_use={("nic", "p"): {("p", "d"): 0.2}})
+    low = solve_routing(prob)
+    assert low.total == pytest.approx(LINK_UTILISATION / 0.2) and low.links_bind and low.link_cap == LINK_UTILISATION
+    prob.link_cap = 0.9
+    high = solve_routing(prob)
+    assert high.total == pytest.approx(0.9 / 0.2) and high.links_bind
+    prob.link_use = {("nic", "p"): {("p", "d"): 0.01}}  # the prefill binds, not the link
+    free = solve_routing(prob)
+    assert free.total == pytest.approx(10.0) and not free.links_bind
+
+
+def _link_bound_pair(ttft: float):
+    """One GH200 prefilling 2k-token prompts of Llama-2-13B for one GH200 decoding, uncompressed KV
+    over 40 Gbps: the link is the bottleneck."""
+    from planner.evaluate import Evaluator
+
+    nodes = [Node("a", "GH200", 1), Node("b", "GH200", 1)]
+    ctx = PlanContext(load_model("llama-2-13b"), Workload(1.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192),
+                                                          Lengths(128, "lognormal", 0.8, lo=2, hi=1024)),
+                      SLO(ttft, 0.1), Cluster(nodes, inter_node_gbps=40))
+    ev = Evaluator(ctx, kv_compression="none")
+    return ev.evaluate([(("a", 0),), (("b", 0),)], ["prefill", "decode"], {"a": 1.0, "b": 1.0})
+
+
+def test_a_generous_ttft_buys_link_throughput_and_a_tight_one_does_not(monkeypatch) -> None:
+    """A link-bound split is routed at higher link caps while that routes more: each pair's TTFT budget
+    reserves the KV queueing of the cap, so the LP trades link throughput against prefill throughput."""
+    import planner.evaluate
+
+    def at_fixed_cap(ttft: float) -> float:
+        with monkeypatch.context() as m:
+            m.setattr(planner.evaluate, "LINK_UTILISATION_STEPS", (LINK_UTILISATION,))
+            return _link_bound_pair(ttft).goodput
+
+    generous, fixed = _link_bound_pair(4.0), at_fixed_cap(4.0)
+    assert generous.routing.link_cap > LINK_UTILISATION
+    assert generous.goodput > 1.1 * fixed > 0
+    tight = _link_bound_pair(2.0)
+    assert tight.routing.links_bind  # tried higher, kept the lowest: a busier link's queueing would eat the TTFT
+    assert tight.routing.link_cap == LINK_UTILISATION
+    assert tight.goodput == pytest.approx(at_fixed_cap(2.0)) and tight.goodput > 0
+
+
 def test_a_mixed_step_costs_its_chunk_plus_the_decodes_minus_one_weight_read() -> None:
     """Chunked prefill mixed with decode (SGLang --enable-mixed-chunk, vLLM): the GEMMs of the decode rows
     and the chunk share one read of the weights; attention stays separate kernels, so the decodes'

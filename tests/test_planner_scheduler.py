@@ -227,3 +227,23 @@ def test_finalists_differ_by_routing_and_placement_not_by_ids() -> None:
     assert _deployed(same) == _deployed(plan)  # ids do not matter
     compressed = replace(plan, routing=[replace(rt, kv_compression="int4") for rt in plan.routing])
     assert _deployed(compressed) != _deployed(plan)  # how KV travels does
+
+
+def test_a_plan_routed_over_a_busier_link_verifies_at_its_own_cap(monkeypatch) -> None:
+    """A split whose link the planner loads past LINK_UTILISATION (a generous TTFT pays for the queueing)
+    passes the independent routing check, which finds the plan's cap from its link loads; a little
+    more traffic does not."""
+    from planner.routing import LINK_UTILISATION
+
+    pool = Cluster([Node("a", "GH200", 1, 1.0), Node("b", "GH200", 1, 1.0)], inter_node_gbps=40)
+    wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+    plan = plan_deployment("llama-2-13b", wl, SLO(4.0, 0.1), pool=pool, kv_compression="none", disaggregate=True,
+                           time_limit_s=0)
+    check_plan(plan)
+    goodput = plan.expected["goodput_rps"]
+    assert routing_violations(plan, rate=goodput * 1.05)  # its link busier still: the queueing leaves no TTFT
+    assert routing_violations(plan, rate=goodput * 2)
+    import planner.verify
+
+    monkeypatch.setattr(planner.verify, "LINK_UTILISATION_STEPS", (LINK_UTILISATION,))
+    assert any("link" in v for v in routing_violations(plan))  # the plan's link is busier than LINK_UTILISATION
