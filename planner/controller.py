@@ -88,6 +88,9 @@ class ControllerConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+LOCAL_PLACE = "local"  # cloud and region of every node the local provisioner starts
+
+
 def workload_of(cfg: ControllerConfig) -> Any:
     """The (Workload, SLO) pair the deployment was asked to serve."""
     from planner.workload import SLO, Lengths, Workload
@@ -99,15 +102,23 @@ def workload_of(cfg: ControllerConfig) -> Any:
 
 
 def offers_of(cfg: ControllerConfig) -> list[Any] | None:
-    """Offers to rent from: the given catalogs; the local catalog with --local; else the planner's default."""
+    """Offers to rent from: the given catalogs; the local catalog with --local; else the planner's default.
+
+    With the local provider every node runs on this machine, and the provisioner records its nodes (the
+    replacements of lost ones too) in cloud and region ``local``: the offers say so as well, whatever
+    the catalog file is called, or a replacement would look like a node in another cloud, behind a slow
+    cross-cloud link, and the re-plan would route almost nothing to it."""
+    from dataclasses import replace
+
     from planner.offers import load_offers
 
-    if cfg.catalogs:
-        return load_offers(cfg.catalogs)
     if cfg.provider == "local":
         from provisioner.catalog import default_local_catalog_path
 
-        return load_offers([default_local_catalog_path()])
+        offers = load_offers(cfg.catalogs or [default_local_catalog_path()])
+        return [replace(o, cloud=LOCAL_PLACE, region=LOCAL_PLACE) for o in offers]
+    if cfg.catalogs:
+        return load_offers(cfg.catalogs)
     return None
 
 

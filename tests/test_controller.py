@@ -380,3 +380,27 @@ async def test_reconcile_does_not_release_a_node_folded_in_during_the_pass(fresh
 async def _status_is(state: StateStore, node_id: str, status: str) -> bool:
     rec = await state.get_node(node_id)
     return rec is not None and rec.status == status
+
+
+def test_a_local_replacement_is_planned_in_the_same_place_as_the_node_it_replaces() -> None:
+    """The local provisioner records every node (replacements too) in cloud and region ``local``; the
+    plan's instances must say the same, or a replacement looks like a node behind a slow cross-cloud
+    link and the re-plan routes almost nothing to it (it once got 0.14% of the traffic)."""
+    from planner.controller import plan_for_config
+    from planner.reschedule import reschedule
+
+    cfg = ControllerConfig(model="smollm2", budget=2.0, provider="local", disaggregate=True, ttft_s=5.0, tpot_s=0.5,
+                           max_nodes=4, plan_time_limit_s=0)
+    plan = plan_for_config(cfg)
+    assert {(i.cloud, i.region) for i in plan.instances} == {("local", "local")}
+    victim = next(i for i in plan.instances
+                  if any(r.role == "decode" and i.id in r.node_ids for r in plan.replicas))
+    shrunk, _ = reschedule(plan, lost_nodes=[victim.id])
+    # what Controller.fold_in builds from the provisioner's record of the replacement
+    new = Instance(victim.id + "-r1", victim.instance_type, victim.gpu_type, victim.gpu_count, victim.spot,
+                   victim.price_per_hour, "local", "local")
+    healed, _ = reschedule(shrunk, new_instances=[new])
+    on_new = {r.id for r in healed.replicas if new.id in r.node_ids}
+    share = sum(r.weight for r in healed.routing if r.prefill in on_new or r.decode in on_new)
+    assert share >= 0.25, healed.routing
+    assert healed.expected["goodput_rps"] >= 0.99 * plan.expected["goodput_rps"]

@@ -151,12 +151,13 @@ def test_preemption_loses_no_request_and_heals(cluster: LocalCluster) -> None:
           "after the kill")
     assert resched["ts"] - detected[0]["ts"] < 1.0, (resched, detected)
     assert after["spend_per_hour"] <= after["budget_per_hour"]
-    print(f"prompt tokens served per node after healing: {served}")
+    print(f"tokens served per node after healing: {served}")
     assert any(served.get(n, 0) > 0 for n in new_nodes), (served, new_nodes)
 
 
 def _served_by_node(c: LocalCluster, snap: dict[str, Any]) -> dict[str, float]:
-    """Prompt tokens each node's replicas processed (their own /metrics), by node."""
+    """Tokens each node's replicas processed (their own /metrics: prompt tokens prefilled plus tokens
+    generated, so a decode replica, which receives its prompts' KV, counts too), by node."""
     import asyncio
 
     async def scrape() -> dict[str, float]:
@@ -171,7 +172,7 @@ def _served_by_node(c: LocalCluster, snap: dict[str, Any]) -> dict[str, float]:
                 except (aiohttp.ClientError, TimeoutError):
                     continue
                 total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                            if line.startswith("sglang:prompt_tokens_total"))
+                            if line.startswith(("sglang:prompt_tokens_total", "sglang:generation_tokens_total")))
                 out[r["node_ids"][0]] = out.get(r["node_ids"][0], 0.0) + total
         return out
 
