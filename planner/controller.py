@@ -88,9 +88,6 @@ class ControllerConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-LOCAL_PLACE = "local"  # cloud and region of every node the local provisioner starts
-
-
 def workload_of(cfg: ControllerConfig) -> Any:
     """The (Workload, SLO) pair the deployment was asked to serve."""
     from planner.workload import SLO, Lengths, Workload
@@ -113,7 +110,7 @@ def offers_of(cfg: ControllerConfig) -> list[Any] | None:
     from planner.offers import load_offers
 
     if cfg.provider == "local":
-        from provisioner.catalog import default_local_catalog_path
+        from provisioner.catalog import LOCAL_PLACE, default_local_catalog_path
 
         offers = load_offers(cfg.catalogs or [default_local_catalog_path()])
         return [replace(o, cloud=LOCAL_PLACE, region=LOCAL_PLACE) for o in offers]

@@ -239,10 +239,17 @@ class Evaluator:
                link_cap: float) -> RoutingSolution:
         """Solve the routing LP with links capped at ``link_cap``: each pair's prefill capacity is what its
         TTFT budget allows after the KV transfer and the queueing at that cap."""
-        slo = self.ctx.slo
         prob.link_cap = link_cap
         for pd, (pc, terms) in pair_terms.items():
-            kv = self._kv_quantile(terms, link_cap) if self.bandwidth_aware else 0.0
-            prob.pair_cap[pd] = pc.prefill_capacity(slo.ttft_s - kv - 0.5 * slo.tpot_s)
-            prob.pair_penalty[pd] = min(0.99, kv / slo.ttft_s)
+            prob.pair_cap[pd], kv = self.pair_prefill_capacity(pc, terms, link_cap)
+            prob.pair_penalty[pd] = min(0.99, kv / self.ctx.slo.ttft_s)
         return solve_routing(prob)
+
+    def pair_prefill_capacity(self, pc: ReplicaConfig, terms: PairTerms,
+                              link_cap: float = LINK_UTILISATION) -> tuple[float, float]:
+        """(rate prefill ``pc`` takes when its requests decode over ``terms``' link, the TTFT that link
+        costs): its TTFT budget less the KV transfer of a long prompt, the KV queueing of links loaded to
+        ``link_cap`` and half a TPOT (the wait to join a decode step)."""
+        slo = self.ctx.slo
+        kv = self._kv_quantile(terms, link_cap) if self.bandwidth_aware else 0.0
+        return pc.prefill_capacity(slo.ttft_s - kv - 0.5 * slo.tpot_s), kv

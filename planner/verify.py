@@ -71,8 +71,7 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
     busiest = max(links.values(), default=0.0)
     cap = next((c for c in LINK_UTILISATION_STEPS if busiest <= c * (1 + tol)), LINK_UTILISATION_STEPS[-1])
     for r, f, p, terms in pairs:
-        kv = ev._kv_quantile(terms, cap)
-        pcap = p.prefill_capacity(ctx.slo.ttft_s - kv - 0.5 * ctx.slo.tpot_s)
+        pcap, _ = ev.pair_prefill_capacity(p, terms, cap)
         if f > 0 and pcap <= 0:
             out.append(f"route {r.prefill}->{r.decode}: KV transfer leaves no TTFT budget")
             continue

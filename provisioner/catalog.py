@@ -16,6 +16,7 @@ from pathlib import Path
 
 REQUIRED_COLUMNS = ("InstanceType", "AcceleratorName", "AcceleratorCount", "Price", "SpotPrice")
 LOCAL_CATALOG_ENV = "TS_LOCAL_CATALOG"
+LOCAL_PLACE = "local"  # cloud and region of every node the local provider starts (replacements too)
 
 
 class CatalogError(ValueError):
@@ -65,7 +66,7 @@ class Catalog:
                 self._by_type[e.instance_type] = e
 
     @classmethod
-    def load(cls, path: str | Path, cloud: str = "local") -> Catalog:
+    def load(cls, path: str | Path, cloud: str = LOCAL_PLACE) -> Catalog:
         path = Path(path)
         try:
             text = path.read_text()

@@ -30,7 +30,7 @@ import psutil
 from planner.state import NodeRecord, StateStore
 from provisioner.base import LIVE_STATUSES, NodeRequest, Provisioner, ProvisionError, cancel_and_wait
 from provisioner.budget import BudgetExceeded, BudgetLedger
-from provisioner.catalog import Catalog, CatalogEntry, CatalogError, default_local_catalog_path
+from provisioner.catalog import LOCAL_PLACE, Catalog, CatalogEntry, CatalogError, default_local_catalog_path
 from provisioner.events import event_data
 from provisioner.fallback import SpotFallbackPolicy
 from provisioner.health import agent_healthy
@@ -135,7 +135,7 @@ class LocalProvisioner(Provisioner):
         if isinstance(catalog, Catalog):
             self.catalog = catalog
         else:
-            self.catalog = Catalog.load(catalog or default_local_catalog_path(), cloud="local")
+            self.catalog = Catalog.load(catalog or default_local_catalog_path(), cloud=LOCAL_PLACE)
         self.redis_url = redis_url
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"ts-local-{state.deployment}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ class LocalProvisioner(Provisioner):
             record = NodeRecord(
                 id=request.node_id, instance_type=choice.entry.instance_type, gpu_type=choice.entry.gpu_type,
                 gpu_count=choice.entry.gpu_count, spot=choice.spot, price_per_hour=choice.price,
-                region="local", cloud="local", status="pending", provider_ref=self.ref_prefix,
+                region=LOCAL_PLACE, cloud=LOCAL_PLACE, status="pending", provider_ref=self.ref_prefix,
             )
             try:
                 await self._reserve(record, choice.price, choice.why)
