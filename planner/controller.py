@@ -181,6 +181,7 @@ class Controller:
         self._persist_lock = asyncio.Lock()
         self._losing: set[str] = set()  # node ids with a handle_lost in flight
         self._refused: set[str] = set()  # node ids whose acquire was refused (logged once)
+        self._unplaceable: set[tuple[str, ...]] = set()  # node moves a re-plan could not take (tried once)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agents: dict[str, Any] = {}
 
@@ -483,6 +484,38 @@ class Controller:
             await self._release(node_id, "the re-plan could not use it")
         self._wake.set()
 
+    async def re_place(self, moved: list[Instance]) -> None:
+        """Re-plan on where nodes really run: a launch that failed over to another region (or cloud),
+        or fell back from spot to on-demand, has other links and another price than the plan says.
+        Survivors keep their GPUs; routing (and phases, if that pays) follow the real network."""
+        from planner.reschedule import reschedule
+
+        async with self._plan_lock:
+            plan = self.plan
+            if plan is None:
+                return
+            current = {i.id: i for i in plan.instances}
+            moved = [m for m in moved if m.id in current and _placement_differs(current[m.id], m)]
+            key = tuple(sorted(_placement(m) for m in moved))
+            if not moved or key in self._unplaceable:
+                return
+            ids = [m.id for m in moved]
+            workload, slo = self._workload()
+            t0 = time.perf_counter()
+            try:
+                new_plan, changes = await asyncio.to_thread(reschedule, plan, placed=moved, workload=workload,
+                                                            slo=slo)
+            except Exception as e:
+                self._unplaceable.add(key)
+                await self.state.emit("replan.failed", f"cannot re-plan for where {', '.join(ids)} run: {e}",
+                                      nodes=ids)
+                return
+            reason = "; ".join(f"{n} runs {to}, planned {was}" for n, was, to in changes.moved_nodes)
+            await self._publish(new_plan, "replan", reason, moved=ids,
+                                solve_ms=round((time.perf_counter() - t0) * 1000, 2),
+                                changes=_changes_dict(changes), expected=new_plan.expected)
+        self._wake.set()
+
     # -- reconcile -------------------------------------------------------------------------------------
     async def reconcile(self) -> None:
         plan = self.plan
@@ -498,6 +531,10 @@ class Controller:
         for inst in plan.instances:
             if inst.id not in nodes:
                 await self._acquire(inst)
+        # 1b. nodes running somewhere other than planned (a failover region, on-demand for spot)
+        moved = [a for i in plan.instances if (a := running_as(i, nodes.get(i.id))) is not None]
+        if moved and "re-place" not in self._busy:
+            self._run_busy("re-place", self.re_place(moved))
         # 2. replicas the plan wants
         for spec in plan.replicas:
             if spec.id in self._busy:
@@ -674,6 +711,30 @@ class Controller:
             await self.provisioner.release(node_id, reason)
         except Exception as e:
             await self.state.emit("node.release_failed", f"{node_id}: {e}", node=node_id)
+
+
+PRICE_TOLERANCE = 0.01  # relative: a price that differs less is the same market (catalog rounding)
+
+
+def _placement(i: Instance) -> str:
+    return f"{i.id}@{i.cloud}/{i.region}/{'spot' if i.spot else 'od'}/{i.price_per_hour:.4f}"
+
+
+def _placement_differs(planned: Instance, actual: Instance) -> bool:
+    return ((planned.cloud, planned.region, planned.spot) != (actual.cloud, actual.region, actual.spot)
+            or abs(planned.price_per_hour - actual.price_per_hour) > PRICE_TOLERANCE * max(planned.price_per_hour,
+                                                                                             1e-9))
+
+
+def running_as(planned: Instance, node: NodeRecord | None) -> Instance | None:
+    """The plan instance as its ready node really runs, if that differs from the plan (else None).
+    GPU type and count stay the plan's: the provisioner rented them as asked; a record that does not
+    say where it runs (no cloud or region yet) says nothing."""
+    if node is None or node.status != "ready" or not node.cloud or not node.region:
+        return None
+    actual = replace(planned, instance_type=node.instance_type or planned.instance_type, spot=node.spot,
+                     price_per_hour=node.price_per_hour, region=node.region, cloud=node.cloud)
+    return actual if _placement_differs(planned, actual) else None
 
 
 def _ready(nodes: dict[str, NodeRecord], node_ids: list[str]) -> list[NodeRecord]:

@@ -1,4 +1,5 @@
-"""Lightweight rescheduling: after a node loss, new nodes, or a new workload, keep every surviving
+"""Lightweight rescheduling: after a node loss, new nodes, a node that runs somewhere other than planned,
+or a new workload, keep every surviving
 replica's GPUs and parallelism (no weight reload) and re-decide only phases and routing.
 
 Replicas on lost nodes are dropped; new nodes are grouped into new replicas (those load weights
@@ -38,6 +39,7 @@ class Changes:
 
     lost_nodes: list[str] = field(default_factory=list)
     new_nodes: list[str] = field(default_factory=list)
+    moved_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # (node, planned place, actual place)
     dropped_replicas: list[str] = field(default_factory=list)
     added_replicas: list[str] = field(default_factory=list)
     role_flips: list[tuple[str, str, str]] = field(default_factory=list)  # (replica, old role, new role)
@@ -49,6 +51,7 @@ class Changes:
     def to_dict(self) -> dict:
         return {
             "lost_nodes": self.lost_nodes, "new_nodes": self.new_nodes,
+            "moved_nodes": [{"node": n, "from": a, "to": b} for n, a, b in self.moved_nodes],
             "dropped_replicas": self.dropped_replicas, "added_replicas": self.added_replicas,
             "role_flips": [{"replica": r, "from": a, "to": b} for r, a, b in self.role_flips],
             "routing_deltas": [{"prefill": p, "decode": d, "from": a, "to": b} for p, d, a, b in self.routing_deltas],
@@ -79,9 +82,14 @@ class _Configs:
 
 
 def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Iterable[Instance] = (),
-               workload: Workload | None = None, slo: SLO | None = None,
+               placed: Iterable[Instance] = (), workload: Workload | None = None, slo: SLO | None = None,
                time_limit_s: float = 1.0) -> tuple[Plan, Changes]:
-    """A new plan keeping surviving replicas and their parallelism; only phases and routing change."""
+    """A new plan keeping surviving replicas and their parallelism; only phases and routing change.
+
+    ``placed``: plan instances as they actually run (same id, GPU type and count; another cloud,
+    region, market or price): a launch that failed over to another region, or fell back from spot to
+    on-demand. The links to and from a moved node are then those of its real place, so routing is
+    re-decided on the network the replicas really have."""
     t0 = time.perf_counter()
     lost = set(lost_nodes)
     unknown = lost - {i.id for i in plan.instances}
@@ -93,9 +101,11 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     for inst in new_instances:
         if inst.id in taken:
             raise PlanError(f"new instance id {inst.id} is already in the plan")
-    instances = [i for i in plan.instances if i.id not in lost] + new_instances
+    actual, moved = _placed(plan, placed)
+    instances = [actual.get(i.id, i) for i in plan.instances if i.id not in lost] + new_instances
+    network = _network_after_moves(plan.network, {n for n, _, _ in moved})
     base = plan_context(plan, workload=workload, slo=slo)
-    cluster = cluster_from_instances(instances, plan.network)
+    cluster = cluster_from_instances(instances, network)
     ctx = PlanContext(base.model, base.workload, base.slo, cluster, base.eff)
     ev = Evaluator(ctx, kv_compression=_plan_kv_mode(plan), objective="goodput")
     configs = _Configs(ctx)
@@ -135,8 +145,8 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
         best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
                               t0 + time_limit_s, kept)
 
-    new_plan = _to_plan(plan, instances, specs, best, ctx)
-    changes = Changes(sorted(lost), [i.id for i in new_instances], dropped, added)
+    new_plan = _to_plan(plan, instances, specs, best, ctx, network)
+    changes = Changes(sorted(lost), [i.id for i in new_instances], moved, dropped, added)
     old_roles = {r.id: r.role for r in plan.replicas}
     for r in new_plan.replicas:
         if r.id in old_roles and old_roles[r.id] != r.role:
@@ -152,6 +162,38 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     changes.seconds = time.perf_counter() - t0
     new_plan.expected["reschedule_seconds"] = round(changes.seconds, 4)
     return new_plan, changes
+
+
+def _place(i: Instance) -> str:
+    return f"{i.cloud or '?'}/{i.region or '?'} {'spot' if i.spot else 'on-demand'} ${i.price_per_hour:.2f}/h"
+
+
+def _placed(plan: Plan, placed: Iterable[Instance]) -> tuple[dict[str, Instance], list[tuple[str, str, str]]]:
+    """The actual instances by id, and (node, planned place, actual place) of those that differ."""
+    planned = {i.id: i for i in plan.instances}
+    actual: dict[str, Instance] = {}
+    moved: list[tuple[str, str, str]] = []
+    for inst in placed:
+        was = planned.get(inst.id)
+        if was is None:
+            raise PlanError(f"placed node {inst.id} is not in the plan")
+        if (inst.gpu_type, inst.gpu_count) != (was.gpu_type, was.gpu_count):
+            raise PlanError(f"node {inst.id} has {inst.gpu_count}x {inst.gpu_type}, the plan has "
+                            f"{was.gpu_count}x {was.gpu_type}: that is a different node, not a move")
+        actual[inst.id] = inst
+        if inst != was:
+            moved.append((inst.id, _place(was), _place(inst)))
+    return actual, moved
+
+
+def _network_after_moves(network: dict, moved: set[str]) -> dict:
+    """The plan's network with what was planned for the moved nodes (their zone) forgotten: explicit
+    links stay (a user measured them), the location defaults follow the node's real place."""
+    if not moved:
+        return dict(network)
+    out = dict(network)
+    out["zones"] = {n: z for n, z in network.get("zones", {}).items() if n not in moved}
+    return out
 
 
 def _plan_kv_mode(plan: Plan) -> str:
@@ -208,7 +250,7 @@ def _search_phases(ev: Evaluator, configs: _Configs, specs, options, prices: dic
     return best
 
 
-def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: PlanContext) -> Plan:
+def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: PlanContext, network: dict) -> Plan:
     ids = [s[0] for s in specs]
     gid = {f"g{i}": ids[i] for i in range(len(ids))}
     replicas = []
@@ -228,7 +270,7 @@ def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: Pl
                 "slo_attainment": float(ctx.slo.attainment if e.goodput >= ctx.workload.rate else 0.0)}
     new = Plan(model=old.model, instances=instances, replicas=replicas, routing=routing, strategy=old.strategy,
                seed=old.seed, version=old.version, expected=expected, workload=ctx.workload.to_dict(),
-               slo=ctx.slo.to_dict(), network=dict(old.network))
+               slo=ctx.slo.to_dict(), network=network)
     new.next_replica_id = max(old.first_free_replica_number(), new.first_free_replica_number())
     new.validate()
     return new

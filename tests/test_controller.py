@@ -38,8 +38,10 @@ class RecordOnlyProvisioner(Provisioner):
 
     ref_prefix = "fake:"
 
-    def __init__(self, state: StateStore, *, auto_ready: bool = True, unservable: tuple[str, ...] = ()) -> None:
+    def __init__(self, state: StateStore, *, auto_ready: bool = True, unservable: tuple[str, ...] = (),
+                 lands: dict[str, tuple[str, str, bool, float]] | None = None) -> None:
         super().__init__(state, BudgetLedger(state))
+        self.lands = lands or {}  # node id -> (cloud, region, spot, $/h) it launches with, whatever was asked
         self.catalog = Catalog.load(default_local_catalog_path())
         self.auto_ready = auto_ready
         self.unservable = set(unservable)
@@ -56,10 +58,11 @@ class RecordOnlyProvisioner(Provisioner):
         if request.node_id in self.unservable:
             raise ProvisionError(f"node {request.node_id}: no such instance type here")
         entry = self.catalog.get(request.instance_type)
-        price = entry.price_for(request.spot)
+        cloud, region, spot, price = self.lands.get(request.node_id, ("local", "local", request.spot,
+                                                                      entry.price_for(request.spot)))
         record = NodeRecord(id=request.node_id, instance_type=entry.instance_type, gpu_type=entry.gpu_type,
-                            gpu_count=entry.gpu_count, spot=request.spot, price_per_hour=price, region="local",
-                            cloud="local", status="pending", provider_ref=self.ref_prefix)
+                            gpu_count=entry.gpu_count, spot=spot, price_per_hour=price, region=region,
+                            cloud=cloud, status="pending", provider_ref=self.ref_prefix)
         await self._reserve(record, price, "test double")
         self._requests[request.node_id] = request
         self.acquired.append(request.node_id)
@@ -404,3 +407,30 @@ def test_a_local_replacement_is_planned_in_the_same_place_as_the_node_it_replace
     share = sum(r.weight for r in healed.routing if r.prefill in on_new or r.decode in on_new)
     assert share >= 0.25, healed.routing
     assert healed.expected["goodput_rps"] >= 0.99 * plan.expected["goodput_rps"]
+
+
+async def test_a_node_that_runs_somewhere_else_than_planned_is_planned_where_it_runs(fresh: Any) -> None:
+    """n3 launched in another cloud's region, on-demand (a failover): the controller re-plans once with
+    n3 where it runs, at its price, and keeps every replica where it is."""
+    state = fresh()
+    prov = RecordOnlyProvisioner(state, lands={"n3": ("lambda", "us-west-1", False, 0.4)})
+    ctl = Running(TestController(state, prov, config(), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the replicas")
+
+    async def n3_as_it_runs() -> Instance | None:
+        plan = await state.get_plan()
+        n3 = next(i for i in plan.instances if i.id == "n3") if plan else None
+        return n3 if n3 is not None and n3.region == "us-west-1" else None
+
+    n3 = await eventually(n3_as_it_runs, "the plan to say where n3 runs")
+    assert (n3.cloud, n3.spot, n3.price_per_hour) == ("lambda", False, 0.4)
+    await asyncio.sleep(0.5)  # ten more passes: the plan now matches, nothing to re-plan again
+    plan = await state.get_plan()
+    assert plan is not None
+    assert {i.id: (i.cloud, i.region) for i in plan.instances if i.id != "n3"} == {f"n{i}": ("local", "local")
+                                                                                for i in range(3)}
+    assert {r.id: r.gpus for r in plan.replicas} == {r.id: r.gpus for r in four_node_plan().replicas}
+    replans = [e for e in await state.events() if e.kind == "replan"]
+    assert len(replans) == 1 and replans[0].data["moved"] == ["n3"]
+    assert "n3 runs lambda/us-west-1 on-demand $0.40/h, planned local/local spot $0.22/h" in replans[0].reason
+    await ctl.stop()

@@ -45,11 +45,20 @@ def test_simulate_and_reschedule_commands(tmp_path: Path) -> None:
     assert out["changes"]["lost_nodes"] == [victim]
     human = runner.invoke(app, ["reschedule", "--plan", str(path), "--lose", victim])
     assert human.exit_code == 0 and "What changed" in human.output
+    other = plan.replicas[-1].node_ids[0]
+    res = runner.invoke(app, ["reschedule", "--plan", str(path), "--moved", f"{other}=lambda/us-west-1@3.5", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [m["node"] for m in out["changes"]["moved_nodes"]] == [other]
+    placed = {(i["id"], i["region"], i["price_per_hour"]) for i in out["plan"]["instances"]}
+    assert (other, "us-west-1", 3.5) in placed
 
 
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("InstanceType,Price\nx,1\n")
+    plan_path = tmp_path / "plan.json"
+    assert runner.invoke(app, [*POOL_ARGS, "--no-simulate", "--out", str(plan_path)]).exit_code == 0
     cases = [
         (["plan", "--model", "gpt-9", "--budget", "5"], "unknown model 'gpt-9'"),
         (["plan", "--model", "llama-2-7b", "--pool", "3xWarp9"], "unknown GPU type 'Warp9'"),
@@ -58,6 +67,10 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         (["plan", "--model", "llama-2-7b", "--budget", "5", "--ttft", "soon"], "--ttft must be seconds"),
         (["simulate", "--plan", str(tmp_path / "none.json")], "cannot read plan"),
         (["reschedule", "--plan", str(bad_csv), "--lose", "n0"], "plan is not JSON"),
+        (["reschedule", "--plan", str(plan_path)], "give --lose NODE or --moved"),
+        (["reschedule", "--plan", str(plan_path), "--moved", "n0=lambda"], "expected NODE=CLOUD/REGION"),
+        (["reschedule", "--plan", str(plan_path), "--moved", "n9=lambda/x"], "no node 'n9' in the plan"),
+        (["reschedule", "--plan", str(plan_path), "--moved", "n0=lambda/x@cheap"], "is not a number"),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)

@@ -158,6 +158,41 @@ def test_reschedule_folds_in_new_nodes_and_rejects_unknown_ones() -> None:
         reschedule(plan, lost_nodes=["nope"])
 
 
+def test_reschedule_follows_a_node_that_runs_somewhere_else() -> None:
+    """A node that launched in another region (and on-demand, at another price) than planned: the new
+    plan says where it runs, keeps every replica's GPUs, and routes less KV over its slower links."""
+    import dataclasses
+
+    from planner.plan import Plan
+
+    rented = Plan.from_json(pd_plan().to_json())  # a pool plan, re-described as rented in one region
+    rented.instances = [dataclasses.replace(i, cloud="lambda", region="us-east-1") for i in rented.instances]
+    rented.network = {"inter_node_gbps": None, "links": [], "zones": {}}
+    plan, _ = reschedule(rented)
+
+    def into(p: Plan, replica: str) -> float:
+        return sum(r.weight for r in p.routing if r.decode == replica and r.prefill != replica)
+
+    busiest = max(plan.replicas_with_role("decode"), key=lambda r: into(plan, r.id))
+    node = next(i for i in plan.instances if i.id == busiest.node_ids[0])
+    moved = dataclasses.replace(node, region="us-west-1", spot=False, price_per_hour=node.price_per_hour + 0.5)
+    new, changes = reschedule(plan, placed=[moved])
+    assert [n for n, _, _ in changes.moved_nodes] == [node.id]
+    assert "us-west-1" in changes.moved_nodes[0][2] and "us-east-1" in changes.moved_nodes[0][1]
+    assert next(i for i in new.instances if i.id == node.id) == moved
+    assert new.cost_per_hour == pytest.approx(plan.cost_per_hour + 0.5)
+    old = {r.id: r for r in plan.replicas}
+    assert all((r.gpus, r.tp, r.pp) == (old[r.id].gpus, old[r.id].tp, old[r.id].pp) for r in new.replicas)
+    assert into(new, busiest.id) < into(plan, busiest.id)  # 2 Gbps across regions, not 25 within one
+    assert routing_violations(new) == []
+    same, nothing = reschedule(plan, placed=[node])  # where it was planned: nothing moved
+    assert nothing.moved_nodes == [] and same.routing == plan.routing
+    with pytest.raises(PlanError, match="different node"):
+        reschedule(plan, placed=[dataclasses.replace(node, gpu_count=node.gpu_count + 1)])
+    with pytest.raises(PlanError, match="not in the plan"):
+        reschedule(plan, placed=[dataclasses.replace(node, id="nope")])
+
+
 def test_reschedule_never_reuses_a_lost_replicas_id() -> None:
     """A replacement gets a fresh id even when the lost replica had the highest one, across two steps
     (loss, then the replacement folded in) and through the plan's JSON, as the controller does it."""

@@ -241,12 +241,15 @@ def simulate(
 
 def reschedule(
     plan_path: Path = typer.Option(..., "--plan", help="Plan JSON"),
-    lose: list[str] = typer.Option(..., "--lose", help="node id lost (repeatable)"),
+    lose: list[str] = typer.Option([], "--lose", help="node id lost (repeatable)"),
+    moved: list[str] = typer.Option([], "--moved", help="NODE=CLOUD/REGION[@PRICE]: a node that runs somewhere "
+                                    "else (a failover region), at that $/h (repeatable)"),
     rate: float = typer.Option(None, "--rate", help="new request rate (default: the plan's)"),
     out: Path = typer.Option(None, "--out", help="write the new Plan JSON here"),
     json_out: bool = typer.Option(False, "--json", help='print {"plan": ..., "changes": ...} as JSON'),
 ) -> None:
-    """Reschedule after losing nodes: keep survivors' parallelism, re-decide phases and routing."""
+    """Reschedule after losing nodes (or nodes that run elsewhere than planned): keep survivors'
+    parallelism, re-decide phases and routing."""
     errors = _planner_errors()
     import orjson
 
@@ -255,8 +258,11 @@ def reschedule(
 
     try:
         p = _load_plan(plan_path)
+        if not lose and not moved:
+            _fail("give --lose NODE or --moved NODE=CLOUD/REGION (what changed)")
+        placed = [_moved_instance(p, m) for m in moved]
         wl = Workload.from_dict(p.workload).with_rate(rate) if rate is not None and p.workload else None
-        new, changes = run_reschedule(p, lost_nodes=lose, workload=wl)
+        new, changes = run_reschedule(p, lost_nodes=lose, placed=placed, workload=wl)
     except errors as e:
         _fail(str(e))
     if out is not None:
@@ -268,10 +274,35 @@ def reschedule(
     t = Table(title=f"What changed (in {changes.seconds * 1000:.0f} ms)")
     t.add_column("change")
     t.add_column("detail")
-    t.add_row("lost nodes", ", ".join(changes.lost_nodes))
+    t.add_row("lost nodes", ", ".join(changes.lost_nodes) or "-")
+    for node, was, now in changes.moved_nodes:
+        t.add_row("moved", f"{node}: {was} -> {now}")
     t.add_row("dropped replicas", ", ".join(changes.dropped_replicas) or "-")
     t.add_row("phase flips", ", ".join(f"{r}: {a} -> {b}" for r, a, b in changes.role_flips) or "-")
     for pfx, d, a, b in changes.routing_deltas:
         t.add_row("routing", f"{pfx} -> {d}: {a:.3f} -> {b:.3f}")
     t.add_row("goodput", f"{changes.goodput_before:.2f} -> {changes.goodput_after:.2f} req/s")
     console.print(t)
+
+
+def _moved_instance(plan: Any, spec: str) -> Any:
+    """``NODE=CLOUD/REGION[@PRICE]`` -> the plan's instance NODE as it runs there."""
+    import dataclasses
+
+    from planner.plan import PlanError
+
+    node, _, where = spec.partition("=")
+    place, _, price = where.partition("@")
+    cloud, _, region = place.partition("/")
+    if not node or not cloud or not region:
+        raise PlanError(f"--moved {spec!r}: expected NODE=CLOUD/REGION or NODE=CLOUD/REGION@PRICE")
+    inst = next((i for i in plan.instances if i.id == node), None)
+    if inst is None:
+        raise PlanError(f"--moved {spec!r}: no node {node!r} in the plan")
+    try:
+        cost = float(price) if price else inst.price_per_hour
+    except ValueError:
+        raise PlanError(f"--moved {spec!r}: price {price!r} is not a number") from None
+    if cost < 0:
+        raise PlanError(f"--moved {spec!r}: price must be >= 0")
+    return dataclasses.replace(inst, cloud=cloud, region=region, price_per_hour=cost)
