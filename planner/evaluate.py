@@ -18,6 +18,7 @@ from planner.routing import (
     LINK_UTILISATION_STEPS,
     RoutingProblem,
     RoutingSolution,
+    balance_routing,
     solve_routing,
 )
 
@@ -194,34 +195,7 @@ class Evaluator:
         A candidate whose links bind at ``LINK_UTILISATION`` is routed again at the next higher caps
         of ``LINK_UTILISATION_STEPS`` while that routes more: each pair's TTFT budget reserves the KV
         queueing of the cap, so the LP's answer is the trade between link and prefill throughput."""
-        prob = RoutingProblem()
-        ids = [f"g{i}" for i in range(len(groups))]
-        compression: dict[tuple[int, int], str] = {}
-        pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]] = {}
-        for i, cfg in enumerate(configs):
-            if cfg is None:
-                continue
-            if cfg.role == "prefill":
-                prob.prefill.append(ids[i])
-            elif cfg.role == "decode":
-                prob.decode.append(ids[i])
-                prob.decode_cap[ids[i]] = cfg.capacity
-            else:
-                prob.colocated.append(ids[i])
-                prob.colocated_cap[ids[i]] = cfg.capacity
-        index = {ids[i]: i for i in range(len(groups))}
-        for p in prob.prefill:
-            pc = configs[index[p]]
-            for d in prob.decode:
-                dc = configs[index[d]]
-                assert pc is not None and dc is not None
-                terms = self.pair_terms(pc, dc)
-                compression[(index[p], index[d])] = terms.compression
-                pair_terms[(p, d)] = (pc, terms)
-                if self.bandwidth_aware:
-                    for link, busy in terms.link_use:  # a pair's KV may leave one NIC in several segments
-                        use = prob.link_use.setdefault(link, {})
-                        use[(p, d)] = use.get((p, d), 0.0) + busy
+        prob, pair_terms, compression = self._problem(configs)
         sol = self._route(prob, pair_terms, LINK_UTILISATION)
         for cap in LINK_UTILISATION_STEPS[1:]:
             if not sol.links_bind:
@@ -235,15 +209,63 @@ class Evaluator:
         return Evaluation(sol.total, cost, self.score_of(sol.total, cost), list(groups), list(roles), configs, sol,
                           compression)
 
+    def _problem(self, configs: list[ReplicaConfig | None]) -> tuple[
+            RoutingProblem, dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]], dict[tuple[int, int], str]]:
+        """The routing LP of replicas ``configs`` (group ``i`` is ``g{i}``), its pairs' KV terms and the
+        KV compression of each (prefill index, decode index); capacities are set per link cap by ``_route``."""
+        prob = RoutingProblem()
+        ids = [f"g{i}" for i in range(len(configs))]
+        compression: dict[tuple[int, int], str] = {}
+        pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]] = {}
+        for i, cfg in enumerate(configs):
+            if cfg is None:
+                continue
+            if cfg.role == "prefill":
+                prob.prefill.append(ids[i])
+            elif cfg.role == "decode":
+                prob.decode.append(ids[i])
+                prob.decode_cap[ids[i]] = cfg.capacity
+            else:
+                prob.colocated.append(ids[i])
+                prob.colocated_cap[ids[i]] = cfg.capacity
+        index = {ids[i]: i for i in range(len(configs))}
+        for p in prob.prefill:
+            pc = configs[index[p]]
+            for d in prob.decode:
+                dc = configs[index[d]]
+                assert pc is not None and dc is not None
+                terms = self.pair_terms(pc, dc)
+                compression[(index[p], index[d])] = terms.compression
+                pair_terms[(p, d)] = (pc, terms)
+                if self.bandwidth_aware:
+                    for link, busy in terms.link_use:  # a pair's KV may leave one NIC in several segments
+                        use = prob.link_use.setdefault(link, {})
+                        use[(p, d)] = use.get((p, d), 0.0) + busy
+        return prob, pair_terms, compression
+
+    def balanced(self, e: Evaluation) -> Evaluation:
+        """``e`` with its routing spread evenly over the replicas of each phase at (nearly) the same
+        total (``routing.balance_routing``): what is written into a plan and served, not what is searched."""
+        if e.routing.total <= 0 or not any(c is not None and c.role != "both" for c in e.configs):
+            return e
+        prob, pair_terms, _ = self._problem(e.configs)
+        self._cap_links(prob, pair_terms, e.routing.link_cap)
+        return replace(e, routing=balance_routing(prob, e.routing))
+
     def _route(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
                link_cap: float) -> RoutingSolution:
         """Solve the routing LP with links capped at ``link_cap``: each pair's prefill capacity is what its
         TTFT budget allows after the KV transfer and the queueing at that cap."""
+        self._cap_links(prob, pair_terms, link_cap)
+        return solve_routing(prob)
+
+    def _cap_links(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
+                   link_cap: float) -> None:
+        """Set ``prob``'s link cap and each pair's prefill capacity (and tie-break) at that cap."""
         prob.link_cap = link_cap
         for pd, (pc, terms) in pair_terms.items():
             prob.pair_cap[pd], kv = self.pair_prefill_capacity(pc, terms, link_cap)
             prob.pair_penalty[pd] = min(0.99, kv / self.ctx.slo.ttft_s)
-        return solve_routing(prob)
 
     def pair_prefill_capacity(self, pc: ReplicaConfig, terms: PairTerms,
                               link_cap: float = LINK_UTILISATION) -> tuple[float, float]:

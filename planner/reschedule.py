@@ -145,7 +145,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
         best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
                               t0 + time_limit_s, kept)
 
-    new_plan = _to_plan(plan, instances, specs, best, ctx, network)
+    new_plan = _to_plan(plan, instances, specs, ev.balanced(best), ctx, network)
     changes = Changes(sorted(lost), [i.id for i in new_instances], moved, dropped, added)
     old_roles = {r.id: r.role for r in plan.replicas}
     for r in new_plan.replicas:

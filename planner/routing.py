@@ -58,59 +58,126 @@ class RoutingSolution:
         return {k: v / self.total for k, v in self.pairs.items() if v > 1e-9 * self.total}
 
 
-def solve_routing(prob: RoutingProblem) -> RoutingSolution:
-    """Solve the transportation LP; an empty or capacity-less problem gives total 0."""
+@dataclass
+class _Rows:
+    """The LP's variables (pairs, then colocated replicas) and its rows, in sparse form."""
+
+    pairs: list[tuple[str, str]]
+    cols: list[str]
+    rows: list[int] = field(default_factory=list)
+    cidx: list[int] = field(default_factory=list)
+    vals: list[float] = field(default_factory=list)
+    ub: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # per row: "prefill", "decode" or "link"
+
+    def add(self, entries: list[tuple[int, float]], bound: float, kind: str) -> None:
+        r = len(self.ub)
+        for j, v in entries:
+            self.rows.append(r)
+            self.cidx.append(j)
+            self.vals.append(v)
+        self.ub.append(bound)
+        self.kinds.append(kind)
+
+    @property
+    def n(self) -> int:
+        return len(self.pairs) + len(self.cols)
+
+
+def _rows(prob: RoutingProblem) -> _Rows:
     pairs = [(p, d) for p in prob.prefill for d in prob.decode if prob.pair_cap.get((p, d), 0.0) > 1e-12
              and prob.decode_cap.get(d, 0.0) > 1e-12]
-    cols = [c for c in prob.colocated if prob.colocated_cap.get(c, 0.0) > 1e-12]
-    n = len(pairs) + len(cols)
-    if n == 0:
-        return RoutingSolution(0.0, {})
-    rows, cidx, vals, ub = [], [], [], []
-    r = 0
-    pidx = {p: [] for p in prob.prefill}
-    didx = {d: [] for d in prob.decode}
+    lp = _Rows(pairs, [c for c in prob.colocated if prob.colocated_cap.get(c, 0.0) > 1e-12])
+    pidx: dict[str, list[int]] = {p: [] for p in prob.prefill}
+    didx: dict[str, list[int]] = {d: [] for d in prob.decode}
     for j, (p, d) in enumerate(pairs):
         pidx[p].append(j)
         didx[d].append(j)
     for js in pidx.values():
         if js:
-            for j in js:
-                rows.append(r)
-                cidx.append(j)
-                vals.append(1.0 / prob.pair_cap[pairs[j]])
-            ub.append(1.0)
-            r += 1
+            lp.add([(j, 1.0 / prob.pair_cap[pairs[j]]) for j in js], 1.0, "prefill")
     for d, js in didx.items():
-        if js:
-            for j in js:
-                rows.append(r)
-                cidx.append(j)
-                vals.append(1.0)
-            ub.append(prob.decode_cap[d])
-            r += 1
+        if js:  # as a share of the decode's capacity, like the prefill rows
+            lp.add([(j, 1.0 / prob.decode_cap[d]) for j in js], 1.0, "decode")
     index = {pd: j for j, pd in enumerate(pairs)}
-    n_link_rows_start = r
     for use in prob.link_use.values():
         entries = [(index[pd], s) for pd, s in use.items() if pd in index and s > 0]
         if entries:
-            for j, s in entries:
-                rows.append(r)
-                cidx.append(j)
-                vals.append(s)
-            ub.append(prob.link_cap)
-            r += 1
-    cost = -np.ones(n)
-    for j, pd in enumerate(pairs):
-        cost[j] += 1e-3 * prob.pair_penalty.get(pd, 0.0)
-    bounds = [(0, None)] * len(pairs) + [(0, prob.colocated_cap[c]) for c in cols]
-    a = coo_matrix((vals, (rows, cidx)), shape=(r, n)).tocsr() if r else None
-    res = linprog(cost, A_ub=a, b_ub=np.array(ub) if r else None, bounds=bounds, method="highs")
-    if res.status != 0 or res.x is None:
-        return RoutingSolution(0.0, {}, prob.link_cap)
-    x = np.maximum(res.x, 0.0)
+            lp.add(entries, prob.link_cap, "link")
+    return lp
+
+
+def _solution(prob: RoutingProblem, lp: _Rows, x: np.ndarray, a) -> RoutingSolution:
+    x = np.maximum(x[:lp.n], 0.0)
+    pairs, cols = lp.pairs, lp.cols
     flows = {pd: float(x[j]) for j, pd in enumerate(pairs) if x[j] > 1e-12}
     flows.update({(c, c): float(x[len(pairs) + k]) for k, c in enumerate(cols) if x[len(pairs) + k] > 1e-12})
-    n_links = r - n_link_rows_start
-    binds = n_links > 0 and bool(np.any(a[n_link_rows_start:] @ x >= prob.link_cap * (1 - 1e-6)))
+    link_rows = [r for r, k in enumerate(lp.kinds) if k == "link"]
+    binds = bool(link_rows) and bool(np.any(a[link_rows] @ x >= prob.link_cap * (1 - 1e-6)))
     return RoutingSolution(float(x.sum()), flows, prob.link_cap, binds)
+
+
+def solve_routing(prob: RoutingProblem) -> RoutingSolution:
+    """Solve the transportation LP; an empty or capacity-less problem gives total 0."""
+    lp = _rows(prob)
+    if lp.n == 0:
+        return RoutingSolution(0.0, {})
+    cost = -np.ones(lp.n)
+    for j, pd in enumerate(lp.pairs):
+        cost[j] += 1e-3 * prob.pair_penalty.get(pd, 0.0)
+    bounds = [(0, None)] * len(lp.pairs) + [(0, prob.colocated_cap[c]) for c in lp.cols]
+    r = len(lp.ub)
+    a = coo_matrix((lp.vals, (lp.rows, lp.cidx)), shape=(r, lp.n)).tocsr() if r else None
+    res = linprog(cost, A_ub=a, b_ub=np.array(lp.ub) if r else None, bounds=bounds, method="highs")
+    if res.status != 0 or res.x is None:
+        return RoutingSolution(0.0, {}, prob.link_cap)
+    return _solution(prob, lp, res.x, a)
+
+
+BALANCE_KEEP = 1 - 1e-6  # the balanced routing keeps the LP's optimum (within HiGHS's tolerance): plans
+# are checked at that rate, and a 0.1% shortfall overloads every replica the optimum fills by 0.1%
+
+
+def balance_routing(prob: RoutingProblem, sol: RoutingSolution) -> RoutingSolution:
+    """The same total rate, spread evenly: the LP's optimum is a vertex that fills some replicas to their
+    capacity and leaves others nearly idle where the binding side (say, prefill) allows many splits
+    of the other side's load. Below full load that queues requests on the filled ones while the
+    others wait. This LP keeps ``BALANCE_KEEP`` of the total and minimises the highest utilisation
+    of each kind (prefill, decode, colocated; links stay under their cap), summed, so every replica
+    of a kind runs at most at the busiest one's share."""
+    lp = _rows(prob)
+    if lp.n == 0 or sol.total <= 0:
+        return sol
+    kinds = ("prefill", "decode", "colocated")
+    u = {k: lp.n + i for i, k in enumerate(kinds)}  # one utilisation variable per kind
+    rows, cidx, vals, ub = list(lp.rows), list(lp.cidx), list(lp.vals), list(lp.ub)
+    for r, kind in enumerate(lp.kinds):
+        if kind in u:  # share <= u_kind (and <= 1 through u's bound)
+            rows.append(r)
+            cidx.append(u[kind])
+            vals.append(-1.0)
+            ub[r] = 0.0
+    r = len(ub)
+    for k, c in enumerate(lp.cols):  # g_c / cap_c <= u_colocated
+        rows += [r, r]
+        cidx += [len(lp.pairs) + k, u["colocated"]]
+        vals += [1.0 / prob.colocated_cap[c], -1.0]
+        ub.append(0.0)
+        r += 1
+    rows += [r] * lp.n  # total >= kept share of the optimum
+    cidx += list(range(lp.n))
+    vals += [-1.0] * lp.n
+    ub.append(-BALANCE_KEEP * sol.total)
+    r += 1
+    n = lp.n + len(kinds)
+    cost = np.zeros(n)
+    cost[lp.n:] = 1.0
+    for j, pd in enumerate(lp.pairs):  # still prefer fast links among equally balanced routings
+        cost[j] = 1e-4 * prob.pair_penalty.get(pd, 0.0) / max(sol.total, 1e-9)
+    bounds = [(0, None)] * lp.n + [(0, 1)] * len(kinds)
+    a = coo_matrix((vals, (rows, cidx)), shape=(r, n)).tocsr()
+    res = linprog(cost, A_ub=a, b_ub=np.array(ub), bounds=bounds, method="highs")
+    if res.status != 0 or res.x is None:
+        return sol
+    base = coo_matrix((lp.vals, (lp.rows, lp.cidx)), shape=(len(lp.ub), lp.n)).tocsr()
+    return _solution(prob, lp, res.x, base)

@@ -108,6 +108,48 @@ def test_routing_lp_keeps_links_under_the_cap_it_is_given_and_says_when_they_bin
     assert free.total == pytest.approx(10.0) and not free.links_bind
 
 
+def test_balanced_routing_spreads_the_same_rate_over_each_phase() -> None:
+    """One prefill replica (10 req/s) feeds two decodes of 20 and 10 req/s beside a colocated one: the
+    LP's optimum may send all of it to one decode; the balanced routing keeps the rate and loads both
+    decodes to the same share, within every cap (links included)."""
+    from planner.routing import BALANCE_KEEP, balance_routing
+
+    prob = RoutingProblem(prefill=["p"], decode=["d0", "d1"], colocated=["c"],
+                          pair_cap={("p", "d0"): 10.0, ("p", "d1"): 10.0}, decode_cap={"d0": 20.0, "d1": 10.0},
+                          colocated_cap={"c": 4.0}, link_use={("nic", "p"): {("p", "d0"): 0.05, ("p", "d1"): 0.05}})
+    sol = solve_routing(prob)
+    even = balance_routing(prob, sol)
+    assert sol.total == pytest.approx(14.0) and even.total >= BALANCE_KEEP * sol.total - 1e-9
+    f = even.pairs
+    assert f[("p", "d0")] / 20.0 == pytest.approx(f[("p", "d1")] / 10.0, rel=1e-3)  # same share of each decode
+    assert f[("c", "c")] <= 4.0 + 1e-9 and f[("p", "d0")] + f[("p", "d1")] <= 10.0 + 1e-9
+    assert (f[("p", "d0")] + f[("p", "d1")]) * 0.05 <= LINK_UTILISATION + 1e-9
+    assert sum(even.weights().values()) == pytest.approx(1.0)
+    assert balance_routing(prob, solve_routing(RoutingProblem(prefill=["p"], decode=[]))).total == 0.0
+
+
+def test_planned_routing_is_balanced_and_verifies() -> None:
+    """Our plans carry the balanced routing (the baselines their LP optimum); both pass the independent
+    check, and ours leaves no decode replica much busier than another where the LP would."""
+    from planner.scheduler import plan_deployment
+    from planner.verify import routing_violations
+
+    wl = Workload(0.0, Lengths(1024, "lognormal", 0.5, lo=64, hi=4096), Lengths(128, "lognormal", 0.8, lo=1, hi=1024))
+    # three L40S prefill for two H100 decodes: the LP's optimum loads them 100% and 70%
+    plan = plan_deployment("llama-2-7b", wl, SLO(2.0, 0.05), pool="2*1xH100,3*1xL40S", inter_node_gbps=25,
+                           disaggregate=True, time_limit_s=0, verify=False)
+    assert routing_violations(plan) == []
+    from planner.deployment import materialize
+    from planner.parallel import config_from_spec
+
+    ctx = materialize(plan).ctx
+    shares = []
+    for r in plan.replicas_with_role("decode"):
+        load = sum(x.weight for x in plan.routing if x.decode == r.id) * plan.expected["goodput_rps"]
+        shares.append(load / config_from_spec(ctx, list(r.gpus), r.tp, list(r.layer_split), "decode").capacity)
+    assert len(shares) >= 2 and max(shares) - min(shares) < 0.05, shares
+
+
 def _link_bound_pair(ttft: float):
     """One GH200 prefilling 2k-token prompts of Llama-2-13B for one GH200 decoding, uncompressed KV
     over 40 Gbps: the link is the bottleneck."""

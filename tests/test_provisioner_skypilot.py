@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +495,36 @@ async def test_launch_preemption_and_relaunch_with_on_demand_fallback(
     fallback = next(e for e in await state.events() if e.kind == "node.fallback")
     assert "2 spot failures of RTX4090" in fallback.reason and fallback.data["held"] == pytest.approx(0.69)
     assert sky_status_modes(fake_sdk) >= {"AUTO"}
+
+
+async def test_a_node_launched_where_planned_reads_back_as_planned(
+    make_provisioner: Any, fake_sdk: FakeSkySDK, remote_agent: RemoteAgent, state: StateStore,
+) -> None:
+    """The planner's offer (from SkyPilot's catalog), rented as a plan instance and launched where it was
+    offered, reads back from the ready record with the same cloud, region, market and price: the
+    controller must not take it for a node that failed over elsewhere (``running_as`` is None). Launched
+    on-demand instead, it is a move (same place, another market and price)."""
+    from planner.controller import running_as
+    from planner.offers import sky_offers
+    from planner.plan import Instance
+
+    prov = await make_provisioner(budget=5.0)
+    events = prov.watch()
+    offer = min((o for o in sky_offers(["runpod"]) if o.gpu_type == "RTX4090" and o.gpu_count == 1
+                 and o.spot_price), key=lambda o: (o.spot_price, o.region))
+    planned = Instance("n0", offer.instance_type, offer.gpu_type, 1, True, offer.spot_price, offer.region,
+                       offer.cloud)
+    remote_agent.heartbeating.update({"n0", "n1"})
+    await prov.acquire(NodeRequest.from_instance(planned))
+    ready = await next_event(events, "ready")
+    assert (ready.record.cloud, ready.record.region) == (offer.cloud, offer.region)
+    assert running_as(planned, ready.record) is None
+    fake_sdk.spot_failures_left = 2  # no spot capacity: the provisioner falls back to on-demand
+    await prov.acquire(NodeRequest.from_instance(replace(planned, id="n1")))
+    ready = await next_event(events, "ready")
+    moved = running_as(replace(planned, id="n1"), ready.record)
+    assert moved is not None and not moved.spot and moved.price_per_hour == pytest.approx(offer.price)
+    assert (moved.cloud, moved.region) == (offer.cloud, offer.region)
 
 
 def sky_status_modes(fake_sdk: FakeSkySDK) -> set[str]:
