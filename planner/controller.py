@@ -199,6 +199,16 @@ class Controller:
         log.info("%s: plan v%d (%s)", kind, version, reason)
         return version
 
+    async def _rescheduled(self, plan: Plan, **change: Any) -> tuple[Plan, Any, float]:
+        """The lightweight reschedule of ``plan`` after ``change`` (``lost_nodes``, ``new_instances`` or
+        ``placed``) for the deployment's workload and SLO, in a thread; with its solve time in ms."""
+        from planner.reschedule import reschedule
+
+        workload, slo = self._workload()
+        t0 = time.perf_counter()
+        new_plan, changes = await asyncio.to_thread(reschedule, plan, workload=workload, slo=slo, **change)
+        return new_plan, changes, round((time.perf_counter() - t0) * 1000, 2)
+
     # -- main loop ------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Act as the controller until ``stop`` is set or the lease is lost; nodes stay up for a successor."""
@@ -331,13 +341,9 @@ class Controller:
             lost = [n for n in node_ids if n in in_plan]
             if not lost:
                 return []
-            from planner.reschedule import reschedule
-
-            workload, slo = self._workload()
             t0 = time.perf_counter()
             try:
-                new_plan, changes = await asyncio.to_thread(reschedule, plan, lost_nodes=lost, workload=workload,
-                                                            slo=slo)
+                new_plan, changes, _ = await self._rescheduled(plan, lost_nodes=lost)
             except Exception as e:
                 await self.state.emit("reschedule.failed", f"lost {lost}: {e}", lost=lost)
                 new_plan, changes = _without_nodes(plan, lost), None
@@ -454,8 +460,6 @@ class Controller:
         """Re-plan with new nodes added (survivors keep their groups); their replicas start on reconcile.
 
         If the re-plan fails the nodes are released: nothing would ever use them."""
-        from planner.reschedule import reschedule
-
         unused: list[str] = []
         async with self._plan_lock:
             plan = self.plan
@@ -465,18 +469,14 @@ class Controller:
                             n.cloud) for n in nodes if n.id not in {i.id for i in plan.instances}]
             if not new:
                 return
-            workload, slo = self._workload()
-            t0 = time.perf_counter()
             try:
-                new_plan, changes = await asyncio.to_thread(reschedule, plan, new_instances=new, workload=workload,
-                                                            slo=slo)
+                new_plan, changes, solve_ms = await self._rescheduled(plan, new_instances=new)
             except Exception as e:
                 unused = [n.id for n in new]
                 await self.state.emit("replan.failed", f"cannot fold in {', '.join(unused)}: {e}", nodes=unused)
             else:
                 await self._publish(
-                    new_plan, "replan", reason, added=[n.id for n in new],
-                    solve_ms=round((time.perf_counter() - t0) * 1000, 2),
+                    new_plan, "replan", reason, added=[n.id for n in new], solve_ms=solve_ms,
                     replace_s=round(time.time() - started_at, 3) if started_at else None,
                     changes=_changes_dict(changes), expected=new_plan.expected,
                 )
@@ -488,8 +488,6 @@ class Controller:
         """Re-plan on where nodes really run: a launch that failed over to another region (or cloud),
         or fell back from spot to on-demand, has other links and another price than the plan says.
         Survivors keep their GPUs; routing (and phases, if that pays) follow the real network."""
-        from planner.reschedule import reschedule
-
         async with self._plan_lock:
             plan = self.plan
             if plan is None:
@@ -500,19 +498,15 @@ class Controller:
             if not moved or key in self._unplaceable:
                 return
             ids = [m.id for m in moved]
-            workload, slo = self._workload()
-            t0 = time.perf_counter()
             try:
-                new_plan, changes = await asyncio.to_thread(reschedule, plan, placed=moved, workload=workload,
-                                                            slo=slo)
+                new_plan, changes, solve_ms = await self._rescheduled(plan, placed=moved)
             except Exception as e:
                 self._unplaceable.add(key)
                 await self.state.emit("replan.failed", f"cannot re-plan for where {', '.join(ids)} run: {e}",
                                       nodes=ids)
                 return
             reason = "; ".join(f"{n} runs {to}, planned {was}" for n, was, to in changes.moved_nodes)
-            await self._publish(new_plan, "replan", reason, moved=ids,
-                                solve_ms=round((time.perf_counter() - t0) * 1000, 2),
+            await self._publish(new_plan, "replan", reason, moved=ids, solve_ms=solve_ms,
                                 changes=_changes_dict(changes), expected=new_plan.expected)
         self._wake.set()
 
