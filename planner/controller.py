@@ -181,7 +181,7 @@ class Controller:
         self._persist_lock = asyncio.Lock()
         self._losing: set[str] = set()  # node ids with a handle_lost in flight
         self._refused: set[str] = set()  # node ids whose acquire was refused (logged once)
-        self._unplaceable: set[tuple[str, ...]] = set()  # node moves a re-plan could not take (tried once)
+        self._unplaceable: set[frozenset[Instance]] = set()  # node moves a re-plan could not take (tried once)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agents: dict[str, Any] = {}
 
@@ -492,9 +492,9 @@ class Controller:
             plan = self.plan
             if plan is None:
                 return
-            current = {i.id: i for i in plan.instances}
+            current = {i.id: i for i in plan.instances}  # a re-plan since the reconcile pass may have taken them
             moved = [m for m in moved if m.id in current and _placement_differs(current[m.id], m)]
-            key = tuple(sorted(_placement(m) for m in moved))
+            key = frozenset(moved)
             if not moved or key in self._unplaceable:
                 return
             ids = [m.id for m in moved]
@@ -708,10 +708,6 @@ class Controller:
 
 
 PRICE_TOLERANCE = 0.01  # relative: a price that differs less is the same market (catalog rounding)
-
-
-def _placement(i: Instance) -> str:
-    return f"{i.id}@{i.cloud}/{i.region}/{'spot' if i.spot else 'od'}/{i.price_per_hour:.4f}"
 
 
 def _placement_differs(planned: Instance, actual: Instance) -> bool:

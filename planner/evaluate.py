@@ -150,7 +150,7 @@ class Evaluator:
             transfer_s(mode)
         return terms[mode]
 
-    def _kv_quantile(self, terms: PairTerms, link_cap: float = LINK_UTILISATION) -> float:
+    def _kv_quantile(self, terms: PairTerms, link_cap: float) -> float:
         """KV time of a long prompt plus the queueing a link loaded to ``link_cap`` adds."""
         wl, q = self.ctx.workload, self.ctx.targets.q
         scale = wl.input.quantile(q) / wl.mean_input

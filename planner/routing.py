@@ -83,6 +83,10 @@ class _Rows:
     def n(self) -> int:
         return len(self.pairs) + len(self.cols)
 
+    def matrix(self):
+        """The rows as a CSR matrix over the variables."""
+        return coo_matrix((self.vals, (self.rows, self.cidx)), shape=(len(self.ub), self.n)).tocsr()
+
 
 def _rows(prob: RoutingProblem) -> _Rows:
     pairs = [(p, d) for p in prob.prefill for d in prob.decode if prob.pair_cap.get((p, d), 0.0) > 1e-12
@@ -126,9 +130,8 @@ def solve_routing(prob: RoutingProblem) -> RoutingSolution:
     for j, pd in enumerate(lp.pairs):
         cost[j] += 1e-3 * prob.pair_penalty.get(pd, 0.0)
     bounds = [(0, None)] * len(lp.pairs) + [(0, prob.colocated_cap[c]) for c in lp.cols]
-    r = len(lp.ub)
-    a = coo_matrix((lp.vals, (lp.rows, lp.cidx)), shape=(r, lp.n)).tocsr() if r else None
-    res = linprog(cost, A_ub=a, b_ub=np.array(lp.ub) if r else None, bounds=bounds, method="highs")
+    a = lp.matrix() if lp.ub else None
+    res = linprog(cost, A_ub=a, b_ub=np.array(lp.ub) if lp.ub else None, bounds=bounds, method="highs")
     if res.status != 0 or res.x is None:
         return RoutingSolution(0.0, {}, prob.link_cap)
     return _solution(prob, lp, res.x, a)
@@ -179,5 +182,4 @@ def balance_routing(prob: RoutingProblem, sol: RoutingSolution) -> RoutingSoluti
     res = linprog(cost, A_ub=a, b_ub=np.array(ub), bounds=bounds, method="highs")
     if res.status != 0 or res.x is None:
         return sol
-    base = coo_matrix((lp.vals, (lp.rows, lp.cidx)), shape=(len(lp.ub), lp.n)).tocsr()
-    return _solution(prob, lp, res.x, base)
+    return _solution(prob, lp, res.x, lp.matrix())
