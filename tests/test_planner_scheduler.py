@@ -187,6 +187,34 @@ def test_a_hand_built_plan_does_not_push_the_search_s_own_best_out_of_the_race()
     assert s.stats["finalists_simulated"] == 5
 
 
+def test_the_race_probes_the_hand_built_plan_right_after_the_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The best-ranked plan sets the bar; the hand-built plan is simulated next, before the search's
+    lower-ranked plans, so a slow bar on a loaded machine cannot push it past the hard stop (a mix at
+    0.92x of six colocated GH200s once won because the GH200s were never simulated)."""
+    from time import perf_counter
+
+    import planner.simulator as simulator
+    from planner.scheduler import _deployed, _select_by_simulation, build_plan
+
+    s, g, cand = _race_on_4_l40s()
+    ranked = [cand([(g[0],)], 1e6), cand([(g[0], g[1])], 1e6 - 1), cand([(g[0],), (g[1],)], 1e6 - 2)]
+    hand_built = cand([(x,) for x in g], 1.0)
+    order: list[tuple] = []
+    for name in ("meets_slo", "goodput"):
+        real = getattr(simulator, name)
+
+        def recording(plan, *a, _real=real, **k):
+            if not order or order[-1] != _deployed(plan):
+                order.append(_deployed(plan))
+            return _real(plan, *a, **k)
+
+        monkeypatch.setattr(simulator, name, recording)
+    chosen = _select_by_simulation(s, [*ranked, hand_built], perf_counter() + 60, must=[hand_built])
+    expected = [_deployed(build_plan(s, *c, "x")) for c in (ranked[0], hand_built, ranked[1], ranked[2])]
+    assert order == expected
+    assert len([c for c in chosen[1].configs if c is not None]) == 4
+
+
 def test_an_owned_pool_race_compares_goodput_only() -> None:
     from planner.scheduler import _rate_to_beat
 
