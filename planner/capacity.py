@@ -24,6 +24,7 @@ from statistics import NormalDist
 import numpy as np
 from scipy.special import erfc, pdtrc
 
+from planner import work
 from planner.bisection import narrow
 from planner.cost_model import ReplicaModel
 from planner.workload import SLO, Workload
@@ -465,7 +466,10 @@ def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targe
 # (a 1-GPU H100 replica from the 1x, 2x and 8x H100 offers of every region), and each capacity is a
 # bisection over rates of a fixed-point search: computing it once per shape keeps planning inside its
 # time limit. Bounded; cleared when full.
-_MEMO: dict[tuple, float] = {}
+# Each entry keeps the work its computation counted (``planner.work``), and a hit counts it again: the
+# planner's clock is work done, so a capacity known from an earlier plan in the same process must cost
+# that plan's deadlines what it cost the first time, or a later plan would search further and differ.
+_MEMO: dict[tuple, tuple[float, dict[str, float]]] = {}
 _MEMO_MAX = 20000
 
 
@@ -476,13 +480,17 @@ def _shape_key(rm: ReplicaModel) -> tuple:
 
 def _memo(key: tuple, compute) -> float:
     try:
-        value = _MEMO.get(key)
+        hit = _MEMO.get(key)
     except TypeError:  # an unhashable workload (e.g. lengths from a trace as arrays): no memo
         return compute()
-    if value is None:
-        if len(_MEMO) >= _MEMO_MAX:
-            _MEMO.clear()
-        value = _MEMO[key] = compute()
+    if hit is not None:
+        work.replay(hit[1])
+        return hit[0]
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    before = work.counts()
+    value = compute()
+    _MEMO[key] = (value, work.since(before))
     return value
 
 

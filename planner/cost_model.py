@@ -35,6 +35,7 @@ import numpy as np
 
 from planner.gpus import GpuSpec
 from planner.models import ModelSpec
+from planner.work import COUNTS as WORK
 
 KV_FACTOR = {"none": 1.0, "int8": (1 + 2 / 64) / 2, "int4": (0.5 + 2 / 64) / 2}
 
@@ -99,6 +100,7 @@ class Stage:
 
 def roof_array(compute_s: np.ndarray, memory_s: np.ndarray, p: float) -> np.ndarray:
     """``roof`` element by element (the capacity tables evaluate many batch sizes at once)."""
+    WORK["roof_array"] += 1
     hi = np.maximum(compute_s, memory_s)
     if p == math.inf:
         return hi
@@ -109,6 +111,7 @@ def roof_array(compute_s: np.ndarray, memory_s: np.ndarray, p: float) -> np.ndar
 
 def roof(compute_s: float, memory_s: float, p: float) -> float:
     """Time of a pass that needs ``compute_s`` at its compute rate and ``memory_s`` at its memory rate."""
+    WORK["roof"] += 1
     if p == math.inf or compute_s <= 0 or memory_s <= 0:
         return max(compute_s, memory_s)
     hi = max(compute_s, memory_s)

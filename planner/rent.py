@@ -30,6 +30,7 @@ from planner.cost_model import KV_FACTOR, auto_kv_mode
 from planner.offers import Offer, cheapest_per_type
 from planner.parallel import SPLIT_SIZES, PlanContext, ReplicaConfig, best_node_split, configure_group
 from planner.routing import LINK_UTILISATION
+from planner.work import charge
 
 MAX_UNITS_PER_KIND = 64
 
@@ -251,6 +252,7 @@ def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbp
     with _stdout_to_stderr():
         res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=[1] * n + [0, 0],
                    bounds=Bounds([0] * (n + 2), ub), options={"time_limit": 5.0, "mip_rel_gap": 1e-3})
+    charge("mip")
     if res.x is None:
         return 0.0, 0.0, []
     x = np.rint(res.x[:n]).astype(int)

@@ -27,6 +27,7 @@ from planner.evaluate import Evaluation, Evaluator, Group
 from planner.parallel import PlanContext, ReplicaConfig, configure_group, role_capacity, spec_policy
 from planner.plan import Instance, Plan, PlanError, ReplicaSpec, Route
 from planner.search import initial_groups, label_phases
+from planner.work import WorkClock
 from planner.workload import SLO, Workload
 
 EXHAUSTIVE_MAX = 12
@@ -90,7 +91,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     region, market or price): a launch that failed over to another region, or fell back from spot to
     on-demand. The links to and from a moved node are then those of its real place, so routing is
     re-decided on the network the replicas really have."""
-    t0 = time.perf_counter()
+    t0, clock = time.perf_counter(), WorkClock()  # the phase search's deadline is on work done: one answer
     lost = set(lost_nodes)
     unknown = lost - {i.id for i in plan.instances}
     if unknown:
@@ -139,11 +140,11 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     if sum(1 for c in colocated if not c) == 1:
         options = [("both",) if c else ("prefill", "decode", "both") for c in colocated]
     best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
-                          t0 + time_limit_s, kept)
+                          clock, time_limit_s, kept)
     if best.goodput <= 0 and any(not c for c in colocated):  # PD cannot serve: go colocated
         options = [("both",)] * len(specs)
         best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
-                              t0 + time_limit_s, kept)
+                              clock, time_limit_s, kept)
 
     new_plan = _to_plan(plan, instances, specs, ev.balanced(best), ctx, network)
     changes = Changes(sorted(lost), [i.id for i in new_instances], moved, dropped, added)
@@ -202,7 +203,7 @@ def _plan_kv_mode(plan: Plan) -> str:
 
 
 def _search_phases(ev: Evaluator, configs: _Configs, specs, options, prices: dict[str, float],
-                   deadline: float, kept: dict[str, ColocatedPolicy] | None = None) -> Evaluation:
+                   clock: WorkClock, deadline: float, kept: dict[str, ColocatedPolicy] | None = None) -> Evaluation:
     groups: list[Group] = [tuple(s[1]) for s in specs]
     kept = kept or {}
     per_role: list[dict[str, ReplicaConfig]] = []
@@ -233,7 +234,7 @@ def _search_phases(ev: Evaluator, configs: _Configs, specs, options, prices: dic
     best = score(current)  # many replicas: single-flip local search from the current phases
     roles = list(current)
     improved = True
-    while improved and time.perf_counter() < deadline:
+    while improved and clock() < deadline:
         improved = False
         moves = []
         for i, opts in enumerate(options):

@@ -25,6 +25,8 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.sparse import coo_matrix
 
+from planner.work import charge
+
 LINK_UTILISATION = 0.7  # keep links below this; the TTFT budget reserves the queueing this allows
 # Caps a link-bound candidate is also routed at (``Evaluator.evaluate_configs``): a busier link queues
 # KV longer, which the TTFT budget of each pair then reserves, so a generous TTFT buys link throughput
@@ -132,6 +134,8 @@ def solve_routing(prob: RoutingProblem) -> RoutingSolution:
     bounds = [(0, None)] * len(lp.pairs) + [(0, prob.colocated_cap[c]) for c in lp.cols]
     a = lp.matrix() if lp.ub else None
     res = linprog(cost, A_ub=a, b_ub=np.array(lp.ub) if lp.ub else None, bounds=bounds, method="highs")
+    charge("lp")
+    charge("lp_var", len(cost))
     if res.status != 0 or res.x is None:
         return RoutingSolution(0.0, {}, prob.link_cap)
     return _solution(prob, lp, res.x, a)
@@ -180,6 +184,8 @@ def balance_routing(prob: RoutingProblem, sol: RoutingSolution) -> RoutingSoluti
     bounds = [(0, None)] * lp.n + [(0, 1)] * len(kinds)
     a = coo_matrix((vals, (rows, cidx)), shape=(r, n)).tocsr()
     res = linprog(cost, A_ub=a, b_ub=np.array(ub), bounds=bounds, method="highs")
+    charge("lp")
+    charge("lp_var", len(cost))
     if res.status != 0 or res.x is None:
         return sol
     return _solution(prob, lp, res.x, lp.matrix())

@@ -29,6 +29,7 @@ from planner.parallel import PlanContext
 from planner.plan import Instance, Plan, ReplicaSpec, Route
 from planner.rent import BudgetTooSmall, choose_pools
 from planner.search import State, TabuSearch, initial_groups, label_phases
+from planner.work import WorkClock
 from planner.workload import SLO, Workload
 
 RENT_HEADROOM = 1.5  # rent for up to this multiple of the requested rate, not the whole budget
@@ -60,6 +61,7 @@ class Setting:
     verify: bool = True  # simulate the finalists and keep the best (see plan_thunderserve)
     stats: dict[str, float] = field(default_factory=dict)
     config_cache: dict = field(default_factory=dict)  # group configurations, shared by all evaluators
+    clock: WorkClock = field(default_factory=WorkClock)  # what every deadline of the plan is measured on
 
     @property
     def objective(self) -> str:
@@ -141,6 +143,9 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
         raise PlanningError(f"no deployment of {spec.name} meets TTFT {slo.ttft_s}s / TPOT {slo.tpot_s}s on "
                             f"{'the pool' if cluster else 'any instance mix within the budget'}")
     s.stats["plan_seconds"] = round(time.perf_counter() - t0, 3)
+    s.stats["plan_work_seconds"] = round(s.clock(), 3)
+    if s.clock.wall_bound:  # the machine ran slower than the work clock allows for: the plan may vary
+        s.stats["wall_clock_bound"] = 1.0
     return build_plan(s, ev, evaluation, strategy)
 
 
@@ -150,15 +155,15 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     best few candidates (best overall, best disaggregated, best colocated, ...) in the simulator and
     keep the one with the best simulated goodput per dollar (the cost model ranks; the simulator, which
     models queueing and interference request by request, decides among the finalists)."""
-    t0 = time.perf_counter()
+    t0, w0 = time.perf_counter(), s.clock()
     search_s = s.time_limit_s * (1 - VERIFY_SHARE if s.verify else 1.0)
     extra = _extra_pass(s, phases)
-    shortlist = _search_pools(s, phases, bandwidth_aware, tabu, t0, t0 + search_s * (0.7 if extra else 1.0))
+    shortlist = _search_pools(s, phases, bandwidth_aware, tabu, w0 + search_s * (0.7 if extra else 1.0))
     t_hand = time.perf_counter()
     homogeneous = _homogeneous_candidates(s) if extra and tabu else []
     s.stats["hand_built_seconds"] = round(time.perf_counter() - t_hand, 3)
     if extra:  # the colocated-only pass rents a different pool; it belongs to our space too
-        shortlist += _search_pools(s, ("both",), bandwidth_aware, tabu, time.perf_counter(), t0 + search_s)
+        shortlist += _search_pools(s, ("both",), bandwidth_aware, tabu, w0 + search_s)
     shortlist += homogeneous
     if not shortlist:
         raise PlanningError("no GPU group in the pool can hold the model")
@@ -166,8 +171,8 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     if not s.verify or len(shortlist) == 1:
         return max(shortlist, key=lambda c: c[1].score)
     t_race = time.perf_counter()
-    chosen = _select_by_simulation(s, shortlist, t0 + s.time_limit_s, must=homogeneous,
-                                   hard_stop=t0 + s.time_limit_s * (1 + RACE_GRACE))
+    chosen = _select_by_simulation(s, shortlist, w0 + s.time_limit_s, must=homogeneous,
+                                   hard_stop=w0 + s.time_limit_s * (1 + RACE_GRACE))
     s.stats["race_seconds"] = round(time.perf_counter() - t_race, 3)
     return chosen
 
@@ -221,9 +226,11 @@ def _extra_pass(s: Setting, phases: tuple[str, ...]) -> bool:
     return s.verify and s.pool is None and "both" in phases and len(phases) > 1
 
 
-def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, tabu: bool, t0: float,
+def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, tabu: bool,
                   deadline: float) -> list[tuple[Evaluator, Evaluation]]:
-    """Search every candidate pool; return the best evaluation of each phase class on each pool."""
+    """Search every candidate pool until ``deadline`` (on ``s.clock``); return the best evaluation of
+    each phase class on each pool."""
+    t0 = time.perf_counter()
     candidates: list[tuple[Cluster, State | None]] = []
     if s.pool is not None:
         candidates.append((s.pool, None))
@@ -255,12 +262,12 @@ def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, ta
         order = sorted(range(len(starts)), key=lambda i: -start_evals[i].score)
         found = [start_evals[order[0]]]
         if tabu:
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - s.clock()
             left = len(candidates) - k
             share = remaining * (1.0 if left == 1 else 0.6 if k == 0 else 1.0 / left)
             n_gpus = len(cluster.gpus())
             search = TabuSearch(ev, cluster, phases=phases, seed=s.seed, max_iters=120 + 4 * n_gpus,
-                                patience=40 + n_gpus, time_limit_s=max(0.1, share))
+                                patience=40 + n_gpus, time_limit_s=max(0.1, share), clock=s.clock)
             found.append(search.run_multi([starts[i] for i in order]))
             found.extend(search.best_by_class.values())
             s.stats["search_iterations"] = s.stats.get("search_iterations", 0) + search.stats.iterations
@@ -305,7 +312,7 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
     simulated = 0
     for i, key in enumerate(top):
         ev, e, plan = finalists[key]
-        now = time.perf_counter()
+        now = s.clock()
         late = now > deadline and key in own[MIN_PROBED - 1:]
         if i > 0 and (now > hard_stop or late):
             continue  # out of time: the cost model's ranking decides, except for a candidate that must be probed
@@ -318,11 +325,11 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
                 continue
             # it beats the bar and becomes the next one: measured to within BAR_TOL like the first
             g = goodput(plan, wl, s.slo, hi=need, iters=RACE_ITERS, max_requests=RACE_REQUESTS, passes=need,
-                        deadline=deadline, tol=BAR_TOL)
+                        deadline=deadline, tol=BAR_TOL, clock=s.clock)
         else:  # the first measurement is the bar every other finalist is judged by: cut short only
             # once it is within BAR_TOL (a bar cut at its first passing rate let a 22% worse plan win)
             g = goodput(plan, wl, s.slo, iters=RACE_ITERS, max_requests=RACE_REQUESTS, deadline=deadline,
-                        tol=BAR_TOL)
+                        tol=BAR_TOL, clock=s.clock)
         if g > 0:  # a challenger got here only past the rate it needed
             best, best_g, best_cost = (ev, e), g, cost
             s.stats["sim_goodput_rps"] = round(g, 4)

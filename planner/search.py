@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.cluster import Cluster, GpuId
@@ -124,7 +125,8 @@ class TabuSearch:
 
     def __init__(self, ev: Evaluator, cluster: Cluster, *, phases: tuple[str, ...] = ("prefill", "decode", "both"),
                  seed: int = 0, max_iters: int = 300, patience: int = 60, tenure: int = 8, neighbours: int = 24,
-                 exact_per_iter: int = 6, time_limit_s: float = 20.0, max_phase_moves: int = 16) -> None:
+                 exact_per_iter: int = 6, time_limit_s: float = 20.0, max_phase_moves: int = 16,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.ev = ev
         self.cluster = cluster
         self.phases = phases
@@ -134,7 +136,8 @@ class TabuSearch:
         self.tenure = tenure
         self.neighbours = neighbours
         self.exact_per_iter = exact_per_iter
-        self.time_limit_s = time_limit_s
+        self.time_limit_s = time_limit_s  # on ``clock``: the planner's WorkClock, so that a seed gives one plan
+        self.clock = clock
         self.max_phase_moves = max_phase_moves
         self.prices = {n.id: n.price_per_hour for n in cluster.nodes}
         self.all_gpus = cluster.gpus()
@@ -287,13 +290,13 @@ class TabuSearch:
     # -- the loop --------------------------------------------------------------------------------
     def run_multi(self, starts: list[State]) -> Evaluation:
         """Tabu search from each start in turn (restart when one stalls), sharing the budgets."""
-        t_start = time.perf_counter()
+        t_start = self.clock()
         t_end = t_start + self.time_limit_s
         iters_left = self.max_iters
         best: Evaluation | None = None
         stats = SearchStats()
         for k, st in enumerate(starts):
-            remaining = t_end - time.perf_counter()
+            remaining = t_end - self.clock()
             if k > 0 and (remaining <= 0 or iters_left <= 0):
                 break
             self.time_limit_s = max(0.05, remaining)
@@ -307,13 +310,13 @@ class TabuSearch:
             stats.stopped_by = self.stats.stopped_by
             if best is None or e.score > best.score:
                 best = e
-        stats.seconds = time.perf_counter() - t_start
+        stats.seconds = self.clock() - t_start
         self.stats = stats
         assert best is not None
         return best
 
     def run(self, start: State) -> Evaluation:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         deadline = t0 + self.time_limit_s
         start = State([g for g in start.groups if g], [r for g, r in zip(start.groups, start.roles, strict=True) if g])
         current = start
@@ -324,7 +327,7 @@ class TabuSearch:
         since = 0
         self.stats.stopped_by = "iterations"
         for it in range(self.max_iters):
-            if time.perf_counter() > deadline:
+            if self.clock() > deadline:
                 self.stats.stopped_by = "time"
                 break
             self.stats.iterations = it + 1
@@ -382,5 +385,5 @@ class TabuSearch:
                 if since >= self.patience:
                     self.stats.stopped_by = "patience"
                     break
-        self.stats.seconds = time.perf_counter() - t0
+        self.stats.seconds = self.clock() - t0
         return best

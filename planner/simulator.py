@@ -38,6 +38,7 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ from planner.bisection import narrow
 from planner.cost_model import KV_FACTOR, ReplicaModel, kv_segments
 from planner.deployment import materialize
 from planner.plan import Plan
+from planner.work import charge
 from planner.workload import SLO, Request, Workload
 
 
@@ -543,6 +545,7 @@ class Simulator:
                     overloaded = True
                     break
             self._on(kind, payload)
+        charge("sim_event", events)
         return self._result(reqs, overloaded)
 
     def _advance_decodes(self, rep: _Replica) -> None:
@@ -614,6 +617,7 @@ def simulate(plan: Plan, workload: Workload, slo: SLO, *, duration_s: float | No
     if duration_s is None and n_requests is None:
         n_requests = 1000
     reqs = workload.requests(duration_s, n=n_requests, seed=seed)
+    charge("sim_request", len(reqs))
     sim = Simulator(plan, slo, workload=workload, max_batch_tokens=max_batch_tokens, seed=seed,
                     overload_factor=overload_factor)
     return sim.run(reqs, preemption=preemption, stop_when_failed=stop_when_failed)
@@ -649,7 +653,8 @@ def meets_slo(plan: Plan, workload: Workload, slo: SLO, rate: float, *, n_reques
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None = None, seed: int = 0,
             hi: float | None = None, iters: int = 8, max_requests: int = 20000, passes: float = 0.0,
-            deadline: float | None = None, tol: float | None = None) -> float:
+            deadline: float | None = None, tol: float | None = None,
+            clock: Callable[[], float] = time.perf_counter) -> float:
     """Highest rate (req/s) at which the simulated SLO attainment meets the target.
 
     A rate passes when the attainment meets the target over all requests and over the ones after the
@@ -661,15 +666,15 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None 
     the simulation usually finds 0-20% optimistic) in three steps of ``BRACKET_STEP``, then doubling
     or halving, and bisects the bracket ``iters`` times. ``passes``: a rate already known to pass (the
     answer is never below it).
-    ``deadline`` (``time.perf_counter()``): past it, once some rate has passed, the search stops and
-    answers the highest rate shown to pass (a lower bound: a planner racing finalists under a time
-    limit); with ``tol``, not before the bracket is that narrow (relative), so the answer is within
-    ``tol`` of the full one. Until a rate passes the search runs on, so 0 always means "fails".
+    ``deadline`` (on ``clock``, by default ``time.perf_counter``): past it, once some rate has passed,
+    the search stops and answers the highest rate shown to pass (a lower bound: a planner racing
+    finalists under a time limit); with ``tol``, not before the bracket is that narrow (relative), so
+    the answer is within ``tol`` of the full one. Until a rate passes the search runs on, so 0 always means "fails".
     """
     lo, up = passes, math.inf
 
     def done(lo: float, up: float) -> bool:
-        if deadline is None or lo <= 0 or time.perf_counter() <= deadline:
+        if deadline is None or lo <= 0 or clock() <= deadline:
             return False
         return tol is None or up <= lo * (1 + tol)
 

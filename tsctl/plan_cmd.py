@@ -123,7 +123,8 @@ def plan(
     kv_compression: str = typer.Option("auto", "--kv-compression", help="none | int8 | int4 | auto"),
     seed: int = typer.Option(0, "--seed"),
     time_limit: float = typer.Option(20.0, "--time-limit",
-                                     help="seconds planning should take (0: no cap, the same plan per seed)"),
+                                     help="seconds of planning work, as counted on a reference core: the same "
+                                          "plan per seed on any machine (0: no cap)"),
     strategy: str = typer.Option("thunderserve", "--strategy", help=STRATEGY_HELP),
     pool: str = typer.Option(None, "--pool", help="your own GPUs: 2xL40S,4xRTX4090 or a YAML file"),
     max_gpus: int = typer.Option(64, "--max-gpus", help="most GPUs to rent"),

@@ -1,0 +1,89 @@
+"""The planner's clock: work done, counted, instead of wall time.
+
+The planner is time-capped (the tabu search, the split of the time between pools, the race of the
+finalists all stop at a deadline), and a wall-clock deadline made its answer depend on the machine and
+on its load: the same ``--seed`` gave a different plan from one run to the next (a loaded bench once
+picked a 0.92x mix where an idle run picked six colocated GH200s). This clock advances by the work the
+planner has done: simulated events and requests, routing LPs, cost-model passes, replica
+configurations, KV quantiles, rent MIPs, each at what it costs on a reference core (``COST``, fitted
+on this project's 2-core CI machine by ``bench/work_clock.py``: within 15% of wall time on its jobs).
+So the same inputs and seed give the same plan on any machine and under any load; a faster machine
+answers sooner, a slower one later. Work a cache saves is counted anyway (``replay``).
+
+The clock never runs slower than (wall time - ``WALL_GRACE_S``) / ``WALL_SLACK``: on a machine (or
+under a load) more than that much slower than the reference, the time cap still holds, and
+determinism is given up (the plan's ``expected`` says ``wall_clock_bound``).
+
+Counts are process-wide (one planner at a time per process: the CLI, a bench worker, the controller's
+re-plan thread); a second planner running at the same time in another thread only makes both stop
+earlier.
+"""
+
+from __future__ import annotations
+
+import time
+
+# reference seconds per unit of work, per kind (``bench/work_clock.py`` fits them)
+COST = {
+    "sim_event": 5.0e-6,  # one event of the discrete-event simulator (arrival, step end, KV arrival, ...)
+    "sim_request": 12e-6,  # one simulated request (drawn, judged, its latencies summarised)
+    "lp": 1.25e-3,  # one routing LP solved (HiGHS through scipy)
+    "lp_var": 0.0,  # ... per variable: fits to 0 at the sizes planned (the fixed cost dominates)
+    "roof": 0.17e-6,  # one roofline pass of the cost model (its callers' time is in the other kinds)
+    "roof_array": 160e-6,  # one vectorised roofline pass (a capacity table over many batch sizes)
+    "mip": 11e-3,  # one rent MIP solved
+    "config": 30e-6,  # one replica configuration looked up for a group (the search's evaluations)
+    "kv_quantile": 79e-6,  # one KV-transfer quantile of a prefill-decode pair (the routing LP's inputs)
+}
+WALL_SLACK = 2.0
+WALL_GRACE_S = 1.0  # setup the counts do not see (parsing offers, building contexts) is not a slow machine
+_KINDS = tuple(COST)
+COUNTS = dict.fromkeys(_KINDS, 0.0)  # hot paths add to it directly
+
+
+def charge(kind: str, n: float = 1.0) -> None:
+    """Count ``n`` units of ``kind`` of work."""
+    COUNTS[kind] += n
+
+
+def counts() -> dict[str, float]:
+    """The work counted so far in this process, per kind."""
+    return dict(COUNTS)
+
+
+def since(before: dict[str, float]) -> dict[str, float]:
+    """The work counted since ``before`` (a ``counts()``), the kinds that moved."""
+    return {k: COUNTS[k] - v for k, v in before.items() if COUNTS[k] != v}
+
+
+def replay(done: dict[str, float]) -> None:
+    """Count again work that a cache saved (see ``capacity._memo``): the clock stays the same whether
+    or not an earlier plan in this process had already done it."""
+    for k, v in done.items():
+        COUNTS[k] += v
+
+
+def reference_seconds(c: dict[str, float]) -> float:
+    return sum(COST[k] * v for k, v in c.items())
+
+
+class WorkClock:
+    """Reference seconds of work since it was made, callable like ``time.perf_counter``; never slower
+    than (wall time - ``WALL_GRACE_S``) / ``WALL_SLACK``."""
+
+    def __init__(self) -> None:
+        self._start = counts()
+        self._wall0 = time.perf_counter()
+        self.wall_bound = False  # whether wall time ever drove the clock (the plan may then vary)
+
+    def __call__(self) -> float:
+        work = sum(COST[k] * (COUNTS[k] - self._start[k]) for k in _KINDS)
+        wall = (time.perf_counter() - self._wall0 - WALL_GRACE_S) / WALL_SLACK
+        if wall > work:
+            self.wall_bound = True
+            return wall
+        return work
+
+    def work(self) -> dict[str, float]:
+        """Units of each kind counted since the clock was made."""
+        return {k: COUNTS[k] - self._start[k] for k in _KINDS}

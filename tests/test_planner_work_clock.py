@@ -1,0 +1,72 @@
+"""The planner's deadlines run on work done (planner/work.py), so a time-capped plan is one plan per seed,
+whatever the machine's speed or load."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from planner import work
+from planner.offers import load_offers
+from planner.plan import Plan
+from planner.scheduler import plan_deployment
+from planner.workload import SLO, Lengths, Workload
+
+LAMBDA = Path(__file__).parent / "data" / "sky-catalogs" / "lambda_vms.csv"
+SHORT = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
+
+
+def _plan(limit_s: float) -> tuple[Plan, dict[str, float]]:
+    before = work.counts()
+    plan = plan_deployment("llama-2-7b", SHORT, SLO(1.0, 0.04), budget=10.0, offers=load_offers([LAMBDA]),
+                           inter_node_gbps=40, time_limit_s=limit_s)
+    return plan, work.since(before)
+
+
+def _deployed(plan: Plan) -> dict:
+    d = plan.to_dict()
+    d.pop("created_at")
+    d.pop("expected")  # timings
+    return d
+
+
+def _wall_at(monkeypatch: pytest.MonkeyPatch, speed: float) -> None:
+    """The work clock sees wall time run ``speed`` x as fast (a machine that much slower, or loaded)."""
+    t0 = time.perf_counter()
+    monkeypatch.setattr(work, "time", SimpleNamespace(perf_counter=lambda: t0 + speed * (time.perf_counter() - t0)))
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[Plan, dict[str, float]]:
+    """The plan at a 2 s cap on this machine, as it runs."""
+    return _plan(2.0)
+
+
+def test_a_time_capped_plan_is_the_same_on_a_slower_machine_and_with_a_warm_cache(
+        reference: tuple[Plan, dict[str, float]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2 s cap binds (the search stops on time); the same plan comes back when wall time runs 1.6x as
+    fast, and the second run in the process (capacities memoised by the first) counts the same work."""
+    first, work_first = reference
+    assert first.expected["stopped_by_time"] == 1.0
+    assert "wall_clock_bound" not in first.expected
+    _wall_at(monkeypatch, 1.6)
+    second, work_second = _plan(2.0)
+    assert "wall_clock_bound" not in second.expected
+    assert _deployed(second) == _deployed(first)
+    assert work_second == pytest.approx(work_first)
+    assert second.expected["plan_work_seconds"] == first.expected["plan_work_seconds"]
+
+
+def test_on_a_machine_far_slower_than_the_reference_the_wall_clock_still_caps_the_plan(
+        reference: tuple[Plan, dict[str, float]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wall time at 50x: the planner's deadlines fall on (wall time - grace) / WALL_SLACK instead, so it
+    searches less than at the reference speed, says so, and still returns a plan within the budget."""
+    _wall_at(monkeypatch, 50.0)
+    plan, done = _plan(2.0)
+    assert plan.expected["wall_clock_bound"] == 1.0
+    assert done["lp"] < 0.5 * reference[1]["lp"]  # the search was cut short (the first finalist's
+    assert work.reference_seconds(done) < work.reference_seconds(reference[1])  # measurement runs in any case)
+    assert plan.replicas and plan.cost_per_hour <= 10.0
