@@ -58,6 +58,10 @@ def jobs() -> list[tuple[str, Callable[[], object]]]:
                                    offers=b.offers_for(sc.cloud), inter_node_gbps=sc.gbps, time_limit_s=6.0)
 
         out.append((f"plan {sc.name}", plan))
+    sc = b.INTERACTIVE_SUITE[3]  # 70B, long prompts, MLPerf's interactive targets: capacity tables dominate
+    out.append((f"plan {sc.name}", lambda sc=sc: plan_deployment(
+        sc.model, b.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget, offers=b.offers_for(sc.cloud),
+        inter_node_gbps=sc.gbps, time_limit_s=6.0)))
     wl, slo = b.PROMPTS["short"].with_rate(0.0), SLO(1.5, 0.05)
     pool = "8*2xL40S,4*2xRTX3090,2*4xA100-80GB"
 

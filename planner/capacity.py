@@ -466,10 +466,11 @@ def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targe
 # (a 1-GPU H100 replica from the 1x, 2x and 8x H100 offers of every region), and each capacity is a
 # bisection over rates of a fixed-point search: computing it once per shape keeps planning inside its
 # time limit. Bounded; cleared when full.
-# Each entry keeps the work its computation counted (``planner.work``), and a hit counts it again: the
-# planner's clock is work done, so a capacity known from an earlier plan in the same process must cost
-# that plan's deadlines what it cost the first time, or a later plan would search further and differ.
-_MEMO: dict[tuple, tuple[float, dict[str, float]]] = {}
+# Each entry keeps the work its computation counted (``planner.work``) and the plan (clock epoch) that
+# last paid for it; the first hit in another plan counts that work again: the planner's clock is work
+# done, so a capacity known from an earlier plan in the same process must cost a plan's deadlines what
+# it would cost in a fresh process (once), or a later plan would search further and differ.
+_MEMO: dict[tuple, tuple[float, dict[str, float], int]] = {}
 _MEMO_MAX = 20000
 
 
@@ -484,13 +485,16 @@ def _memo(key: tuple, compute) -> float:
     except TypeError:  # an unhashable workload (e.g. lengths from a trace as arrays): no memo
         return compute()
     if hit is not None:
-        work.replay(hit[1])
-        return hit[0]
+        value, done, paid_in = hit
+        if paid_in != work.epoch():
+            work.replay(done)
+            _MEMO[key] = (value, done, work.epoch())
+        return value
     if len(_MEMO) >= _MEMO_MAX:
         _MEMO.clear()
     before = work.counts()
     value = compute()
-    _MEMO[key] = (value, work.since(before))
+    _MEMO[key] = (value, work.since(before), work.epoch())
     return value
 
 

@@ -30,6 +30,7 @@ from planner.capacity import (
 from planner.cluster import Cluster, GpuId
 from planner.cost_model import DEFAULT_EFF, Efficiency, ReplicaModel, Stage
 from planner.models import ModelSpec
+from planner.work import charge
 from planner.workload import SLO, Workload
 
 TP_CHOICES = (1, 2, 4, 8)
@@ -110,6 +111,7 @@ def _stage_costs(ctx: PlanContext, gpu_spec, tp: int, role: str) -> tuple[float,
 
 def balance_layers(layers: int, costs: list[float], fixed: list[float], caps: list[int]) -> list[int] | None:
     """Layers per stage minimising the slowest stage ``fixed_s + n_s * cost_s`` with ``1 <= n_s <= cap_s``."""
+    charge("layer_balance")
     if sum(caps) < layers or any(c < 1 for c in caps) or len(caps) > layers:
         return None
 

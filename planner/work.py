@@ -5,10 +5,11 @@ finalists all stop at a deadline), and a wall-clock deadline made its answer dep
 on its load: the same ``--seed`` gave a different plan from one run to the next (a loaded bench once
 picked a 0.92x mix where an idle run picked six colocated GH200s). This clock advances by the work the
 planner has done: simulated events and requests, routing LPs, cost-model passes, replica
-configurations, KV quantiles, rent MIPs, each at what it costs on a reference core (``COST``, fitted
-on this project's 2-core CI machine by ``bench/work_clock.py``: within 15% of wall time on its jobs).
+configurations, KV quantiles, layer splits, offers scanned, rent MIPs, each at what it costs on a
+reference core (``COST``, fitted on this project's 2-core CI machine by ``bench/work_clock.py``).
 So the same inputs and seed give the same plan on any machine and under any load; a faster machine
-answers sooner, a slower one later. Work a cache saves is counted anyway (``replay``).
+answers sooner, a slower one later. Work that a cache saves from an earlier plan in the same process
+is counted anyway, once per plan (``replay``).
 
 The clock never runs slower than (wall time - ``WALL_GRACE_S``) / ``WALL_SLACK``: on a machine (or
 under a load) more than that much slower than the reference, the time cap still holds, and
@@ -25,20 +26,23 @@ import time
 
 # reference seconds per unit of work, per kind (``bench/work_clock.py`` fits them)
 COST = {
-    "sim_event": 5.0e-6,  # one event of the discrete-event simulator (arrival, step end, KV arrival, ...)
-    "sim_request": 12e-6,  # one simulated request (drawn, judged, its latencies summarised)
-    "lp": 1.25e-3,  # one routing LP solved (HiGHS through scipy)
+    "sim_event": 6.2e-6,  # one event of the discrete-event simulator (arrival, step end, KV arrival, ...)
+    "sim_request": 14e-6,  # one simulated request (drawn, judged, its latencies summarised)
+    "lp": 3.3e-3,  # one routing LP solved (HiGHS through scipy)
     "lp_var": 0.0,  # ... per variable: fits to 0 at the sizes planned (the fixed cost dominates)
-    "roof": 0.17e-6,  # one roofline pass of the cost model (its callers' time is in the other kinds)
-    "roof_array": 160e-6,  # one vectorised roofline pass (a capacity table over many batch sizes)
-    "mip": 11e-3,  # one rent MIP solved
-    "config": 30e-6,  # one replica configuration looked up for a group (the search's evaluations)
-    "kv_quantile": 79e-6,  # one KV-transfer quantile of a prefill-decode pair (the routing LP's inputs)
+    "roof": 0.0,  # one roofline pass of the cost model: fits to 0 (its callers' counts carry the time)
+    "roof_array": 9.4e-6,  # one vectorised roofline pass (a capacity table over many batch sizes)
+    "mip": 52e-3,  # one rent MIP solved (with the unit catalog built for it)
+    "config": 17.5e-6,  # one replica configuration looked up for a group (the search's evaluations)
+    "kv_quantile": 47e-6,  # one KV-transfer quantile of a prefill-decode pair (the routing LP's inputs)
+    "layer_balance": 1.1e-3,  # one split of a model's layers over pipeline stages (a 60-step bisection)
+    "offer": 46e-6,  # one catalog offer scanned for the cheapest of its kind
 }
-WALL_SLACK = 2.0
+WALL_SLACK = 3.0
 WALL_GRACE_S = 1.0  # setup the counts do not see (parsing offers, building contexts) is not a slow machine
 _KINDS = tuple(COST)
 COUNTS = dict.fromkeys(_KINDS, 0.0)  # hot paths add to it directly
+_epoch = [0]
 
 
 def charge(kind: str, n: float = 1.0) -> None:
@@ -56,9 +60,14 @@ def since(before: dict[str, float]) -> dict[str, float]:
     return {k: COUNTS[k] - v for k, v in before.items() if COUNTS[k] != v}
 
 
+def epoch() -> int:
+    """Which clock (one per plan or reschedule) was made last: caches count saved work once per epoch."""
+    return _epoch[0]
+
+
 def replay(done: dict[str, float]) -> None:
-    """Count again work that a cache saved (see ``capacity._memo``): the clock stays the same whether
-    or not an earlier plan in this process had already done it."""
+    """Count again work that a cache saved from an earlier epoch (see ``capacity._memo``): the clock
+    stays the same whether or not an earlier plan in this process had already done it."""
     for k, v in done.items():
         COUNTS[k] += v
 
@@ -72,6 +81,7 @@ class WorkClock:
     than (wall time - ``WALL_GRACE_S``) / ``WALL_SLACK``."""
 
     def __init__(self) -> None:
+        _epoch[0] += 1
         self._start = counts()
         self._wall0 = time.perf_counter()
         self.wall_bound = False  # whether wall time ever drove the clock (the plan may then vary)

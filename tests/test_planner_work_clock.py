@@ -67,6 +67,6 @@ def test_on_a_machine_far_slower_than_the_reference_the_wall_clock_still_caps_th
     _wall_at(monkeypatch, 50.0)
     plan, done = _plan(2.0)
     assert plan.expected["wall_clock_bound"] == 1.0
-    assert done["lp"] < 0.5 * reference[1]["lp"]  # the search was cut short (the first finalist's
+    assert done["lp"] < 0.8 * reference[1]["lp"]  # the search was cut short (the first finalist's
     assert work.reference_seconds(done) < work.reference_seconds(reference[1])  # measurement runs in any case)
     assert plan.replicas and plan.cost_per_hour <= 10.0
