@@ -1,9 +1,9 @@
 """Calibrate the planner's work clock (``planner/work.py``) against wall time on this machine.
 
-The planner's deadlines are measured in work done (simulated events, routing LPs, cost-model passes,
-rent MIPs), so that one seed gives one plan whatever the machine's load. This runs a spread of
-planning jobs (rented scenarios of the planner suite, an owned 32-GPU pool, a reschedule, plain
-simulations), counts each job's work and times it, fits the seconds per unit of each kind by
+The planner's deadlines are measured in work done (the kinds of ``planner.work.COST``), so that one
+seed gives one plan whatever the machine's load. This runs a spread of planning jobs (rented scenarios
+of the planner suites, owned 32- and 64-GPU pools, a reschedule, plain simulations), each as in a fresh
+process, counts each job's work and times it, fits the seconds per unit of each kind by
 non-negative least squares on the jobs' wall times, and prints, per job, wall seconds and the work
 clock's seconds under the current ``COST`` and under the fitted one. Run it on an idle machine:
 
@@ -50,35 +50,30 @@ def jobs() -> list[tuple[str, Callable[[], object]]]:
     """Planning jobs whose work mixes differ: simulation-heavy races, LP-heavy big pools, MIP-heavy renting."""
     b = _suite()
     out: list[tuple[str, Callable[[], object]]] = []
+
+    def rented(sc, limit_s: float) -> Callable[[], object]:
+        return lambda: plan_deployment(sc.model, b.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget,
+                                       offers=b.offers_for(sc.cloud), inter_node_gbps=sc.gbps, time_limit_s=limit_s)
+
     for idx, cloud in [(0, ""), (3, ""), (5, "lambda"), (7, ""), (9, "runpod"), (11, ""), (13, "vast")]:
         sc = b.replace(b.SUITE[idx], cloud=cloud)
-
-        def plan(sc=sc):
-            return plan_deployment(sc.model, b.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget,
-                                   offers=b.offers_for(sc.cloud), inter_node_gbps=sc.gbps, time_limit_s=6.0)
-
-        out.append((f"plan {sc.name}", plan))
+        out.append((f"plan {sc.name}", rented(sc, 6.0)))
     sc = b.INTERACTIVE_SUITE[3]  # 70B, long prompts, MLPerf's interactive targets: capacity tables dominate
-    out.append((f"plan {sc.name}", lambda sc=sc: plan_deployment(
-        sc.model, b.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget, offers=b.offers_for(sc.cloud),
-        inter_node_gbps=sc.gbps, time_limit_s=6.0)))
+    out.append((f"plan {sc.name}", rented(sc, 6.0)))
     wl, slo = b.PROMPTS["short"].with_rate(0.0), SLO(1.5, 0.05)
     pool = "8*2xL40S,4*2xRTX3090,2*4xA100-80GB"
 
-    def plan_pool():
-        return plan_deployment("llama-2-13b", wl, slo, pool=pool, inter_node_gbps=10, time_limit_s=12.0)
+    def owned(spec: str, limit_s: float) -> Callable[[], object]:
+        return lambda: plan_deployment("llama-2-13b", wl, slo, pool=spec, inter_node_gbps=10, time_limit_s=limit_s)
 
-    out.append(("plan 32-GPU pool", plan_pool))
-    pool_64 = "8*4xL40S,4*4xRTX3090,2*8xA100-80GB"
-    out.append(("plan 64-GPU pool", lambda: plan_deployment("llama-2-13b", wl, slo, pool=pool_64, inter_node_gbps=10,
-                                                           time_limit_s=12.0)))
-    big = plan_deployment("llama-2-13b", wl, slo, pool=pool, inter_node_gbps=10, time_limit_s=2.0)
+    out.append(("plan 32-GPU pool", owned(pool, 12.0)))
+    out.append(("plan 64-GPU pool", owned("8*4xL40S,4*4xRTX3090,2*8xA100-80GB", 12.0)))
+    big = owned(pool, 2.0)()
     out.append(("reschedule 32-GPU pool", lambda: reschedule(big, lost_nodes=[big.instances[0].id])))
     out.append(("simulate 32-GPU plan", lambda: goodput(big, wl, slo, iters=4)))
     for idx, cloud in [(0, "lambda"), (13, "lambda"), (5, "")]:  # races' simulations: colocated, split, hybrid
         sc = b.replace(b.SUITE[idx], cloud=cloud)
-        chosen = plan_deployment(sc.model, b.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget,
-                                 offers=b.offers_for(sc.cloud), inter_node_gbps=sc.gbps, time_limit_s=2.0)
+        chosen = rented(sc, 2.0)()
         out.append((f"simulate {sc.name}",
                     lambda p=chosen, sc=sc: goodput(p, b.PROMPTS[sc.prompts], sc.slo(), iters=4)))
     return out
