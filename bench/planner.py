@@ -212,7 +212,7 @@ def main() -> None:
                     help="arrival sequences each plan's goodput is averaged over (seeds 1..N; the planner races on 0)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="scenarios planned at once, one process each (at most the number of cores: the search "
-                         "is capped by wall time, so a busy core plans worse)")
+                         "is capped by counted work, so a busy core changes planning's wall time, not the plans)")
     args = ap.parse_args()
     console = Console(stderr=False, width=220)  # the whole table also when stdout is a file
     suite = {"interactive": INTERACTIVE_SUITE, "clouds": CLOUD_SUITE}.get(args.suite, QUICK if args.quick else SUITE)

@@ -82,15 +82,14 @@ def jobs() -> list[tuple[str, Callable[[], object]]]:
 def main() -> None:
     rows = []
     for name, job in jobs():
-        for k in range(REPEATS):  # each run is a row: this VM's speed varies, and caches may warm up
+        for run in range(REPEATS):  # each run is a row: this VM's speed varies, and caches may warm up
             capacity._MEMO.clear()  # as in a fresh process (memo hits count their work again, in no time)
             before, t0 = work.counts(), time.perf_counter()
             job()
             wall = time.perf_counter() - t0
-            after = work.counts()
-            rows.append((f"{name} #{k + 1}", wall, {k: after[k] - before[k] for k in work.COST}))
+            rows.append((f"{name} #{run + 1}", wall, work.since(before)))
     kinds = list(work.COST)
-    a = np.array([[c[k] for k in kinds] for _, _, c in rows])
+    a = np.array([[c.get(k, 0.0) for k in kinds] for _, _, c in rows])
     y = np.array([w for _, w, _ in rows])
     weights = 1 / np.maximum(y, 0.5)  # relative error: a 1 s job matters as much as a 10 s one
     coef, _ = nnls(a * weights[:, None], y * weights)
@@ -110,7 +109,7 @@ def main() -> None:
 
     print(orjson.dumps({"bench": "work_clock", "cost_current": work.COST, "cost_fitted": fitted,
                         "ratio_current": spread(ratios_now), "ratio_fitted": spread(ratios_fit),
-                        "jobs": {name: {"wall_s": round(w, 3), **{k: c[k] for k in kinds}}
+                        "jobs": {name: {"wall_s": round(w, 3), **{k: c.get(k, 0.0) for k in kinds}}
                                  for name, w, c in rows}}).decode())
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from planner.routing import (
     balance_routing,
     solve_routing,
 )
-from planner.work import COUNTS as WORK
+from planner.work import charge
 
 Group = tuple[GpuId, ...]
 
@@ -84,7 +84,7 @@ class Evaluator:
         return shape, links, tuple(n for n, _ in nodes)
 
     def config(self, group: Group, role: str) -> ReplicaConfig | None:
-        WORK["config"] += 1
+        charge("config")
         shape, links, nodes = self._class_key(group)
         key = (shape, links, role)
         if key not in self._configs:
@@ -154,7 +154,7 @@ class Evaluator:
 
     def _kv_quantile(self, terms: PairTerms, link_cap: float) -> float:
         """KV time of a long prompt plus the queueing a link loaded to ``link_cap`` adds."""
-        WORK["kv_quantile"] += 1
+        charge("kv_quantile")
         wl, q = self.ctx.workload, self.ctx.targets.q
         scale = wl.input.quantile(q) / wl.mean_input
         busy = max((b for _, b in terms.link_use), default=0.0)

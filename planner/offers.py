@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.gpus import GPUS, UnknownGpu, canonical_gpu
-from planner.work import COUNTS as WORK
+from planner.work import charge
 
 
 class CatalogError(ValueError):
@@ -215,7 +215,7 @@ def cheapest_per_type(offers: Iterable[Offer],
     """For each (cloud, region, gpu type, gpu count): the cheapest offer, its price and whether spot."""
     best: dict[tuple[str, str, str, int], tuple[Offer, float, bool]] = {}
     for o in offers:
-        WORK["offer"] += 1
+        charge("offer")
         price, is_spot = o.hourly(spot)
         key = (o.cloud, o.region, o.gpu_type, o.gpu_count)
         if key not in best or price < best[key][1]:

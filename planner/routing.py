@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linprog
@@ -123,6 +124,14 @@ def _solution(prob: RoutingProblem, lp: _Rows, x: np.ndarray, a) -> RoutingSolut
     return RoutingSolution(float(x.sum()), flows, prob.link_cap, binds)
 
 
+def _linprog(cost: np.ndarray, a, ub: np.ndarray | None, bounds: list) -> Any:
+    """HiGHS on ``min cost.x, a.x <= ub``, counted on the planner's work clock."""
+    res = linprog(cost, A_ub=a, b_ub=ub, bounds=bounds, method="highs")
+    charge("lp")
+    charge("lp_var", len(cost))
+    return res
+
+
 def solve_routing(prob: RoutingProblem) -> RoutingSolution:
     """Solve the transportation LP; an empty or capacity-less problem gives total 0."""
     lp = _rows(prob)
@@ -133,9 +142,7 @@ def solve_routing(prob: RoutingProblem) -> RoutingSolution:
         cost[j] += 1e-3 * prob.pair_penalty.get(pd, 0.0)
     bounds = [(0, None)] * len(lp.pairs) + [(0, prob.colocated_cap[c]) for c in lp.cols]
     a = lp.matrix() if lp.ub else None
-    res = linprog(cost, A_ub=a, b_ub=np.array(lp.ub) if lp.ub else None, bounds=bounds, method="highs")
-    charge("lp")
-    charge("lp_var", len(cost))
+    res = _linprog(cost, a, np.array(lp.ub) if lp.ub else None, bounds)
     if res.status != 0 or res.x is None:
         return RoutingSolution(0.0, {}, prob.link_cap)
     return _solution(prob, lp, res.x, a)
@@ -183,9 +190,7 @@ def balance_routing(prob: RoutingProblem, sol: RoutingSolution) -> RoutingSoluti
         cost[j] = 1e-4 * prob.pair_penalty.get(pd, 0.0) / max(sol.total, 1e-9)
     bounds = [(0, None)] * lp.n + [(0, 1)] * len(kinds)
     a = coo_matrix((vals, (rows, cidx)), shape=(r, n)).tocsr()
-    res = linprog(cost, A_ub=a, b_ub=np.array(ub), bounds=bounds, method="highs")
-    charge("lp")
-    charge("lp_var", len(cost))
+    res = _linprog(cost, a, np.array(ub), bounds)
     if res.status != 0 or res.x is None:
         return sol
     return _solution(prob, lp, res.x, lp.matrix())

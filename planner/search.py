@@ -32,7 +32,7 @@ class SearchStats:
     evaluations: int = 0
     improvements: int = 0
     stopped_by: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # on the search's clock (the planner's: reference seconds of work)
 
 
 @dataclass

@@ -41,7 +41,7 @@ COST = {
 WALL_SLACK = 3.0
 WALL_GRACE_S = 1.0  # setup the counts do not see (parsing offers, building contexts) is not a slow machine
 _KINDS = tuple(COST)
-COUNTS = dict.fromkeys(_KINDS, 0.0)  # hot paths add to it directly
+COUNTS = dict.fromkeys(_KINDS, 0.0)  # the roofline passes (the hottest path) add to it directly
 _epoch = [0]
 
 
@@ -87,13 +87,9 @@ class WorkClock:
         self.wall_bound = False  # whether wall time ever drove the clock (the plan may then vary)
 
     def __call__(self) -> float:
-        work = sum(COST[k] * (COUNTS[k] - self._start[k]) for k in _KINDS)
+        work = reference_seconds(since(self._start))
         wall = (time.perf_counter() - self._wall0 - WALL_GRACE_S) / WALL_SLACK
         if wall > work:
             self.wall_bound = True
             return wall
         return work
-
-    def work(self) -> dict[str, float]:
-        """Units of each kind counted since the clock was made."""
-        return {k: COUNTS[k] - self._start[k] for k in _KINDS}
