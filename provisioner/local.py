@@ -68,7 +68,7 @@ class _LocalNode:
     gpu_type: str
     log_path: Path
     port: int = 0
-    pid: int = 0  # the agent; leader of the node's process group, so also its pgid
+    pid: int = 0  # the agent; leader of the node's process group, so also its pgid (0: not started yet)
     proc: asyncio.subprocess.Process | None = None  # None for a node adopted from a previous provisioner
     ready_at: float | None = None  # time.monotonic()
     heartbeat_seen: bool = False

@@ -37,6 +37,16 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
+def signallable_group(pgid: int | None) -> bool:
+    """Whether ``pgid`` names another process group that we may signal as a whole.
+
+    ``os.killpg(0, sig)`` signals the caller's own group, and so does its own id: a node whose agent
+    has no pid yet (released or preempted while it is being launched) once had its pgid read as 0,
+    and the SIGKILL meant for it took down this process, its parent and everything in their group
+    (a CI run ended with exit code 137 that way)."""
+    return pgid is not None and pgid > 0 and pgid != os.getpgrp()
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
@@ -45,8 +55,10 @@ def _pgid(pid: int) -> int | None:
 
 
 def node_processes(pgid: int | None, tag: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes of a node: members of its group, or carrying its tag."""
+    """Live (non-zombie) processes of a node: members of its group, or carrying its tag (never this
+    process's own group: see ``signallable_group``)."""
     me = os.getpid()
+    pgid = pgid if signallable_group(pgid) else None
     found: list[psutil.Process] = []
     for proc in psutil.process_iter(["pid", "status"]):
         if proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
@@ -61,6 +73,7 @@ def node_processes(pgid: int | None, tag: str) -> list[psutil.Process]:
 
 def signal_node(pgid: int | None, tag: str, sig: signal.Signals) -> int:
     """Send ``sig`` to the node's group and to every tagged process; returns how many were signalled."""
+    pgid = pgid if signallable_group(pgid) else None
     if pgid is not None:
         try:
             os.killpg(pgid, sig)

@@ -456,3 +456,66 @@ asyncio.run(main())
             break
         await asyncio.sleep(0.05)
     assert node_pids(state.deployment, "n0") == []
+
+
+async def test_a_node_released_while_it_launches_spares_this_process_group(redis_url: str, state: StateStore,
+                                                                          tmp_path: Path) -> None:
+    """A node whose acquire is cancelled while its agent is being started has no pid yet; releasing it
+    (here: closing the provisioner) once sent ``killpg(0, ...)``, which signals the caller's own group:
+    pytest, make and the CI script with it (a CI run died with exit code 137). Run in a session of its own,
+    so that the old behaviour kills only the child, which then never says it survived."""
+    script = f"""
+import asyncio
+import provisioner.local as local
+from planner.state import StateStore
+from provisioner.base import NodeRequest
+from provisioner.budget import BudgetLedger
+from provisioner.local import LocalProvisioner
+
+async def main():
+    state = StateStore.from_url({redis_url!r}, {state.deployment!r})
+    ledger = BudgetLedger(state)
+    await ledger.set_limit(1.0)
+    prov = LocalProvisioner(state, ledger, redis_url={redis_url!r}, workdir={str(tmp_path)!r}, die_with_parent=True)
+    await prov.start()
+    launching = asyncio.Event()
+    real_exec = asyncio.create_subprocess_exec
+
+    async def slow_exec(*args, **kwargs):  # the node is known, its agent not started yet
+        launching.set()
+        await asyncio.sleep(30)
+        return await real_exec(*args, **kwargs)
+
+    local.asyncio.create_subprocess_exec = slow_exec
+    acquire = asyncio.create_task(prov.acquire(NodeRequest("n0", instance_type="local-L4")))
+    await launching.wait()
+    local.asyncio.create_subprocess_exec = real_exec
+    acquire.cancel()
+    await prov.close()
+    print("survived", (await state.get_node("n0")).status, flush=True)
+
+asyncio.run(main())
+"""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT, cwd=str(REPO),
+                                                start_new_session=True)
+    out, _ = await asyncio.wait_for(proc.communicate(), READY_TIMEOUT_S)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert out.decode().split()[-2:] == ["survived", "terminated"]
+    assert node_pids(state.deployment, "n0") == []
+
+
+def test_only_other_process_groups_are_signallable() -> None:
+    """0 and our own group id both mean 'this group' to killpg: never a node's group."""
+    from provisioner.process_group import signallable_group
+
+    assert not signallable_group(None)
+    assert not signallable_group(0)
+    assert not signallable_group(-5)
+    assert not signallable_group(os.getpgrp())
+    other = psutil.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert signallable_group(other.pid)
+    finally:
+        other.kill()
+        other.wait()

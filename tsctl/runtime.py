@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from provisioner.process_group import pid_alive as alive
+from provisioner.process_group import signallable_group
 
 
 def ts_home() -> Path:
@@ -97,6 +98,8 @@ def stop_process(pid: int | None, grace_s: float = 10.0, sig: signal.Signals = s
         return True
     assert pid is not None
     try:
+        if not signallable_group(pid):  # never our own group (a stale or zeroed pid file)
+            raise PermissionError
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         try:
@@ -109,7 +112,10 @@ def stop_process(pid: int | None, grace_s: float = 10.0, sig: signal.Signals = s
             return True
         time.sleep(0.05)
     try:
-        os.killpg(pid, signal.SIGKILL)
+        if signallable_group(pid):
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     time.sleep(0.2)
