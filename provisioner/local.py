@@ -306,6 +306,10 @@ class LocalProvisioner(Provisioner):
             node.done.set()
             raise ProvisionError(f"node {node.id}: cannot start the node agent: {e}") from e
         node.pid = node.proc.pid
+        if node.stopping:  # released while the agent was being started: the release found nothing to stop
+            await asyncio.to_thread(kill_node, node.pid, node.tag)
+            await node.proc.wait()
+            raise ProvisionError(f"node {node.id} was released while its agent was being started")
         record = await self.state.update_node(node.id, provider_ref=f"{self.ref_prefix}pgid={node.pid}")
         node.tasks.append(asyncio.create_task(self._watch_exit(node), name=f"exit-{node.id}"))
         node.tasks.append(asyncio.create_task(self._bring_up(node), name=f"bring-up-{node.id}"))

@@ -460,15 +460,16 @@ asyncio.run(main())
 
 async def test_a_node_released_while_it_launches_spares_this_process_group(redis_url: str, state: StateStore,
                                                                           tmp_path: Path) -> None:
-    """A node whose acquire is cancelled while its agent is being started has no pid yet; releasing it
-    (here: closing the provisioner) once sent ``killpg(0, ...)``, which signals the caller's own group:
-    pytest, make and the CI script with it (a CI run died with exit code 137). Run in a session of its own,
-    so that the old behaviour kills only the child, which then never says it survived."""
+    """A node released while its agent is being started has no pid yet; releasing it once sent
+    ``killpg(0, ...)``, which signals the caller's own group: pytest, make and the CI script with it (a CI
+    run died with exit code 137). Here one acquire is cancelled mid-launch and the provisioner closed, and
+    another node is released mid-launch, whose launch then ends with an error and no agent left. Run in a
+    session of its own, so that the old behaviour kills only the child, which then never says it survived."""
     script = f"""
 import asyncio
 import provisioner.local as local
 from planner.state import StateStore
-from provisioner.base import NodeRequest
+from provisioner.base import NodeRequest, ProvisionError
 from provisioner.budget import BudgetLedger
 from provisioner.local import LocalProvisioner
 
@@ -478,21 +479,31 @@ async def main():
     await ledger.set_limit(1.0)
     prov = LocalProvisioner(state, ledger, redis_url={redis_url!r}, workdir={str(tmp_path)!r}, die_with_parent=True)
     await prov.start()
-    launching = asyncio.Event()
     real_exec = asyncio.create_subprocess_exec
+    launching, go = asyncio.Event(), asyncio.Event()
 
-    async def slow_exec(*args, **kwargs):  # the node is known, its agent not started yet
+    async def held_exec(*args, **kwargs):  # the node is known, its agent not started yet
         launching.set()
-        await asyncio.sleep(30)
+        await go.wait()
         return await real_exec(*args, **kwargs)
 
-    local.asyncio.create_subprocess_exec = slow_exec
-    acquire = asyncio.create_task(prov.acquire(NodeRequest("n0", instance_type="local-L4")))
+    local.asyncio.create_subprocess_exec = held_exec
+    released = asyncio.create_task(prov.acquire(NodeRequest("n1", instance_type="local-T4")))
     await launching.wait()
-    local.asyncio.create_subprocess_exec = real_exec
-    acquire.cancel()
+    await prov.release("n1")
+    go.set()
+    try:
+        await released
+        print("n1 launched after its release")
+    except ProvisionError:
+        print("n1 refused")
+    launching.clear()
+    go.clear()
+    cancelled = asyncio.create_task(prov.acquire(NodeRequest("n0", instance_type="local-L4")))
+    await launching.wait()
+    cancelled.cancel()
     await prov.close()
-    print("survived", (await state.get_node("n0")).status, flush=True)
+    print("survived", (await state.get_node("n0")).status, (await state.get_node("n1")).status, flush=True)
 
 asyncio.run(main())
 """
@@ -501,8 +512,8 @@ asyncio.run(main())
                                                 start_new_session=True)
     out, _ = await asyncio.wait_for(proc.communicate(), READY_TIMEOUT_S)
     assert proc.returncode == 0, out.decode()[-2000:]
-    assert out.decode().split()[-2:] == ["survived", "terminated"]
-    assert node_pids(state.deployment, "n0") == []
+    assert out.decode().split("\n")[-3:-1] == ["n1 refused", "survived terminated terminated"], out.decode()[-2000:]
+    assert node_pids(state.deployment) == []
 
 
 def test_only_other_process_groups_are_signallable() -> None:
