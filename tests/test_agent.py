@@ -188,6 +188,7 @@ async def test_a_crashed_engine_is_restarted_with_its_role(agent: tuple[AgentPro
     _, client = agent
     rep = await client.start_replica(id="c0", model="emulated", role="decode", wait_ready=True)
     await client.switch_role("c0", "prefill")
+    assert rep["pid"] > 0  # os.kill(0, ...) would signal this test's own process group
     os.kill(rep["pid"], signal.SIGKILL)
 
     async def restarted() -> bool:

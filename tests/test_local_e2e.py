@@ -185,7 +185,9 @@ def test_controller_and_gateway_restart_resume_from_redis(cluster: LocalCluster)
     with SteadyLoad(cluster, streams=2) as load:
         time.sleep(2)
         t_crash = time.time()
-        os.kill(cluster.deployment()["controller_pid"], signal.SIGKILL)  # a crash, not a clean stop
+        controller_pid = cluster.deployment()["controller_pid"]
+        assert controller_pid > 0  # os.kill(0, ...) would signal this test's own process group
+        os.kill(controller_pid, signal.SIGKILL)  # a crash, not a clean stop
         time.sleep(1)
         cluster.tsctl("restart", "controller", "-d", cluster.name)
         cluster.wait_for(lambda s: events_of(s, "controller.started")[-1:] and
