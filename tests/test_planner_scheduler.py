@@ -275,3 +275,30 @@ def test_a_plan_routed_over_a_busier_link_verifies_at_its_own_cap(monkeypatch) -
 
     monkeypatch.setattr(planner.verify, "LINK_UTILISATION_STEPS", (LINK_UTILISATION,))
     assert any("link" in v for v in routing_violations(plan))  # the plan's link is busier than LINK_UTILISATION
+
+
+def test_a_challenger_that_beats_the_bar_is_measured_from_its_own_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A challenger four times the bar is measured upwards from the cost model's estimate of it, not
+    climbing in 10% steps from the rate it needed: stepping up from there once took 11 simulations
+    and left the race no time for the next finalist (the plan that would have won, by 12%)."""
+    from time import perf_counter
+
+    import planner.simulator as simulator
+    from planner.scheduler import _select_by_simulation
+
+    s, g, cand = _race_on_4_l40s()
+    bar, challenger = cand([(g[0],)], 2.0), cand([(x,) for x in g], 1.0)
+    probes: list[tuple[int, float]] = []
+    real = simulator.meets_slo
+
+    def recording(plan, wl, slo, rate, **k):
+        probes.append((len(plan.replicas), rate))
+        return real(plan, wl, slo, rate, **k)
+
+    monkeypatch.setattr(simulator, "meets_slo", recording)
+    chosen = _select_by_simulation(s, [bar, challenger], perf_counter() + 60)
+    assert len(chosen[1].groups) == 4
+    bar_rates = [r for n, r in probes if n == 1]
+    challenger_rates = [r for n, r in probes if n == 4]
+    assert challenger_rates[0] < 1.1 * max(bar_rates)  # first the one probe at the rate it needs
+    assert len(challenger_rates) <= 7, challenger_rates
