@@ -27,12 +27,20 @@ from provisioner.chaos import RandomPreemptor
 from provisioner.events import NodeEvent
 from provisioner.fallback import SpotFallbackPolicy
 from provisioner.local import LocalProvisioner
-from provisioner.process_group import NODE_TAG_ENV
+from provisioner.process_group import NODE_TAG_ENV, parse_pgid, signallable_group
 from replicas.agent_client import AgentClient
 
 REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT_TTL_S = 1.5
 READY_TIMEOUT_S = 90.0  # generous: agents start slower on a busy 2-core machine
+
+
+def node_group(rec: Any) -> int:
+    """A node's process group from its record, checked to be another group than this test run's:
+    ``killpg`` on 0 or on our own id would stop or kill pytest, make and the CI script."""
+    pgid = parse_pgid(rec.provider_ref)
+    assert pgid is not None and signallable_group(pgid), rec.provider_ref
+    return pgid
 
 
 def node_pids(deployment: str, node_id: str | None = None) -> list[int]:
@@ -149,7 +157,7 @@ async def test_three_node_types_come_up_and_answer(make_local: Any, state: State
             health = await agent.health()
         assert (health["node_id"], health["gpu_type"], health["gpu_count"]) == (node_id, rec.gpu_type, 1)
         assert rec.provider_ref.startswith("local:pgid=")
-        assert os.getpgid(int(rec.provider_ref.split("=")[1])) == int(rec.provider_ref.split("=")[1])
+        assert os.getpgid(node_group(rec)) == node_group(rec)
     for _ in range(50):
         if all((await state.alive(list(recs))).values()):
             break
@@ -192,7 +200,7 @@ async def test_a_hung_node_is_lost_by_heartbeat_expiry(make_local: Any, state: S
         if (await state.alive(["n0"]))["n0"]:
             break
         await asyncio.sleep(0.1)
-    pgid = int(rec.provider_ref.split("=")[1])
+    pgid = node_group(rec)
     os.killpg(pgid, signal.SIGSTOP)  # hung: the process exists, nothing answers, no heartbeat
     stopped = time.monotonic()
     lost = await next_event(events, "preempted", "n0", timeout_s=30)
@@ -306,7 +314,7 @@ async def test_restarted_provisioner_adopts_running_nodes(make_local: Any, state
     await first.close(release_nodes=False)  # the controller dies; the nodes run on (their own sessions)
     assert set(live_node_ids(state.deployment)) == {"n0", "n1"}
     n1 = await state.get_node("n1")
-    os.killpg(int(n1.provider_ref.split("=")[1]), signal.SIGKILL)  # lost while nobody watches
+    os.killpg(node_group(n1), signal.SIGKILL)  # lost while nobody watches
     for _ in range(100):
         if not node_pids(state.deployment, "n1"):
             break
@@ -317,7 +325,7 @@ async def test_restarted_provisioner_adopts_running_nodes(make_local: Any, state
     assert {n.id: n.status for n in await second.nodes()} == {"n0": "ready", "n1": "preempted"}
     assert await second.ledger.holds() == {"n0": pytest.approx(0.22)}
     n0 = await state.get_node("n0")
-    os.killpg(int(n0.provider_ref.split("=")[1]), signal.SIGKILL)  # not our child: seen by polling
+    os.killpg(node_group(n0), signal.SIGKILL)  # not our child: seen by polling
     lost = await next_event(events, "preempted", "n0", timeout_s=30)
     assert "process poll" in lost.reason or "heartbeat" in lost.reason
     assert await second.ledger.holds() == {}
@@ -518,8 +526,6 @@ asyncio.run(main())
 
 def test_only_other_process_groups_are_signallable() -> None:
     """0 and our own group id both mean 'this group' to killpg: never a node's group."""
-    from provisioner.process_group import signallable_group
-
     assert not signallable_group(None)
     assert not signallable_group(0)
     assert not signallable_group(-5)
