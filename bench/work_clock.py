@@ -55,7 +55,8 @@ def jobs() -> list[tuple[str, Callable[[], object]]]:
         return lambda: plan_deployment(sc.model, b.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget,
                                        offers=b.offers_for(sc.cloud), inter_node_gbps=sc.gbps, time_limit_s=limit_s)
 
-    for idx, cloud in [(0, ""), (3, ""), (5, "lambda"), (7, ""), (9, "runpod"), (11, ""), (13, "vast")]:
+    for idx, cloud in [(0, ""), (3, ""), (5, "lambda"), (7, ""), (9, "runpod"), (11, ""), (13, "vast"), (3, "vast"),
+                       (5, "runpod"), (11, "lambda")]:
         sc = b.replace(b.SUITE[idx], cloud=cloud)
         out.append((f"plan {sc.name}", rented(sc, 6.0)))
     sc = b.INTERACTIVE_SUITE[3]  # 70B, long prompts, MLPerf's interactive targets: capacity tables dominate
