@@ -40,10 +40,10 @@ def pid_alive(pid: int | None) -> bool:
 def signallable_group(pgid: int | None) -> bool:
     """Whether ``pgid`` names another process group that we may signal as a whole.
 
-    ``os.killpg(0, sig)`` signals the caller's own group, and so does its own id: a node whose agent
-    has no pid yet (released or preempted while it is being launched) once had its pgid read as 0,
-    and the SIGKILL meant for it took down this process, its parent and everything in their group
-    (a CI run ended with exit code 137 that way)."""
+    ``os.killpg(0, sig)`` signals the caller's own group, and so does its own id. A node released while
+    its agent was being launched had no pid yet (0), and stopping it signalled our own group: here it
+    SIGTERMed the test run; a CI run that died with exit code 137 in these tests, make and the CI
+    script with it, most likely met the same end."""
     return pgid is not None and pgid > 0 and pgid != os.getpgrp()
 
 

@@ -427,13 +427,14 @@ async def test_budget_holds_through_a_preemption_storm(make_local: Any, state: S
           f"running groups {worst['processes']:.2f} (budget {budget:.2f})")
 
 
-async def test_die_with_parent_reaps_agents_of_a_killed_provisioner(redis_url: str, state: StateStore,
-                                                                    tmp_path: Path) -> None:
-    """A test run killed outright must not leave agents behind: with ``die_with_parent`` they die with it."""
-    script = f"""
+def provisioner_script(redis_url: str, state: StateStore, tmp_path: Path, body: str) -> str:
+    """A program for a child process: a LocalProvisioner ``prov`` (``die_with_parent``, on this test's
+    deployment, $1/h), then ``body``: the rest of its ``main()``, indented by 4."""
+    return f"""
 import asyncio
+import provisioner.local as local
 from planner.state import StateStore
-from provisioner.base import NodeRequest
+from provisioner.base import NodeRequest, ProvisionError
 from provisioner.budget import BudgetLedger
 from provisioner.local import LocalProvisioner
 
@@ -443,13 +444,20 @@ async def main():
     await ledger.set_limit(1.0)
     prov = LocalProvisioner(state, ledger, redis_url={redis_url!r}, workdir={str(tmp_path)!r}, die_with_parent=True)
     await prov.start()
+{body}
+asyncio.run(main())
+"""
+
+
+async def test_die_with_parent_reaps_agents_of_a_killed_provisioner(redis_url: str, state: StateStore,
+                                                                    tmp_path: Path) -> None:
+    """A test run killed outright must not leave agents behind: with ``die_with_parent`` they die with it."""
+    script = provisioner_script(redis_url, state, tmp_path, f"""
     await prov.acquire(NodeRequest("n0", instance_type="local-L4"))
     await prov.wait_ready("n0", {READY_TIMEOUT_S})
     print("ready", flush=True)
     await asyncio.sleep(600)
-
-asyncio.run(main())
-"""
+""")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
                                                 cwd=str(REPO))
     try:
@@ -473,20 +481,7 @@ async def test_a_node_released_while_it_launches_spares_this_process_group(redis
     run died with exit code 137). Here one acquire is cancelled mid-launch and the provisioner closed, and
     another node is released mid-launch, whose launch then ends with an error and no agent left. Run in a
     session of its own, so that the old behaviour kills only the child, which then never says it survived."""
-    script = f"""
-import asyncio
-import provisioner.local as local
-from planner.state import StateStore
-from provisioner.base import NodeRequest, ProvisionError
-from provisioner.budget import BudgetLedger
-from provisioner.local import LocalProvisioner
-
-async def main():
-    state = StateStore.from_url({redis_url!r}, {state.deployment!r})
-    ledger = BudgetLedger(state)
-    await ledger.set_limit(1.0)
-    prov = LocalProvisioner(state, ledger, redis_url={redis_url!r}, workdir={str(tmp_path)!r}, die_with_parent=True)
-    await prov.start()
+    script = provisioner_script(redis_url, state, tmp_path, """
     real_exec = asyncio.create_subprocess_exec
     launching, go = asyncio.Event(), asyncio.Event()
 
@@ -512,9 +507,7 @@ async def main():
     cancelled.cancel()
     await prov.close()
     print("survived", (await state.get_node("n0")).status, (await state.get_node("n1")).status, flush=True)
-
-asyncio.run(main())
-"""
+""")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT, cwd=str(REPO),
                                                 start_new_session=True)

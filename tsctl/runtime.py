@@ -92,30 +92,34 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the group ``pid`` leads (its session's processes), or the process alone when that group is
+    ours (a stale pid file naming our own group leader) or cannot be signalled."""
+    if signallable_group(pid):
+        try:
+            os.killpg(pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            pass
+    os.kill(pid, sig)
+
+
 def stop_process(pid: int | None, grace_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> bool:
     """Send ``sig`` to the process (and its session's group), SIGKILL after ``grace_s``; True if it is gone."""
     if not alive(pid):
         return True
     assert pid is not None
     try:
-        if not signallable_group(pid):  # never our own group (a stale or zeroed pid file)
-            raise PermissionError
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return True
+        _signal_group(pid, sig)
+    except ProcessLookupError:
+        return True
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if not alive(pid):
             return True
         time.sleep(0.05)
     try:
-        if signallable_group(pid):
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        _signal_group(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     time.sleep(0.2)
