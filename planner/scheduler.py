@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.cluster import Cluster, pool_from_spec
@@ -193,9 +193,13 @@ def _homogeneous_candidates(s: Setting) -> list[tuple[Evaluator, Evaluation]]:
         out.append((ev, e))
     ev, e = distserve(s, promising_clusters(s, clusters, split=True, keep=HOMOGENEOUS_TYPES))
     if e is not None and e.goodput > 0:
+        prices = {n.id: n.price_per_hour for n in ev.ctx.cluster.nodes}
+        if not ev.bandwidth_aware:  # DistServe's own estimate ignores the links: ranked by what they carry
+            linked = s.evaluator(ev.ctx.cluster, kv=ev.kv_compression).evaluate(e.groups, e.roles, prices)
+            e = replace(e, goodput=linked.goodput, score=linked.score)
         out.append((ev, e))
         ours = s.evaluator(ev.ctx.cluster)
-        routed = ours.evaluate(e.groups, e.roles, {n.id: n.price_per_hour for n in ev.ctx.cluster.nodes})
+        routed = ours.evaluate(e.groups, e.roles, prices)
         if routed.goodput > 0:
             out.append((ours, routed))
     return out

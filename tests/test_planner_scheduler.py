@@ -302,3 +302,24 @@ def test_a_challenger_that_beats_the_bar_is_measured_from_its_own_estimate(monke
     challenger_rates = [r for n, r in probes if n == 4]
     assert challenger_rates[0] < 1.1 * max(bar_rates)  # first the one probe at the rate it needs
     assert len(challenger_rates) <= 7, challenger_rates
+
+
+def test_the_hand_built_distserve_split_is_ranked_by_what_the_links_carry() -> None:
+    """DistServe's own plan is made with its bandwidth-blind estimate; as a candidate of ours it is ranked
+    by the link-aware estimate of the same deployment. Blind, a split of 13B over 5 Gbps with 2k-token
+    prompts looks far better than the links allow; it once headed the race as its bar (1.8x its simulated
+    goodput) and cost the race the time to simulate the plan that would have won."""
+    from planner.offers import Offer
+    from planner.scheduler import _homogeneous_candidates
+
+    wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+    s = Setting(load_model("llama-2-13b"), wl, SLO(3.0, 0.05), 12.0, [Offer("a", "1x_A100-80GB", "A100-80GB", 1, 1.2,
+                None, "r1")], None, False, 5.0, "auto", 0, 8.0, 64, DEFAULT_EFF)
+    blind_split = [(ev, e) for ev, e in _homogeneous_candidates(s) if not ev.bandwidth_aware]
+    assert blind_split, "no DistServe split planned blind: the test no longer exercises the re-ranking"
+    ev, e = blind_split[0]
+    prices = {n.id: n.price_per_hour for n in ev.ctx.cluster.nodes}
+    blind = ev.evaluate(e.groups, e.roles, prices)
+    linked = s.evaluator(ev.ctx.cluster, kv="none").evaluate(e.groups, e.roles, prices)
+    assert e.score == pytest.approx(linked.score) and e.goodput == pytest.approx(linked.goodput)
+    assert linked.goodput < 0.8 * blind.goodput
