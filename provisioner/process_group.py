@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import TypeGuard
 
 import psutil
 
@@ -37,7 +38,7 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
-def signallable_group(pgid: int | None) -> bool:
+def signallable_group(pgid: int | None) -> TypeGuard[int]:
     """Whether ``pgid`` names another process group that we may signal as a whole.
 
     ``os.killpg(0, sig)`` signals the caller's own group, and so does its own id. A node released while
@@ -73,8 +74,7 @@ def node_processes(pgid: int | None, tag: str) -> list[psutil.Process]:
 
 def signal_node(pgid: int | None, tag: str, sig: signal.Signals) -> int:
     """Send ``sig`` to the node's group and to every tagged process; returns how many were signalled."""
-    pgid = pgid if signallable_group(pgid) else None
-    if pgid is not None:
+    if signallable_group(pgid):
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
