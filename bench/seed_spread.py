@@ -1,0 +1,98 @@
+"""How much one arrival sequence moves a scenario's verdict: each strategy's plan, its goodput per $/h on
+seeds 0..N-1 (seed 0 is the sequence the planner races its finalists on; the suite averages 1-3), and
+ThunderServe's ratio to the best baseline on each seed and on the mean of all.
+
+    python bench/seed_spread.py 'llama-2-13b $20/h long 40G' --seeds 8   # ~1.5 min for 3 strategies
+    python bench/seed_spread.py '30b $30/h long 5G lambda' --suite clouds --strategies thunderserve,hexgen
+
+Prints a rich table and, last, one JSON line. A scenario is picked by its name as ``bench/planner.py`` prints it, or a
+piece of one; plans are made exactly as that suite makes them (8 s limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def _suite_module():
+    """bench/planner.py, loaded under another name (``planner`` is the package it benchmarks)."""
+    spec = importlib.util.spec_from_file_location("planner_suite", HERE / "planner.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["planner_suite"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("scenario", help="a piece of the scenario's name, e.g. '13b $20/h long 40G'")
+    ap.add_argument("--suite", choices=("main", "interactive", "clouds"), default="main")
+    ap.add_argument("--strategies", default="thunderserve,colocated,distserve,hexgen")
+    ap.add_argument("--seeds", type=int, default=8, help="arrival sequences 0..N-1")
+    ap.add_argument("--time-limit", type=float, default=8.0)
+    args = ap.parse_args()
+
+    suite_mod = _suite_module()
+    from planner.scheduler import plan_deployment, plan_summary
+    from planner.simulator import goodput
+
+    suite = {"interactive": suite_mod.INTERACTIVE_SUITE, "clouds": suite_mod.CLOUD_SUITE}.get(args.suite,
+                                                                                            suite_mod.SUITE)
+    matches = ([sc for sc in suite if args.scenario.lower() == sc.name.lower()]  # a whole name, else a piece
+               or [sc for sc in suite if args.scenario.lower() in sc.name.lower()])
+    if len(matches) != 1:
+        names = ", ".join(sc.name for sc in matches) or "none"
+        raise SystemExit(f"error: '{args.scenario}' names {len(matches)} scenarios of the {args.suite} suite "
+                         f"({names}); give a piece of exactly one name")
+    sc = matches[0]
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    seeds = list(range(args.seeds))
+    wl, slo = suite_mod.PROMPTS[sc.prompts], sc.slo()
+    gpd: dict[str, list[float]] = {}
+    shapes: dict[str, str] = {}
+    for strat in strategies:
+        plan = plan_deployment(sc.model, wl, slo, budget=sc.budget, offers=suite_mod.offers_for(sc.cloud),
+                               strategy=strat, inter_node_gbps=sc.gbps, time_limit_s=args.time_limit)
+        s = plan_summary(plan)
+        shapes[strat] = (f"{'+'.join(sorted({i.gpu_type for i in plan.instances}))} "
+                         f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C")
+        gpd[strat] = [goodput(plan, wl, slo, iters=6, seed=k) / plan.cost_per_hour for k in seeds]
+
+    baselines = [b for b in strategies if b in suite_mod.BASELINES]
+    per_seed = ([gpd["thunderserve"][i] / max(gpd[b][i] for b in baselines) for i in range(len(seeds))]
+                if "thunderserve" in gpd and baselines else [])
+    table = Table(title=f"{sc.name}: goodput per $/h on each arrival sequence")
+    for col in ("strategy", "plan", *[f"seed {k}" for k in seeds], "mean", "sd %"):
+        table.add_column(col)
+    for strat in strategies:
+        mean = statistics.fmean(gpd[strat])
+        sd = 100 * statistics.pstdev(gpd[strat]) / mean if mean > 0 else 0.0
+        table.add_row(strat, shapes[strat], *[f"{x:.3f}" for x in gpd[strat]], f"{mean:.3f}", f"{sd:.1f}")
+    if per_seed:
+        table.add_row("ours / best baseline", "", *[f"{r:.3f}" for r in per_seed],
+                      f"{statistics.fmean(gpd['thunderserve']) / max(statistics.fmean(gpd[b]) for b in baselines):.3f}",
+                      "")
+    Console(width=220).print(table)
+    print(orjson.dumps({
+        "bench": "seed_spread", "scenario": sc.name, "seeds": seeds, "plans": shapes,
+        "gpd": {k: [round(x, 4) for x in v] for k, v in gpd.items()},
+        "ratio_per_seed": [round(r, 3) for r in per_seed],
+        "ratio_of_means": round(statistics.fmean(gpd["thunderserve"])
+                                / max(statistics.fmean(gpd[b]) for b in baselines), 3) if per_seed else None,
+    }).decode())
+
+
+if __name__ == "__main__":
+    main()
