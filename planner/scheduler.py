@@ -229,7 +229,7 @@ BAR_TOL = 0.03
 # A challenger that passes the rate it needs by less than this (relative) is a near tie: it replaces the bar
 # only if it beats it on a second arrival sequence too (``_SecondLook``).
 CONFIRM_MARGIN = 0.05
-# The race's arrival sequences (simulator seeds): every finalist is judged on the first, near ties on both.
+# The race's arrival sequences (simulator seeds): every finalist is judged on the first, a near tie on the second.
 # The bench measures plans on seeds 1..N, sequences the race never saw.
 RACE_SEEDS = (0, 104729)
 # A second look measures the bar on the second sequence in steps of LOOK_STEP, at most LOOK_PROBES
