@@ -12,7 +12,6 @@ piece of one; plans are made exactly as that suite makes them (8 s limit).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -21,18 +20,9 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _suite_module():
-    """bench/planner.py, loaded under another name (``planner`` is the package it benchmarks)."""
-    spec = importlib.util.spec_from_file_location("planner_suite", HERE / "planner.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["planner_suite"] = module
-    spec.loader.exec_module(module)
-    return module
+from _suite import planner_suite
 
 
 def main() -> None:
@@ -44,7 +34,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=8.0)
     args = ap.parse_args()
 
-    suite_mod = _suite_module()
+    suite_mod = planner_suite()
     from planner.scheduler import plan_deployment, plan_summary
     from planner.simulator import goodput
 

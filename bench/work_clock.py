@@ -13,7 +13,6 @@ Prints a rich table and, last, one JSON line (the fitted ``COST`` and the per-jo
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ from scipy.optimize import nnls
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _suite import planner_suite  # noqa: E402
+
 from planner import capacity, work  # noqa: E402
 from planner.reschedule import reschedule  # noqa: E402
 from planner.scheduler import plan_deployment  # noqa: E402
@@ -38,17 +39,9 @@ from planner.workload import SLO  # noqa: E402
 REPEATS = 2  # runs of each job: this VM's speed moves by up to 50% from one second to the next
 
 
-def _suite():
-    spec = importlib.util.spec_from_file_location("planner_bench", ROOT / "bench" / "planner.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["planner_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def jobs() -> list[tuple[str, Callable[[], object]]]:
     """Planning jobs whose work mixes differ: simulation-heavy races, LP-heavy big pools, MIP-heavy renting."""
-    b = _suite()
+    b = planner_suite()
     out: list[tuple[str, Callable[[], object]]] = []
 
     def rented(sc, limit_s: float) -> Callable[[], object]:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from planner.bisection import walk
 from planner.cluster import Cluster, pool_from_spec
 from planner.cost_model import DEFAULT_EFF, Efficiency
 from planner.evaluate import Evaluation, Evaluator
@@ -313,7 +314,7 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
     at most ``SECOND_LOOK_SIMS`` simulations). Past ``deadline`` only the first ``MIN_PROBED`` of the
     search's own and the ``must`` candidates are probed, and past ``hard_stop`` none is; a second look
     starts only if it should end before ``look_stop``."""
-    from planner.simulator import goodput, meets_slo
+    from planner.simulator import goodput
 
     must_ids = {id(e) for _, e in must or []}
     finalists: dict[tuple, tuple[Evaluator, Evaluation, Plan]] = {}  # by what they deploy, best-ranked first
@@ -331,52 +332,55 @@ def _select_by_simulation(s: Setting, shortlist: list[tuple[Evaluator, Evaluatio
     ranked = list(finalists)
     own = [k for k in ranked[1:FINALISTS] if k not in forced]
     top = ranked[:1] + [k for k in ranked[1:] if k in forced] + own
-    best, best_g, best_cost = finalists[top[0]][:2], 0.0, math.inf
-    best_key, second_look = top[0], _SecondLook(s)
-
-    def probe(plan: Plan, wl: Workload, rate: float) -> bool:
-        return meets_slo(plan, wl, s.slo, rate, seed=RACE_SEEDS[0], max_requests=RACE_REQUESTS)
-
+    best_key, best_g, best_cost = top[0], 0.0, math.inf
+    second_look = _SecondLook(s)
     simulated = 0
     for i, key in enumerate(top):
-        ev, e, plan = finalists[key]
+        plan = finalists[key][2]
         now = s.clock()
         late = now > deadline and key in own[MIN_PROBED - 1:]
         if i > 0 and (now > hard_stop or late):
             continue  # out of time: the cost model's ranking decides, except for a candidate that must be probed
         simulated += 1
-        wl = s.workload if s.workload.rate > 0 else s.workload.with_rate(e.goodput)
         cost = plan.cost_per_hour
         if best_g > 0:
             need = _rate_to_beat(s.objective, best_g, best_cost, cost)
             before = s.clock()
-            if not probe(plan, wl, need):
+            if not _probe(s, plan, need, RACE_SEEDS[0]):
                 continue
             sim_cost = s.clock() - before
             clear = need * (1 + CONFIRM_MARGIN)
-            if probe(plan, wl, clear):
+            if _probe(s, plan, clear, RACE_SEEDS[0]):
                 # a clear winner, the next bar: measured to within BAR_TOL like the first, from its own
                 # estimate (or ``clear`` if that is higher): climbing in 10% steps from the rate it needed
                 # once took 11 simulations for a challenger 46% above the bar, and starved the race
-                g = goodput(plan, wl, s.slo, seed=RACE_SEEDS[0], iters=RACE_ITERS, max_requests=RACE_REQUESTS,
-                            passes=clear, deadline=-math.inf, tol=BAR_TOL, clock=s.clock)
+                g = goodput(plan, s.workload, s.slo, seed=RACE_SEEDS[0], iters=RACE_ITERS,
+                            max_requests=RACE_REQUESTS, passes=clear, deadline=-math.inf, tol=BAR_TOL, clock=s.clock)
             else:  # a near tie: placed to within half the margin, then judged on a second sequence
                 half = need * (1 + CONFIRM_MARGIN / 2)
-                g = half if probe(plan, wl, half) else need
+                g = half if _probe(s, plan, half, RACE_SEEDS[0]) else need
                 if s.clock() + SECOND_LOOK_SIMS * sim_cost <= look_stop:
                     there = second_look.bar(best_key, finalists[best_key][2], best_g)
                     if not second_look.passes(plan, _rate_to_beat(s.objective, there, best_cost, cost)):
                         continue  # it won on one sequence only
         else:  # the first measurement is the bar every other finalist is judged by: cut short only
             # once it is within BAR_TOL (a bar cut at its first passing rate let a 22% worse plan win)
-            g = goodput(plan, wl, s.slo, seed=RACE_SEEDS[0], iters=RACE_ITERS, max_requests=RACE_REQUESTS,
+            g = goodput(plan, s.workload, s.slo, seed=RACE_SEEDS[0], iters=RACE_ITERS, max_requests=RACE_REQUESTS,
                         deadline=-math.inf, tol=BAR_TOL, clock=s.clock)
         if g > 0:  # a challenger got here only past the rate it needed
-            best, best_g, best_cost, best_key = (ev, e), g, cost, key
+            best_key, best_g, best_cost = key, g, cost
             s.stats["sim_goodput_rps"] = round(g, 4)
     s.stats["finalists_simulated"] = float(simulated)
     s.stats["race_second_look_simulations"] = float(second_look.probes)
-    return best
+    return finalists[best_key][:2]
+
+
+def _probe(s: Setting, plan: Plan, rate: float, seed: int) -> bool:
+    """One race simulation: whether ``plan`` serves ``rate`` within the SLO on arrival sequence ``seed``
+    (the workload's own rate plays no part: the probe's replaces it)."""
+    from planner.simulator import meets_slo
+
+    return meets_slo(plan, s.workload, s.slo, rate, seed=seed, max_requests=RACE_REQUESTS)
 
 
 class _SecondLook:
@@ -397,10 +401,8 @@ class _SecondLook:
 
     def passes(self, plan: Plan, rate: float) -> bool:
         """Whether ``plan`` serves ``rate`` on the second sequence (one simulation)."""
-        from planner.simulator import meets_slo
-
         self.probes += 1
-        return meets_slo(plan, self.s.workload, self.s.slo, rate, seed=RACE_SEEDS[1], max_requests=RACE_REQUESTS)
+        return _probe(self.s, plan, rate, RACE_SEEDS[1])
 
     def bar(self, key: tuple, plan: Plan, first: float) -> float:
         """The bar's goodput on the second sequence, searched from ``first`` (its goodput on the first) in
@@ -408,15 +410,7 @@ class _SecondLook:
         within a few %). Unbracketed by then, the sequences differ by more than the near tie it decides:
         the highest rate that passed (or the lowest that failed) stands for it."""
         if key not in self.bars:
-            lo, up, rate = 0.0, math.inf, first
-            for _ in range(LOOK_PROBES):
-                if self.passes(plan, rate):
-                    lo = rate
-                else:
-                    up = rate
-                if lo > 0 and up < math.inf:
-                    break
-                rate = rate * (1 + LOOK_STEP) if up == math.inf else rate / (1 + LOOK_STEP)
+            lo, up = walk(lambda rate: self.passes(plan, rate), first, LOOK_STEP, LOOK_PROBES)
             self.bars[key] = lo if lo > 0 else up
         return self.bars[key]
 
