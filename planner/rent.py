@@ -201,8 +201,23 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
         raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
     results.sort(key=lambda r: (-r[0], -r[2], r[1]))
     in_node.sort(key=lambda r: (-r[0], -r[2], r[1]))
-    chosen = results[:top] + in_node[:in_node_top]
+    chosen = _distinct(results)[:top] + _distinct(in_node)[:in_node_top]
     return [_pool_from_picks(site, picks) for _, site, _, _, picks in chosen]
+
+
+def _distinct(results: list[tuple]) -> list[tuple]:
+    """The best of each distinct rental: two regions of one cloud that sell the same instance types at
+    the same prices give the same pool, and a second copy would only take a place (and search time) that
+    another pool should have (two RunPod regions once pushed Lambda's GH200s, the best 70B mix, out)."""
+    seen: set[tuple] = set()
+    out = []
+    for r in results:
+        rental = tuple(sorted((u.kind.offer.cloud, u.kind.offer.instance_type, round(u.kind.price, 4), u.role,
+                               u.instances, u.gpus_per_replica, u.layout, n) for u, n in r[4]))
+        if rental not in seen:
+            seen.add(rental)
+            out.append(r)
+    return out
 
 
 def _kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:

@@ -377,3 +377,28 @@ def test_the_hand_built_distserve_split_is_ranked_by_what_the_links_carry() -> N
     linked = s.evaluator(ev.ctx.cluster, kv="none").evaluate(e.groups, e.roles, prices)
     assert e.score == pytest.approx(linked.score) and e.goodput == pytest.approx(linked.goodput)
     assert linked.goodput < 0.8 * blind.goodput
+
+
+def test_regions_renting_the_same_instances_give_one_pool() -> None:
+    """Two regions of one cloud whose best rental is the same instances at the same prices are one pool,
+    not two: the place a copy would take (and its share of the search) goes to the next rental."""
+    from planner.offers import Offer
+    from planner.rent import choose_pools
+
+    s = Setting(load_model("llama-2-7b"), CONV, SLO(2.0, 0.1), 10.0, None, None, False, 40.0, "auto", 0, 1.0,
+                64, DEFAULT_EFF)
+    offers = [Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r1"),
+              Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r2"),
+              Offer("a", "1x_T4", "T4", 1, 9.0, None, "r2"),  # r2 differs from r1 only by what no one rents
+              Offer("b", "1x_A100-80GB", "A100-80GB", 1, 3.0, None, "r3")]
+
+    def pools(top: int) -> list[tuple[str, tuple]]:
+        return [(p.site[1], tuple(sorted((n.instance_type, n.price_per_hour) for n in p.cluster.nodes)))
+                for p in choose_pools(offers, 10.0, False, s.context, phases=("prefill", "decode", "both"),
+                                      inter_node_gbps=40.0, kv_compression="auto", max_gpus=64, top=top,
+                                      in_node_top=0)]
+
+    chosen = pools(3)
+    assert [site for site, _ in chosen][:1] == ["r1"]  # L40S per dollar beats A100-80GB here
+    assert len({rental for _, rental in chosen}) == len(chosen)  # no rental twice
+    assert [site for site, _ in chosen] == ["r1", "r3"]  # r2's copy of r1 gave its place to r3
