@@ -129,12 +129,20 @@ INTERACTIVE_SUITE = [Scenario("llama-3.1-8b", 10, "short", 40, interactive=True)
 # One cloud account each: the main suite renting from one provider's catalog only (what that cloud lists)
 CLOUDS = ("lambda", "runpod", "vast")
 CLOUD_SUITE = [replace(sc, cloud=c) for c in CLOUDS for sc in SUITE]
+SUITES = {"main": SUITE, "interactive": INTERACTIVE_SUITE, "clouds": CLOUD_SUITE}
 
 
 @functools.cache
 def offers_for(cloud: str) -> list:
     """The offers of one catalog, or of all of them."""
     return load_offers(sorted(CATALOGS.glob(f"{cloud or '*'}_vms.csv")))
+
+
+def plan_shape(plan) -> dict[str, str]:
+    """What a plan rents and how it splits it: ``mix`` (GPU types), ``shape`` (replicas by role, GPUs)."""
+    s = plan_summary(plan)
+    return {"mix": "+".join(sorted({i.gpu_type for i in plan.instances})),
+            "shape": f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C on {s['gpus']} GPUs"}
 
 
 def run_scenario(sc: Scenario, time_limit: float, strategies, seeds: int = 3) -> dict:
@@ -153,14 +161,12 @@ def run_scenario(sc: Scenario, time_limit: float, strategies, seeds: int = 3) ->
         # split plan's goodput by up to 5%, and the plan a race picked on seed 0 is flattered by seed 0
         runs = [goodput(plan, PROMPTS[sc.prompts], sc.slo(), iters=6, seed=k) for k in range(1, seeds + 1)]
         g = sum(runs) / len(runs)
-        s = plan_summary(plan)
         col = sorted({f"mix{r.prefill_chunk}" if r.mixed_chunk else "pf" for r in plan.replicas if r.role == "both"})
         out[strat] = {"goodput": round(g, 3), "cost": round(plan.cost_per_hour, 3),
                       "gpd": round(g / plan.cost_per_hour, 4) if plan.cost_per_hour else 0.0,
                       "estimate": plan.expected.get("goodput_rps", 0.0), "plan_s": round(plan_s, 2),
                       "plan_cpu_s": round(plan_cpu, 2),
-                      "mix": "+".join(sorted({f"{i.gpu_type}" for i in plan.instances})),
-                      "shape": f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C on {s['gpus']} GPUs",
+                      **plan_shape(plan),
                       "col": "+".join(col) or "-"}
     return out
 
@@ -204,7 +210,7 @@ def summarize(sc: Scenario, res: dict, strategies, table: Table, console: Consol
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--suite", choices=("main", "interactive", "clouds"), default="main",
+    ap.add_argument("--suite", choices=tuple(SUITES), default="main",
                     help="interactive: MLPerf's interactive TTFT/TPOT targets; clouds: the main suite once per "
                          "cloud, renting from that cloud's catalog only (neither times the planner on owned pools)")
     ap.add_argument("--time-limit", type=float, default=None, help="search seconds per plan")
@@ -215,7 +221,7 @@ def main() -> None:
                          "is capped by counted work, so a busy core changes planning's wall time, not the plans)")
     args = ap.parse_args()
     console = Console(stderr=False, width=220)  # the whole table also when stdout is a file
-    suite = {"interactive": INTERACTIVE_SUITE, "clouds": CLOUD_SUITE}.get(args.suite, QUICK if args.quick else SUITE)
+    suite = QUICK if args.quick and args.suite == "main" else SUITES[args.suite]
     limit = args.time_limit or (4.0 if args.quick else 8.0)
     strategies = ("thunderserve", *BASELINES, *ABLATIONS)
     table = Table(title="ThunderServe vs baselines: simulated goodput per $/h (req/s per $/h)")

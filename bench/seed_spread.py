@@ -26,20 +26,19 @@ from _suite import planner_suite
 
 
 def main() -> None:
+    suite_mod = planner_suite()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scenario", help="a piece of the scenario's name, e.g. '13b $20/h long 40G'")
-    ap.add_argument("--suite", choices=("main", "interactive", "clouds"), default="main")
+    ap.add_argument("--suite", choices=tuple(suite_mod.SUITES), default="main")
     ap.add_argument("--strategies", default="thunderserve,colocated,distserve,hexgen")
     ap.add_argument("--seeds", type=int, default=8, help="arrival sequences 0..N-1")
     ap.add_argument("--time-limit", type=float, default=8.0)
     args = ap.parse_args()
 
-    suite_mod = planner_suite()
-    from planner.scheduler import plan_deployment, plan_summary
+    from planner.scheduler import plan_deployment
     from planner.simulator import goodput
 
-    suite = {"interactive": suite_mod.INTERACTIVE_SUITE, "clouds": suite_mod.CLOUD_SUITE}.get(args.suite,
-                                                                                            suite_mod.SUITE)
+    suite = suite_mod.SUITES[args.suite]
     matches = ([sc for sc in suite if args.scenario.lower() == sc.name.lower()]  # a whole name, else a piece
                or [sc for sc in suite if args.scenario.lower() in sc.name.lower()])
     if len(matches) != 1:
@@ -55,14 +54,15 @@ def main() -> None:
     for strat in strategies:
         plan = plan_deployment(sc.model, wl, slo, budget=sc.budget, offers=suite_mod.offers_for(sc.cloud),
                                strategy=strat, inter_node_gbps=sc.gbps, time_limit_s=args.time_limit)
-        s = plan_summary(plan)
-        shapes[strat] = (f"{'+'.join(sorted({i.gpu_type for i in plan.instances}))} "
-                         f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C")
+        shapes[strat] = " ".join(suite_mod.plan_shape(plan).values())
         gpd[strat] = [goodput(plan, wl, slo, iters=6, seed=k) / plan.cost_per_hour for k in seeds]
 
     baselines = [b for b in strategies if b in suite_mod.BASELINES]
+    compared = "thunderserve" in gpd and bool(baselines)
     per_seed = ([gpd["thunderserve"][i] / max(gpd[b][i] for b in baselines) for i in range(len(seeds))]
-                if "thunderserve" in gpd and baselines else [])
+                if compared else [])
+    of_means = (statistics.fmean(gpd["thunderserve"]) / max(statistics.fmean(gpd[b]) for b in baselines)
+                if compared else None)
     table = Table(title=f"{sc.name}: goodput per $/h on each arrival sequence")
     for col in ("strategy", "plan", *[f"seed {k}" for k in seeds], "mean", "sd %"):
         table.add_column(col)
@@ -70,17 +70,14 @@ def main() -> None:
         mean = statistics.fmean(gpd[strat])
         sd = 100 * statistics.pstdev(gpd[strat]) / mean if mean > 0 else 0.0
         table.add_row(strat, shapes[strat], *[f"{x:.3f}" for x in gpd[strat]], f"{mean:.3f}", f"{sd:.1f}")
-    if per_seed:
-        table.add_row("ours / best baseline", "", *[f"{r:.3f}" for r in per_seed],
-                      f"{statistics.fmean(gpd['thunderserve']) / max(statistics.fmean(gpd[b]) for b in baselines):.3f}",
-                      "")
+    if of_means is not None:
+        table.add_row("ours / best baseline", "", *[f"{r:.3f}" for r in per_seed], f"{of_means:.3f}", "")
     Console(width=220).print(table)
     print(orjson.dumps({
         "bench": "seed_spread", "scenario": sc.name, "seeds": seeds, "plans": shapes,
         "gpd": {k: [round(x, 4) for x in v] for k, v in gpd.items()},
         "ratio_per_seed": [round(r, 3) for r in per_seed],
-        "ratio_of_means": round(statistics.fmean(gpd["thunderserve"])
-                                / max(statistics.fmean(gpd[b]) for b in baselines), 3) if per_seed else None,
+        "ratio_of_means": round(of_means, 3) if of_means is not None else None,
     }).decode())
 
 

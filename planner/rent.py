@@ -10,7 +10,8 @@ through ``scipy.optimize.milp``) picks how many units of each kind to rent to ma
 rate ``rate_pd + rate_colocated`` with ``rate_pd <= prefill capacity``, ``rate_pd <= decode
 capacity``, the KV traffic within the prefill nodes' network, and total price <= budget. This is
 Mélange's bin-packing idea extended to phases; the tabu search then refines grouping and phases on
-the pool it returns. Places with the same offers and prices are solved once.
+the pool it returns. Places with the same offers and prices are solved once, and places whose best
+mix is the same rental (the same instances at the same prices) give one pool.
 """
 
 from __future__ import annotations
@@ -166,14 +167,17 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     by_site: dict[tuple[str, str], list[InstanceChoice]] = {}
     for (cloud, region, _gpu, _count), (offer, price, is_spot) in sorted(cheapest_per_type(offers, spot).items()):
         by_site.setdefault((cloud, region), []).append(InstanceChoice(offer, price, is_spot))
-    solved: dict[tuple, tuple[float, float, list[tuple[Unit, int]]]] = {}
-    results: list[tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = []
-    in_node: list[tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = []
+    solved: set[tuple] = set()  # places' offer signatures
+    # by rental: the first place (in sorted order) that rents it; a second copy would only take a place among
+    # the pools searched (two RunPod regions once pushed Lambda's GH200s, the best 70B mix, out)
+    results: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
+    in_node: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
     cheapest_replica = math.inf
     for site, kinds in by_site.items():
         sig = tuple(sorted((k.offer.gpu_type, k.offer.gpu_count, round(k.price, 4)) for k in kinds))
         if sig in solved:
             continue
+        solved.add(sig)
         units = []
         for k in kinds:
             for n_inst, per, reps, role, cap, cfg, *layout in units_cat.shapes(k.offer.gpu_type, k.offer.gpu_count):
@@ -182,42 +186,34 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
                 if u.cost <= budget and u.gpus <= max_gpus:
                     units.append(u)
         if not units:
-            solved[sig] = (0.0, 0.0, [])
             continue
         rate, cost, picks = _solve_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                        rate_cap)
-        solved[sig] = (rate, cost, picks)
         if rate > 0:
-            results.append((rate / cost, site, rate, cost, picks))
+            results.setdefault(_rental(picks), (rate / cost, site, rate, cost, picks))
         local = [u for u in units if u.role in ("pd", "both")]
         crosses = any(u.role in ("prefill", "decode") for u, _ in picks)  # else the same answer
         if in_node_top and crosses and any(u.role == "pd" for u in local):
             r2, c2, p2 = _solve_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                     rate_cap)
             if r2 > 0:
-                in_node.append((r2 / c2, site, r2, c2, p2))
+                in_node.setdefault(_rental(p2), (r2 / c2, site, r2, c2, p2))
     if not results:
         what = f"${cheapest_replica:.2f}/h" if math.isfinite(cheapest_replica) else "no offer that holds it"
         raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
-    results.sort(key=lambda r: (-r[0], -r[2], r[1]))
-    in_node.sort(key=lambda r: (-r[0], -r[2], r[1]))
-    chosen = _distinct(results)[:top] + _distinct(in_node)[:in_node_top]
+    chosen = sorted(results.values(), key=_rank)[:top] + sorted(in_node.values(), key=_rank)[:in_node_top]
     return [_pool_from_picks(site, picks) for _, site, _, _, picks in chosen]
 
 
-def _distinct(results: list[tuple]) -> list[tuple]:
-    """The best of each distinct rental: two regions of one cloud that sell the same instance types at
-    the same prices give the same pool, and a second copy would only take a place (and search time) that
-    another pool should have (two RunPod regions once pushed Lambda's GH200s, the best 70B mix, out)."""
-    seen: set[tuple] = set()
-    out = []
-    for r in results:
-        rental = tuple(sorted((u.kind.offer.cloud, u.kind.offer.instance_type, round(u.kind.price, 4), u.role,
-                               u.instances, u.gpus_per_replica, u.layout, n) for u, n in r[4]))
-        if rental not in seen:
-            seen.add(rental)
-            out.append(r)
-    return out
+def _rank(found: tuple) -> tuple:
+    """Best rate per dollar first, then the most rate, then the place's name (a stable order)."""
+    return -found[0], -found[2], found[1]
+
+
+def _rental(picks: list[tuple[Unit, int]]) -> tuple:
+    """What a mix rents, wherever it is: cloud, instance type, price, and the replicas cut from it."""
+    return tuple(sorted((u.kind.offer.cloud, u.kind.offer.instance_type, round(u.kind.price, 4), u.role, u.instances,
+                         u.gpus_per_replica, u.layout, n) for u, n in picks))
 
 
 def _kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:

@@ -392,13 +392,9 @@ def test_regions_renting_the_same_instances_give_one_pool() -> None:
               Offer("a", "1x_T4", "T4", 1, 9.0, None, "r2"),  # r2 differs from r1 only by what no one rents
               Offer("b", "1x_A100-80GB", "A100-80GB", 1, 3.0, None, "r3")]
 
-    def pools(top: int) -> list[tuple[str, tuple]]:
-        return [(p.site[1], tuple(sorted((n.instance_type, n.price_per_hour) for n in p.cluster.nodes)))
-                for p in choose_pools(offers, 10.0, False, s.context, phases=("prefill", "decode", "both"),
-                                      inter_node_gbps=40.0, kv_compression="auto", max_gpus=64, top=top,
-                                      in_node_top=0)]
-
-    chosen = pools(3)
+    chosen = [(p.site[1], tuple(sorted((n.instance_type, n.price_per_hour) for n in p.cluster.nodes)))
+              for p in choose_pools(offers, 10.0, False, s.context, phases=("prefill", "decode", "both"),
+                                    inter_node_gbps=40.0, kv_compression="auto", max_gpus=64, top=3, in_node_top=0)]
     assert [site for site, _ in chosen][:1] == ["r1"]  # L40S per dollar beats A100-80GB here
     assert len({rental for _, rental in chosen}) == len(chosen)  # no rental twice
     assert [site for site, _ in chosen] == ["r1", "r3"]  # r2's copy of r1 gave its place to r3
