@@ -145,8 +145,11 @@ class Simulator:
     """One run of a plan over a list of requests."""
 
     def __init__(self, plan: Plan, slo: SLO, *, workload: Workload | None = None, max_batch_tokens: int = 8192,
-                 seed: int = 0, overload_factor: float = 8.0) -> None:
+                 seed: int = 0, overload_factor: float = 8.0, context: dict | None = None) -> None:
+        """``context``: overrides of the plan's context (``model``, ``eff``: ``deployment.plan_context``), to
+        simulate a device the catalog does not describe, such as the CPU the reference engine runs on."""
         self.slo = slo
+        self.context = context or {}
         self.seed = seed
         self.max_batch_tokens = max_batch_tokens
         self.overload_factor = overload_factor
@@ -164,7 +167,7 @@ class Simulator:
 
     # -- plan ----------------------------------------------------------------------------------
     def _install(self, plan: Plan, start: float, load_s: float) -> None:
-        mat = materialize(plan, workload=self.workload, slo=self.slo)
+        mat = materialize(plan, workload=self.workload, slo=self.slo, **self.context)
         self.ctx = mat.ctx
         self.cluster = mat.ctx.cluster
         for spec in plan.replicas:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 from planner.plan import Instance, PlanError
 from planner.reschedule import reschedule
 from planner.scheduler import plan_deployment
-from planner.simulator import Preemption, goodput, simulate
+from planner.simulator import Preemption, Simulator, goodput, simulate
 from planner.verify import routing_violations
 from planner.workload import SLO, Lengths, Workload
 
@@ -65,6 +67,23 @@ def test_low_load_latency_matches_the_cost_model() -> None:
     assert np.median(res.ttft) == pytest.approx(rm.prefill_time(1024, 1024.0**2, 1), rel=0.1)
     assert np.median(res.tpot) == pytest.approx(rm.decode_step_time(1, 1024 + 32), rel=0.1)
     assert res.attainment == 1.0
+
+
+def test_a_context_override_simulates_another_device() -> None:
+    """``Simulator(context=...)`` runs a plan on a device the catalog does not describe (bench/simulator_check.py
+    simulates the CPU the reference engine runs on): low-load latency follows the overridden cost model."""
+    from planner.cost_model import DEFAULT_EFF
+    from planner.deployment import materialize
+
+    wl = Workload(0.05, Lengths.fixed(1024), Lengths.fixed(64))
+    plan = plan_deployment("llama-2-7b", wl, SLO_, pool="A100-80GB", time_limit_s=0.5)
+    slow = replace(DEFAULT_EFF, compute=DEFAULT_EFF.compute / 3, memory=DEFAULT_EFF.memory / 3)
+    res = Simulator(plan, SLO_, workload=wl, context={"eff": slow}).run(wl.requests(n=40, seed=1))
+    rm = next(iter(materialize(plan, eff=slow).models.values()))
+    usual = next(iter(materialize(plan).models.values()))
+    assert rm.prefill_time(1024, 1024.0**2, 1) > 2 * usual.prefill_time(1024, 1024.0**2, 1)
+    assert np.median(res.ttft) == pytest.approx(rm.prefill_time(1024, 1024.0**2, 1), rel=0.1)
+    assert np.median(res.tpot) == pytest.approx(rm.decode_step_time(1, 1024 + 32), rel=0.1)
 
 
 def test_goodput_is_where_attainment_crosses_the_target() -> None:
@@ -268,3 +287,47 @@ def test_engine_settings_travel_in_the_plan_json() -> None:
     assert Plan.from_dict(plain.to_dict()).replicas[0].mixed_chunk is False  # older JSON reads as the default
     with pytest.raises(PlanError, match="mixed_chunk"):
         dataclasses.replace(plan, replicas=[dataclasses.replace(r, role="prefill", mixed_chunk=True)]).validate()
+
+
+def _simulator_check():
+    """``bench/simulator_check.py`` as a module (it imports ``cost_model_check`` from its own folder)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))  # after the repository root: ``planner`` stays the package
+    spec = importlib.util.spec_from_file_location("simulator_check", bench / "simulator_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["simulator_check"] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulator_check_replays_the_engines_step_policy() -> None:
+    """The bench's simulation of the reference engine: each step decodes the running batch, then prefills
+    the prompts waiting at its start, back to back; a prompt's first token comes at the end of its step.
+    Worked by hand on two requests with table step times."""
+    from unittest import mock
+
+    from planner.cluster import Cluster, Node
+    from planner.gpus import GPUS
+    from planner.models import load_model
+    from planner.workload import Request
+
+    sc = _simulator_check()
+    spec = load_model("smollm2-135m")
+    steps = {"decode": {1: 0.05, 2: 0.08, 3: 0.1}, "prefill": {16: 0.1, 96: 0.3, 128: 0.4}}
+    with mock.patch.dict(GPUS, {sc.DEVICE: GPUS["A10G"]}):
+        context = {"model": spec, "cluster": Cluster([Node("n0", sc.DEVICE, 1)]), "steps": steps}
+        out = sc.simulated(sc.engine_plan(spec.layers), SLO(0.35, 0.12), [Request(0, 0.0, 96, 3),
+                                                                          Request(1, 0.01, 16, 2)], context)
+    # step 1 [0, 0.3]: prefill A. step 2 [0.3, 0.45]: decode A (0.05) + prefill B (0.1).
+    # step 3 [0.45, 0.53]: decode A and B (0.08); both finish.
+    assert sorted(out.ttft) == pytest.approx([0.3, 0.44])
+    assert sorted(out.tpot) == pytest.approx([0.08, (0.53 - 0.3) / 2])
+    assert out.attained == 1 and out.total == 2  # B's TTFT is over 0.35 s
+    assert sc.crossing([1.0, 2.0, 3.0], [1.0, 0.95, 0.5]) == pytest.approx(2.0 + 0.05 / 0.45)
+    assert sc.crossing([1.0, 2.0], [0.95, 0.92]) == 2.0 and sc.crossing([1.0, 2.0], [0.5, 0.2]) == 0.0

