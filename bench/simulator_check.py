@@ -6,12 +6,13 @@ only the cost model's step times (``cost_model_check.py``):
 
 1. calibrate this CPU as a device (``cost_model_check.Rig``: kernel microbenchmarks, never the model's
    own forward passes), describe SmolLM2-135M in float32 as the engine runs it, and time the engine's
-   own decode steps (batch 1-16) and prefills (16-384 tokens) in-process;
+   own decode steps (batch 1-16) and prefills (16-1024 tokens) in-process;
 2. one colocated replica, simulated with the engine's step policy (each step decodes the running batch,
    then prefills the prompts admitted at its start; ``EngineSteps``) on two sets of step times: the
    cost model's on the calibrated device (what the planner sees) and the engine's measured ones (the
    simulator's queueing on its own). The SLO is set from the cost model before anything is served:
-   TTFT 5x a mean prompt's prefill, TPOT 3x a batch-1 decode step;
+   TTFT 5x a mean prompt's prefill, TPOT 3x a batch-1 decode step plus one mean prefill spread over a
+   mean answer (with this policy every prompt that arrives mid-answer stalls it once);
 3. at fractions of the measured-steps goodput, the same Poisson arrivals (the same lengths, the same
    times) go through both simulations and to a real engine process (``python -m replicas.engine
    --model smollm2``, 1 thread) over HTTP, streaming, each TTFT measured from the scheduled arrival;
@@ -19,9 +20,11 @@ only the cost model's step times (``cost_model_check.py``):
    the target, interpolated between the rates tried.
 
 One engine only (a prefill/decode pair would put two engines and the load on two cores). Prompts and
-outputs are random token ids with ``ignore_eos``, so the lengths are the ones drawn.
+outputs are random token ids with ``ignore_eos``, so the lengths are the ones drawn: ``--workload short``
+(lognormal 96-token prompts, 32-token answers) or ``long`` (320-token prompts, 12-token answers).
 
     python bench/simulator_check.py                 # ~10 min on this 2-core machine
+    python bench/simulator_check.py --workload long
     python bench/simulator_check.py --quick         # 3 rates x 30 s
 Prints rich tables and, last, one JSON line.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import math
 import sys
@@ -52,8 +56,9 @@ from cost_model_check import Decoder, Rig, load_smollm2, spec_of, timed  # bench
 
 from planner.bisection import narrow
 from planner.cluster import Cluster, Node
-from planner.cost_model import ReplicaModel, Stage
-from planner.gpus import GPUS
+from planner.cost_model import DEFAULT_EFF, Efficiency, ReplicaModel, Stage
+from planner.gpus import GPUS, GpuSpec
+from planner.models import ModelSpec, load_model
 from planner.plan import Instance, Plan, ReplicaSpec, Route
 from planner.simulator import Simulator
 from planner.workload import SLO, Lengths, Request, Workload
@@ -63,7 +68,10 @@ DEVICE = "cpu-calibrated"
 MODEL = "smollm2-135m"
 MAX_PREFILL_TOKENS = 8192  # the engine's default prefill-token budget per step, also the plan's chunk
 MAX_BATCH = 64  # the engine's running-batch cap, above what these rates reach (the simulator has none)
-WORKLOAD = Workload(0.0, Lengths(96, "lognormal", 0.6, lo=16, hi=512), Lengths(32, "lognormal", 0.6, lo=4, hi=128))
+WORKLOADS = {  # chat-like (decode-heavy) and code-like (long prompts, short answers: prefill-heavy)
+    "short": Workload(0.0, Lengths(96, "lognormal", 0.6, lo=16, hi=512), Lengths(32, "lognormal", 0.6, lo=4, hi=128)),
+    "long": Workload(0.0, Lengths(320, "lognormal", 0.5, lo=32, hi=1024), Lengths(12, "lognormal", 0.5, lo=2, hi=64)),
+}
 TARGET = 0.9
 
 
@@ -85,7 +93,7 @@ class Outcome:
         return float(np.percentile(values, q)) if len(values) else math.nan
 
 
-PROMPTS = (16, 32, 64, 96, 128, 192, 256, 384)  # prompt lengths whose prefill is timed in the engine's code
+PROMPTS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # prompt lengths timed in the engine's code
 BATCHES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)  # decode batch sizes timed likewise
 CONTEXT = 110  # tokens per sequence in the timed decode steps (about the mean context while serving)
 
@@ -107,8 +115,11 @@ class EngineSteps(ReplicaModel):
 
     def mixed_step_time(self, batch: float, context_tokens: float, tokens: float, sum_sq: float, n_req: int,
                         prefix: float = 0.0) -> float:
-        n = max(n_req, 1)
-        return self.decode_step_time(batch, context_tokens) + n * self.prefill(tokens / n)
+        return self.decode_step_time(batch, context_tokens) + self.prefill_stage_times(tokens, sum_sq, n_req)[0]
+
+    def prefill_stage_times(self, tokens: float, sum_sq: float | None = None, n_req: int = 1) -> list[float]:
+        n = max(n_req, 1)  # a prefill worker's step: its admitted prompts one by one
+        return [n * self.prefill(tokens / n)]
 
 
 def interpolated(table: dict[int, float]) -> Callable[[float], float]:
@@ -151,35 +162,41 @@ def calibrate(rounds: int) -> tuple[object, object, object, dict[str, dict[int, 
     return dev, eff, spec_of(model, MODEL), steps
 
 
-def engine_plan(layers: int) -> Plan:
-    """One colocated replica on the calibrated CPU; prompts ride with the decodes (``EngineSteps``)."""
-    inst = Instance("n0", "local-cpu", DEVICE, 1, False, 0.0, "local", "local")
-    rep = ReplicaSpec("r0", ["n0"], [("n0", 0)], 1, 1, "both", [layers], prefill_chunk=MAX_PREFILL_TOKENS,
-                      mixed_chunk=True)
-    return Plan(MODEL, [inst], [rep], [Route("r0", "r0", 1.0)], strategy="colocated")
+def engine_plan(layers: int, pd: bool) -> Plan:
+    """One colocated replica, or a prefill replica on ``n0`` handing its KV to a decode replica on ``n1``;
+    colocated prompts ride with the decodes (``EngineSteps``)."""
+    if not pd:
+        inst = [Instance("n0", "local", DEVICE, 1, False, 0.0, "local", "local")]
+        reps = [ReplicaSpec("r0", ["n0"], [("n0", 0)], 1, 1, "both", [layers], prefill_chunk=MAX_PREFILL_TOKENS,
+                            mixed_chunk=True)]
+        return Plan(MODEL, inst, reps, [Route("r0", "r0", 1.0)], strategy="colocated")
+    inst = [Instance(n, "local", DEVICE, 1, False, 0.0, "local", "local") for n in ("n0", "n1")]
+    reps = [ReplicaSpec("r0", ["n0"], [("n0", 0)], 1, 1, "prefill", [layers]),
+            ReplicaSpec("r1", ["n1"], [("n1", 0)], 1, 1, "decode", [layers])]
+    return Plan(MODEL, inst, reps, [Route("r0", "r1", 1.0)], strategy="thunderserve")
 
 
-def simulated(plan: Plan, slo: SLO, reqs: list[Request], context: dict) -> Outcome:
+def simulated(plan: Plan, slo: SLO, wl: Workload, reqs: list[Request], context: dict) -> Outcome:
     """One side's simulation of ``reqs``: the engine's step policy on the cost model's step times, or on
     the engine's measured ones (``context["steps"]``)."""
     ctx = {k: v for k, v in context.items() if k != "steps"}
-    sim = Simulator(plan, slo, workload=WORKLOAD, context=ctx, overload_factor=1e9)
-    rep = sim.replicas["r0"]
-    base = rep.rm
-    if "steps" in context:
-        decode_at, prefill_at = interpolated(context["steps"]["decode"]), interpolated(context["steps"]["prefill"])
-        rep.rm = EngineSteps(base, lambda b, _ctx: decode_at(b), prefill_at)
-    else:
-        rep.rm = EngineSteps(base, base.decode_step_time, lambda n: base.prefill_time(n, n * n, 1))
+    sim = Simulator(plan, slo, workload=wl, context=ctx, overload_factor=1e9)
+    for rep in sim.replicas.values():
+        base = rep.rm
+        if "steps" in context:
+            decode_at = interpolated(context["steps"]["decode"])
+            rep.rm = EngineSteps(base, lambda b, _ctx, at=decode_at: at(b), interpolated(context["steps"]["prefill"]))
+        else:
+            rep.rm = EngineSteps(base, base.decode_step_time, lambda n, base=base: base.prefill_time(n, n * n, 1))
     res = sim.run(reqs)
     return Outcome(res.ttft, res.tpot, res.attained, res.requests)
 
 
-def simulated_goodput(plan: Plan, slo: SLO, context: dict, n: int = 1500) -> float:
+def simulated_goodput(plan: Plan, slo: SLO, wl: Workload, context: dict, n: int = 1500) -> float:
     """The highest rate whose simulated attainment meets the target over ``n`` arrivals (seed 0)."""
 
     def ok(rate: float) -> bool:
-        return simulated(plan, slo, WORKLOAD.with_rate(rate).requests(n=n, seed=0), context).attainment >= TARGET
+        return simulated(plan, slo, wl, wl.with_rate(rate).requests(n=n, seed=0), context).attainment >= TARGET
 
     lo, up = 0.0, 0.5
     while ok(up):
@@ -187,12 +204,21 @@ def simulated_goodput(plan: Plan, slo: SLO, context: dict, n: int = 1500) -> flo
     return narrow(ok, lo, up, 10)[0]
 
 
-async def replay(url: str, reqs: list[Request], vocab: int, seed: int, slo: SLO) -> Outcome:
-    """Send each request at its arrival time, streaming; TTFT from the scheduled arrival."""
+async def replay(engines: list[EngineProcess], reqs: list[Request], vocab: int, seed: int, slo: SLO) -> Outcome:
+    """Send each request at its arrival time, streaming; TTFT from the scheduled arrival. With two engines
+    (prefill, decode) both legs go out at once, paired by ``bootstrap_room`` as a router sends them, and
+    the answer streams from the decode leg."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(100, vocab - 100, r.input_len).tolist() for r in reqs]
+    rooms = rng.integers(1, 2**62, len(reqs)).tolist()
     ttft, tpot = np.full(len(reqs), math.inf), np.full(len(reqs), math.inf)
     errors = 0
+    headers = {"Content-Type": "application/json"}
+
+    async def drained(session: aiohttp.ClientSession, url: str, body: dict) -> int:
+        async with session.post(url + "/generate", data=orjson.dumps(body), headers=headers) as resp:
+            await resp.read()
+            return resp.status
 
     async def one(i: int, session: aiohttp.ClientSession, start: float) -> None:
         nonlocal errors
@@ -201,11 +227,15 @@ async def replay(url: str, reqs: list[Request], vocab: int, seed: int, slo: SLO)
         due = start + r.arrival
         body = {"input_ids": prompts[i], "stream": True,
                 "sampling_params": {"max_new_tokens": r.output_len, "ignore_eos": True, "temperature": 0.0}}
+        prefill_leg = None
+        if len(engines) == 2:
+            body |= {"bootstrap_host": engines[0].host, "bootstrap_port": engines[0].bootstrap_port,
+                     "bootstrap_room": rooms[i]}
+            prefill_leg = asyncio.create_task(drained(session, engines[0].url, {**body, "stream": False}))
         first = last = None
         tokens = 0
         try:
-            async with session.post(url + "/generate", data=orjson.dumps(body),
-                                    headers={"Content-Type": "application/json"}) as resp:
+            async with session.post(engines[-1].url + "/generate", data=orjson.dumps(body), headers=headers) as resp:
                 async for line in resp.content:
                     if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                         continue
@@ -214,6 +244,8 @@ async def replay(url: str, reqs: list[Request], vocab: int, seed: int, slo: SLO)
                     if tokens >= 1 and first is None:
                         first = now
                     last = now
+            if prefill_leg is not None and await prefill_leg != 200:
+                raise aiohttp.ClientError("prefill leg failed")
         except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, KeyError):
             errors += 1
             return
@@ -232,13 +264,12 @@ async def replay(url: str, reqs: list[Request], vocab: int, seed: int, slo: SLO)
     return Outcome(ttft[ok], tpot[ok], attained, len(reqs), errors)
 
 
-async def warm_up(url: str) -> None:
-    async with aiohttp.ClientSession() as s:
-        for n in (16, 96, 256):
-            body = {"input_ids": list(range(100, 100 + n)),
-                    "sampling_params": {"max_new_tokens": 8, "ignore_eos": True, "temperature": 0.0}}
-            async with s.post(url + "/generate", json=body) as r:
-                await r.read()
+async def warm_up(engines: list[EngineProcess], vocab: int) -> None:
+    """A few requests of growing length before anything is timed (first calls allocate and compile)."""
+    for n in (16, 96, 256):
+        out = await replay(engines, [Request(0, 0.0, n, 8)], vocab, n, SLO(1e9, 1e9))
+        if out.errors:
+            raise SystemExit(f"the engine{'s' if len(engines) > 1 else ''} did not answer a warm-up request")
 
 
 def crossing(rates: list[float], attainment: list[float]) -> float:
@@ -254,18 +285,32 @@ def crossing(rates: list[float], attainment: list[float]) -> float:
 
 
 SIDES = ("real", "model", "steps")  # the engine; the simulator on the calibrated device; on measured steps
+EMULATED_MS = (2.0, 40.0)  # the emulated engine's sleeps: per prompt token, per decode step
+LOOPBACK_GBPS = 10.0  # what the simulator assumes for a KV hand-over between two engines on this machine
 
 
-async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, contexts: dict[str, dict], vocab: int,
-                            rates: list[float], console: Console) -> list[dict]:
+def engine_command(kind: str) -> tuple[str, list[str]]:
+    """``--model`` and the other flags of ``python -m replicas.engine`` for this check."""
+    budget = ["--max-prefill-tokens", str(MAX_PREFILL_TOKENS)]
+    if kind == "emulated":
+        return "emulated", ["--emulate-prefill-ms-per-token", str(EMULATED_MS[0]),
+                            "--emulate-decode-ms-per-step", str(EMULATED_MS[1]), *budget]
+    return "smollm2", ["--threads", "1", *budget]
+
+
+async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, wl: Workload, contexts: dict[str, dict],
+                            vocab: int, rates: list[float], console: Console) -> list[dict]:
     rows = []
-    async with EngineProcess(model="smollm2", max_batch=MAX_BATCH,
-                             extra_args=["--threads", "1", "--max-prefill-tokens", str(MAX_PREFILL_TOKENS)]) as eng:
-        await warm_up(eng.url)
+    model, flags = engine_command(args.engine)
+    async with contextlib.AsyncExitStack() as stack:
+        engines = [await stack.enter_async_context(EngineProcess(model=model, role=role, max_batch=MAX_BATCH,
+                                                                 extra_args=flags))
+                   for role in (("prefill", "decode") if args.pd else ("both",))]
+        await warm_up(engines, vocab)
         for k, rate in enumerate(rates):
-            reqs = WORKLOAD.with_rate(rate).requests(args.duration, seed=k + 1)
-            real = await replay(eng.url, reqs, vocab, k + 1, slo)
-            outcomes = {"real": real, **{side: simulated(plan, slo, reqs, contexts[side]) for side in SIDES[1:]}}
+            reqs = wl.with_rate(rate).requests(args.duration, seed=k + 1)
+            real = await replay(engines, reqs, vocab, k + 1, slo)
+            outcomes = {"real": real, **{side: simulated(plan, slo, wl, reqs, ctx) for side, ctx in contexts.items()}}
             console.print(f"[dim]{rate:.2f} req/s, {len(reqs)} requests ({real.errors} errors): attainment "
                           + ", ".join(f"{side} {o.attainment:.0%}" for side, o in outcomes.items()) + "[/dim]")
             rows.append({"rate": round(rate, 3), "requests": len(reqs), "errors": real.errors,
@@ -273,19 +318,18 @@ async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, cont
                             for name, v in (("attainment", o.attainment),
                                             ("ttft_p50", o.pct(o.ttft, 50)), ("ttft_p90", o.pct(o.ttft, 90)),
                                             ("tpot_p50", o.pct(o.tpot, 50)), ("tpot_p90", o.pct(o.tpot, 90)))}})
-            await asyncio.sleep(2.0)  # the engine drains before the next rate
+            await asyncio.sleep(2.0)  # the engines drain before the next rate
     return rows
 
 
-def report(rows: list[dict], console: Console) -> dict[str, float]:
+def report(rows: list[dict], sides: tuple[str, ...], title: str, console: Console) -> dict[str, float]:
     """The table, and each side's goodput (attainment crossing the target between the rates tried)."""
-    t = Table(title="Simulator vs the reference engine (one colocated replica, SmolLM2-135M fp32, 1 thread): "
-                    "real / simulated on the calibrated device / on the engine's measured steps")
+    t = Table(title=f"Simulator vs the reference engine ({title}): " + " / ".join(SIDE_NAMES[s] for s in sides))
     for col in ("rate req/s", "requests", "attainment", "TTFT p50 s", "TTFT p90 s", "TPOT p50 ms", "TPOT p90 ms"):
         t.add_column(col)
 
     def cell(r: dict, name: str, fmt: str, scale: float = 1.0) -> str:
-        return " / ".join(format(r[f"{side}_{name}"] * scale, fmt) for side in SIDES)
+        return " / ".join(format(r[f"{side}_{name}"] * scale, fmt) for side in sides)
 
     for r in rows:
         t.add_row(f"{r['rate']:.2f}", str(r["requests"]) + (f" ({r['errors']} errors)" if r["errors"] else ""),
@@ -293,7 +337,20 @@ def report(rows: list[dict], console: Console) -> dict[str, float]:
                   cell(r, "tpot_p50", ".0f", 1e3), cell(r, "tpot_p90", ".0f", 1e3))
     console.print(t)
     rates = [r["rate"] for r in rows]
-    return {side: round(crossing(rates, [r[f"{side}_attainment"] for r in rows]), 3) for side in SIDES}
+    return {side: round(crossing(rates, [r[f"{side}_attainment"] for r in rows]), 3) for side in sides}
+
+
+SIDE_NAMES = {"real": "real", "model": "simulated on the calibrated device", "steps": "simulated on the engine's steps"}
+
+
+def emulated_setup() -> tuple[GpuSpec, Efficiency, ModelSpec, dict[str, dict[int, float]], int]:
+    """The emulated engine: its step times are its sleeps (linear, exact); the model only sizes the KV."""
+    from replicas.engine.tokenizer import ByteTokenizer
+
+    prefill_s, decode_s = EMULATED_MS[0] / 1e3, EMULATED_MS[1] / 1e3
+    steps = {"decode": {1: decode_s, 2: decode_s}, "prefill": {1: prefill_s, 2: 2 * prefill_s}}
+    dev = GpuSpec(DEVICE, 1.0, 1e6, 1.0, 1e3, "-", "the emulated engine's sleeps")
+    return dev, DEFAULT_EFF, load_model(MODEL), steps, ByteTokenizer().vocab_size
 
 
 def main() -> None:
@@ -303,48 +360,72 @@ def main() -> None:
     ap.add_argument("--fractions", default=None,
                     help="rates, as fractions of the simulated goodput on measured steps")
     ap.add_argument("--rounds", type=int, default=None, help="calibration rounds (default 3)")
+    ap.add_argument("--workload", choices=tuple(WORKLOADS), default="short",
+                    help="short: 96-token prompts, 32-token answers; long: 320-token prompts, 12-token answers")
+    ap.add_argument("--engine", choices=("smollm2", "emulated"), default="smollm2",
+                    help=f"emulated: the engine's sleeps ({EMULATED_MS[0]:g} ms per prompt token, "
+                         f"{EMULATED_MS[1]:g} ms per decode step) instead of compute: the scheduling and the "
+                         "protocol checked without compute noise")
+    ap.add_argument("--pd", action="store_true",
+                    help="a prefill engine handing KV to a decode engine instead of one colocated engine")
     args = ap.parse_args()
+    wl = WORKLOADS[args.workload]
     args.duration = args.duration or (30.0 if args.quick else 60.0)
     default = "0.6,0.9,1.2" if args.quick else "0.5,0.7,0.85,1.0,1.2,1.5"
     fractions = [float(x) for x in (args.fractions or default).split(",")]
     warnings.filterwarnings("ignore", category=FutureWarning)
     console = Console(width=180)
 
-    dev, eff, spec, steps = calibrate(args.rounds or (2 if args.quick else 3))
-    # the plan's node on the calibrated CPU (catalog GPU names are resolved when a plan is read: pass the
-    # cluster instead)
-    cluster = Cluster([Node("n0", DEVICE, 1, 0.0, region="local")])
-    contexts = {"model": {"model": spec, "eff": eff, "cluster": cluster},
-                "steps": {"model": spec, "eff": eff, "cluster": cluster, "steps": steps}}
-    plan = engine_plan(spec.layers)
-    with mock.patch.dict(GPUS, {DEVICE: dev}):  # the calibrated CPU, for this process only
+    emulated = args.engine == "emulated"
+    if emulated:
+        dev, eff, spec, steps, vocab = emulated_setup()
+    else:
+        dev, eff, spec, steps = calibrate(args.rounds or (2 if args.quick else 3))
+        vocab = spec.vocab
+    # the plan's nodes on this machine (catalog GPU names are resolved when a plan is read: pass the cluster)
+    cluster = Cluster([Node(n, DEVICE, 1, 0.0, region="local") for n in (("n0", "n1") if args.pd else ("n0",))],
+                      inter_node_gbps=LOOPBACK_GBPS)
+    contexts = {"steps": {"model": spec, "eff": eff, "cluster": cluster, "steps": steps}}
+    if not emulated:
+        contexts = {"model": {"model": spec, "eff": eff, "cluster": cluster}, **contexts}
+    sides = ("real", *contexts)
+    plan = engine_plan(spec.layers, args.pd)
+    with mock.patch.dict(GPUS, {DEVICE: dev}):  # this machine as a device, for this process only
         rm = ReplicaModel(spec, [Stage("n0", dev, 1, spec.layers, True, True)], [], eff)
-        prefill_s = rm.prefill_time(int(WORKLOAD.mean_input), float(WORKLOAD.mean_input) ** 2, 1)
-        step_s = rm.decode_step_time(1, WORKLOAD.mean_input + WORKLOAD.mean_output / 2)
-        slo = SLO(round(5 * prefill_s, 3), round(3 * step_s, 4), TARGET)
-        predicted = {side: simulated_goodput(plan, slo, contexts[side]) for side in SIDES[1:]}
-        console.print(f"calibrated device: prefill of {WORKLOAD.mean_input:.0f} tokens {prefill_s * 1e3:.0f} ms, "
-                      f"decode step {step_s * 1e3:.1f} ms; SLO TTFT {slo.ttft_s:.3f} s, TPOT {slo.tpot_s * 1e3:.0f} ms")
-        console.print("engine's steps (ms): decode by batch " + ", ".join(
-            f"{b}: {t * 1e3:.0f}" for b, t in steps["decode"].items()) + "; prefill by prompt " + ", ".join(
-            f"{n}: {t * 1e3:.0f}" for n, t in steps["prefill"].items()))
-        console.print(f"simulated goodput: calibrated device {predicted['model']:.3f}, measured steps "
-                      f"{predicted['steps']:.3f} req/s")
+        if emulated:
+            prefill_s, step_s = wl.mean_input * EMULATED_MS[0] / 1e3, EMULATED_MS[1] / 1e3
+        else:
+            prefill_s = rm.prefill_time(int(wl.mean_input), float(wl.mean_input) ** 2, 1)
+            step_s = rm.decode_step_time(1, wl.mean_input + wl.mean_output / 2)
+        # a TPOT that leaves room for one prompt prefilled in the middle of an answer (the colocated policy)
+        slo = SLO(round(5 * prefill_s, 3), round(3 * step_s + prefill_s / wl.mean_output, 4), TARGET)
+        predicted = {side: simulated_goodput(plan, slo, wl, ctx) for side, ctx in contexts.items()}
+        console.print(f"prefill of {wl.mean_input:.0f} tokens {prefill_s * 1e3:.0f} ms, decode step "
+                      f"{step_s * 1e3:.1f} ms; SLO TTFT {slo.ttft_s:.3f} s, TPOT {slo.tpot_s * 1e3:.0f} ms")
+        if not emulated:
+            console.print("engine's steps (ms): decode by batch " + ", ".join(
+                f"{b}: {t * 1e3:.0f}" for b, t in steps["decode"].items()) + "; prefill by prompt " + ", ".join(
+                f"{n}: {t * 1e3:.0f}" for n, t in steps["prefill"].items()))
+        console.print("simulated goodput: " + ", ".join(f"{SIDE_NAMES[k]} {v:.3f}" for k, v in predicted.items())
+                      + " req/s")
         rates = [f * predicted["steps"] for f in fractions]
-        rows = asyncio.run(serve_and_compare(args, plan, slo, contexts, spec.vocab, rates, console))
-    goodput = report(rows, console)
-    model_err = {f"{kind} {k}": round(pred / steps[kind][k] - 1.0, 3) for kind, k, pred in
-                 [("decode", b, rm.decode_step_time(b, b * CONTEXT)) for b in BATCHES]
-                 + [("prefill", n, rm.prefill_time(n, float(n * n), 1)) for n in PROMPTS]}
-    summary = {"bench": "simulator_check", "model": MODEL, "device": "cpu x1 thread, float32",
-               "workload": WORKLOAD.to_dict(), "slo": slo.to_dict(), "duration_s": args.duration,
+        rows = asyncio.run(serve_and_compare(args, plan, slo, wl, contexts, vocab, rates, console))
+    setup = f"{args.engine}, {'prefill + decode engine' if args.pd else 'one colocated engine'}, {args.workload}"
+    goodput = report(rows, sides, setup, console)
+    summary = {"bench": "simulator_check", "engine": args.engine, "pd": args.pd, "model": MODEL,
+               "device": "emulated" if emulated else "cpu x1 thread, float32",
+               "workload": args.workload, "lengths": wl.to_dict(), "slo": slo.to_dict(), "duration_s": args.duration,
                "steps_ms": {kind: {str(k): round(v * 1e3, 1) for k, v in t.items()} for kind, t in steps.items()},
-               "cost_model_error": model_err,
                "simulated_goodput_rps": {k: round(v, 3) for k, v in predicted.items()},
                "goodput_rps": goodput,
                **{f"goodput_{side}_over_real": round(goodput[side] / goodput["real"], 3) if goodput["real"] > 0
-                  else None for side in SIDES[1:]},
+                  else None for side in sides[1:]},
                "rates": rows}
+    if not emulated:
+        summary["cost_model_error"] = {
+            f"{kind} {k}": round(pred / steps[kind][k] - 1.0, 3) for kind, k, pred in
+            [("decode", b, rm.decode_step_time(b, b * CONTEXT)) for b in BATCHES]
+            + [("prefill", n, rm.prefill_time(n, float(n * n), 1)) for n in PROMPTS]}
     print(orjson.dumps(summary).decode())
 
 

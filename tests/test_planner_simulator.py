@@ -322,8 +322,8 @@ def test_simulator_check_replays_the_engines_step_policy() -> None:
     steps = {"decode": {1: 0.05, 2: 0.08, 3: 0.1}, "prefill": {16: 0.1, 96: 0.3, 128: 0.4}}
     with mock.patch.dict(GPUS, {sc.DEVICE: GPUS["A10G"]}):
         context = {"model": spec, "cluster": Cluster([Node("n0", sc.DEVICE, 1)]), "steps": steps}
-        out = sc.simulated(sc.engine_plan(spec.layers), SLO(0.35, 0.12), [Request(0, 0.0, 96, 3),
-                                                                          Request(1, 0.01, 16, 2)], context)
+        out = sc.simulated(sc.engine_plan(spec.layers, pd=False), SLO(0.35, 0.12), sc.WORKLOADS["short"],
+                           [Request(0, 0.0, 96, 3), Request(1, 0.01, 16, 2)], context)
     # step 1 [0, 0.3]: prefill A. step 2 [0.3, 0.45]: decode A (0.05) + prefill B (0.1).
     # step 3 [0.45, 0.53]: decode A and B (0.08); both finish.
     assert sorted(out.ttft) == pytest.approx([0.3, 0.44])
