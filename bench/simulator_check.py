@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import math
 import sys
 import time
@@ -273,15 +272,18 @@ async def warm_up(engines: list[EngineProcess], vocab: int) -> None:
 
 
 def crossing(rates: list[float], attainment: list[float]) -> float:
-    """The rate where attainment falls through the target, linear between the rates tried (the highest
-    rate tried when it never falls, 0 when even the lowest misses)."""
+    """The highest rate tried that meets the target, interpolated toward the next rate tried (0 when none
+    does, the highest rate when all do). A few dozen requests make attainment noisy: a lower rate that
+    misses by a point does not cap the answer."""
     pairs = sorted(zip(rates, attainment, strict=True))
-    if pairs[0][1] < TARGET:
+    passing = [i for i, (_, a) in enumerate(pairs) if a >= TARGET]
+    if not passing:
         return 0.0
-    for (r0, a0), (r1, a1) in itertools.pairwise(pairs):
-        if a1 < TARGET <= a0:
-            return r0 + (r1 - r0) * (a0 - TARGET) / (a0 - a1)
-    return pairs[-1][0]
+    i = passing[-1]
+    if i == len(pairs) - 1:
+        return pairs[-1][0]
+    (r0, a0), (r1, a1) = pairs[i], pairs[i + 1]
+    return r0 + (r1 - r0) * (a0 - TARGET) / (a0 - a1)
 
 
 SIDES = ("real", "model", "steps")  # the engine; the simulator on the calibrated device; on measured steps

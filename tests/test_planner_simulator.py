@@ -331,3 +331,4 @@ def test_simulator_check_replays_the_engines_step_policy() -> None:
     assert out.attained == 1 and out.total == 2  # B's TTFT is over 0.35 s
     assert sc.crossing([1.0, 2.0, 3.0], [1.0, 0.95, 0.5]) == pytest.approx(2.0 + 0.05 / 0.45)
     assert sc.crossing([1.0, 2.0], [0.95, 0.92]) == 2.0 and sc.crossing([1.0, 2.0], [0.5, 0.2]) == 0.0
+    assert sc.crossing([1.0, 2.0, 3.0], [0.89, 0.94, 0.5]) == pytest.approx(2.0 + 0.04 / 0.44)  # noise below
