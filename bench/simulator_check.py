@@ -1,30 +1,34 @@
 """Check the simulator against the reference engine serving real requests: attainment and latency per rate.
 
 The planner judges every plan by simulated goodput, so the simulator's queueing (continuous batching,
-prompts admitted between decode steps, latency under load) is checked here against a real server, not
-only the cost model's step times (``cost_model_check.py``):
+prompts admitted between decode steps, KV handed from prefill to decode, latency under load) is checked
+here against real servers, not only the cost model's step times (``cost_model_check.py``):
 
 1. calibrate this CPU as a device (``cost_model_check.Rig``: kernel microbenchmarks, never the model's
    own forward passes), describe SmolLM2-135M in float32 as the engine runs it, and time the engine's
    own decode steps (batch 1-16) and prefills (16-1024 tokens) in-process;
-2. one colocated replica, simulated with the engine's step policy (each step decodes the running batch,
-   then prefills the prompts admitted at its start; ``EngineSteps``) on two sets of step times: the
-   cost model's on the calibrated device (what the planner sees) and the engine's measured ones (the
-   simulator's queueing on its own). The SLO is set from the cost model before anything is served:
+2. the deployment (one colocated engine, or with ``--pd`` a prefill engine handing KV to a decode
+   engine) is simulated with the engine's step policy (each step decodes the running batch, then
+   prefills the prompts admitted at its start; ``EngineSteps``) on two sets of step times: the cost
+   model's on the calibrated device (what the planner sees) and the engine's measured ones (the
+   simulator's queueing on its own). The SLO is set from the step times before anything is served:
    TTFT 5x a mean prompt's prefill, TPOT 3x a batch-1 decode step plus one mean prefill spread over a
    mean answer (with this policy every prompt that arrives mid-answer stalls it once);
 3. at fractions of the measured-steps goodput, the same Poisson arrivals (the same lengths, the same
-   times) go through both simulations and to a real engine process (``python -m replicas.engine
-   --model smollm2``, 1 thread) over HTTP, streaming, each TTFT measured from the scheduled arrival;
-4. compare attainment, p50/p90 TTFT and TPOT per rate, and goodput: the rate where attainment crosses
-   the target, interpolated between the rates tried.
+   times) go through both simulations and to real engine processes (``python -m replicas.engine``, 1
+   thread each) over HTTP, streaming, each TTFT measured from the scheduled arrival; with ``--pd`` both
+   legs go out at once, paired by ``bootstrap_room``, as a router sends them;
+4. compare attainment, p50/p90 TTFT and TPOT per rate, and goodput: the highest rate tried that meets
+   the target, interpolated toward the next.
 
-One engine only (a prefill/decode pair would put two engines and the load on two cores). Prompts and
-outputs are random token ids with ``ignore_eos``, so the lengths are the ones drawn: ``--workload short``
-(lognormal 96-token prompts, 32-token answers) or ``long`` (320-token prompts, 12-token answers).
+``--engine emulated``: the engine's sleeps (``EMULATED_MS``) stand in for compute, so its scheduling and
+the prefill/decode protocol are checked without compute noise (no calibration; one simulated side).
+Prompts and outputs are random token ids with ``ignore_eos``, so the lengths are the ones drawn:
+``--workload short`` (lognormal 96-token prompts, 32-token answers) or ``long`` (320 and 12).
 
     python bench/simulator_check.py                 # ~10 min on this 2-core machine
-    python bench/simulator_check.py --workload long
+    python bench/simulator_check.py --workload long --duration 150 --fractions 0.6,0.85,1.0,1.2
+    python bench/simulator_check.py --pd [--engine emulated]
     python bench/simulator_check.py --quick         # 3 rates x 30 s
 Prints rich tables and, last, one JSON line.
 """
@@ -72,6 +76,9 @@ WORKLOADS = {  # chat-like (decode-heavy) and code-like (long prompts, short ans
     "long": Workload(0.0, Lengths(320, "lognormal", 0.5, lo=32, hi=1024), Lengths(12, "lognormal", 0.5, lo=2, hi=64)),
 }
 TARGET = 0.9
+PROMPTS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # prompt lengths timed in the engine's code
+BATCHES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)  # decode batch sizes timed likewise
+CONTEXT = 110  # tokens per sequence in the timed decode steps (about the mean context while serving)
 
 
 @dataclass
@@ -90,11 +97,6 @@ class Outcome:
 
     def pct(self, values: np.ndarray, q: float) -> float:
         return float(np.percentile(values, q)) if len(values) else math.nan
-
-
-PROMPTS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # prompt lengths timed in the engine's code
-BATCHES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)  # decode batch sizes timed likewise
-CONTEXT = 110  # tokens per sequence in the timed decode steps (about the mean context while serving)
 
 
 class EngineSteps(ReplicaModel):
@@ -134,7 +136,7 @@ def interpolated(table: dict[int, float]) -> Callable[[float], float]:
     return at
 
 
-def calibrate(rounds: int) -> tuple[object, object, object, dict[str, dict[int, float]]]:
+def calibrate(rounds: int) -> tuple[GpuSpec, Efficiency, ModelSpec, dict[str, dict[int, float]]]:
     """This CPU as a device (GpuSpec, Efficiency) from kernel microbenchmarks, the model as the engine
     runs it (float32), and the engine's own prefill and decode steps timed in-process (best of rounds)."""
     import torch
