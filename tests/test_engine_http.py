@@ -239,6 +239,46 @@ async def test_client_disconnect_aborts_and_frees(pair: EnginePair) -> None:
     assert await metric(url, "sglang:num_aborted_requests_total") == aborted_before + 1
 
 
+async def test_a_busy_decode_worker_streams_a_handed_over_first_token_at_the_next_step() -> None:
+    """A request handed to a decode worker arrives with its first token (the prefill worker computed it):
+    the worker streams it when the next step starts and decodes the request in that step, as SGLang's
+    decode worker does, instead of holding a known token back for a whole decode step (300 ms here)."""
+    step = 0.3
+    pair = await EnginePair(model="emulated", context_length=512,
+                            extra_args=[*PD_TIMEOUTS, "--emulate-decode-ms-per-step", str(int(step * 1000))]).astart()
+    loop = asyncio.get_running_loop()
+    a_token = asyncio.Event()
+
+    async def streamed(s: aiohttp.ClientSession, tokens: int, seen: list[float], each: asyncio.Event) -> None:
+        body = {"text": "go", "stream": True, **pd_fields(pair.prefill),
+                "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
+        prefill = asyncio.ensure_future(s.post(pair.prefill.url + "/generate", json={**body, "stream": False}))
+        async with s.post(pair.decode.url + "/generate", json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    seen.append(loop.time())
+                    each.set()
+        async with await prefill as p:
+            assert p.status == 200
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            a_seen: list[float] = []
+            a = asyncio.ensure_future(streamed(s, 10, a_seen, a_token))
+            for _ in range(3):  # A is decoding, one step after another; a step has just ended
+                a_token.clear()
+                await asyncio.wait_for(a_token.wait(), 10)
+            sent, b_seen = loop.time(), []
+            await streamed(s, 3, b_seen, asyncio.Event())  # B, at the start of A's next step
+            await a
+        # B waits for the step under way (~0.3 s), then its first token goes out; held back, it would
+        # come a step later (~0.6 s)
+        assert b_seen[0] - sent < 1.5 * step
+        assert len(b_seen) == 3 and b_seen[1] - b_seen[0] > 0.5 * step  # then one token per step
+    finally:
+        pair.stop()
+
+
 async def test_sixteen_concurrent_requests_complete_batched(pair: EnginePair) -> None:
     url = pair.decode.url
     bodies = [{"text": f"request {i}", "sampling_params": {"max_new_tokens": 60, "temperature": 0},

@@ -5,7 +5,10 @@ waiting ones are admitted up to ``max_batch`` and the prefill-token budget, the 
 token. The plan runs on one worker thread (torch releases the GIL, so HTTP keeps flowing), or inline
 for the emulated model. Results come back to the loop, which appends tokens and applies stop rules;
 a request that arrives meanwhile joins at the next step. New sequences decode from the step after
-their prefill, so a first token that already finishes a request is never extended.
+their prefill, so a first token that already finishes a request is never extended. A decode worker's
+request arrives with its KV and first token (computed by the prefill worker): the first token is
+streamed when the plan admits it, and it joins that step's decode (as SGLang's decode worker does),
+instead of waiting a whole step for a token already known.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class StepPlan:
     leave: list[int] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
     admit: list[Sequence] = field(default_factory=list)
+    join: list[Sequence] = field(default_factory=list)  # handed-over KV entering the batch before the decode
 
     @property
     def empty(self) -> bool:
@@ -160,6 +164,13 @@ class Scheduler:
             self.waiting.popleft()
             if seq.finished:
                 continue
+            if seq.mode == Mode.DECODE and seq.first_choice is not None and seq.max_new_tokens > 0:
+                if self._first_token(seq):  # it goes on: decode it in this step
+                    plan.join.append(seq)
+                    plan.decode.append(seq)
+                    self.running[seq.key] = seq
+                    slots -= 1
+                continue
             plan.admit.append(seq)
             budget -= cost
             if seq.mode != Mode.PREFILL:
@@ -173,6 +184,9 @@ class Scheduler:
             self.batch.leave(key)
         if plan.leave and not plan.decode:
             self.batch.compact()
+        for seq in plan.join:
+            self.batch.join(seq.key, seq.kv)
+            seq.kv = None
         if plan.decode:
             keys, logits = self.batch.step({s.key: s.output_ids[-1] for s in plan.decode})
             by_key = {s.key: s for s in plan.decode}
@@ -190,6 +204,22 @@ class Scheduler:
                 result.failed.append((seq, e))
         self.kv_tokens = self.batch.kv_tokens()
         return result
+
+    def _first_token(self, seq: Sequence) -> bool:
+        """Stream a handed-over request's first token now (event loop); False when that token ended it."""
+        choice = seq.first_choice
+        assert choice is not None
+        now = time.monotonic()
+        seq.sampler.record(choice.token)
+        seq.add_token(choice)
+        self.metrics.observe_first_token(seq, now)
+        self._recent.append((now, 1))
+        self.metrics.generation_tokens.inc(1)
+        if seq.finished:
+            seq.kv = None
+            self._done(seq)
+            return False
+        return True
 
     def _admit(self, seq: Sequence) -> TokenChoice | None:
         if seq.mode == Mode.DECODE:
