@@ -177,27 +177,35 @@ def engine_plan(layers: int, pd: bool) -> Plan:
     return Plan(MODEL, inst, reps, [Route("r0", "r1", 1.0)], strategy="thunderserve")
 
 
-def simulated(plan: Plan, slo: SLO, wl: Workload, reqs: list[Request], context: dict) -> Outcome:
+@dataclass(frozen=True)
+class Side:
+    """One simulated side: the plan's context overrides (``Simulator(context=...)``) and the engine's measured
+    step times (``{"decode": {batch: s}, "prefill": {tokens: s}}``; None: the cost model's)."""
+
+    context: dict
+    steps: dict[str, dict[int, float]] | None = None
+
+
+def simulated(plan: Plan, slo: SLO, wl: Workload, reqs: list[Request], side: Side) -> Outcome:
     """One side's simulation of ``reqs``: the engine's step policy on the cost model's step times, or on
-    the engine's measured ones (``context["steps"]``)."""
-    ctx = {k: v for k, v in context.items() if k != "steps"}
-    sim = Simulator(plan, slo, workload=wl, context=ctx, overload_factor=1e9)
+    the engine's measured ones."""
+    sim = Simulator(plan, slo, workload=wl, context=side.context, overload_factor=1e9)
     for rep in sim.replicas.values():
         base = rep.rm
-        if "steps" in context:
-            decode_at = interpolated(context["steps"]["decode"])
-            rep.rm = EngineSteps(base, lambda b, _ctx, at=decode_at: at(b), interpolated(context["steps"]["prefill"]))
+        if side.steps is not None:
+            decode_at = interpolated(side.steps["decode"])
+            rep.rm = EngineSteps(base, lambda b, _ctx, at=decode_at: at(b), interpolated(side.steps["prefill"]))
         else:
             rep.rm = EngineSteps(base, base.decode_step_time, lambda n, base=base: base.prefill_time(n, n * n, 1))
     res = sim.run(reqs)
     return Outcome(res.ttft, res.tpot, res.attained, res.requests)
 
 
-def simulated_goodput(plan: Plan, slo: SLO, wl: Workload, context: dict, n: int = 1500) -> float:
+def simulated_goodput(plan: Plan, slo: SLO, wl: Workload, side: Side, n: int = 1500) -> float:
     """The highest rate whose simulated attainment meets the target over ``n`` arrivals (seed 0)."""
 
     def ok(rate: float) -> bool:
-        return simulated(plan, slo, wl, wl.with_rate(rate).requests(n=n, seed=0), context).attainment >= TARGET
+        return simulated(plan, slo, wl, wl.with_rate(rate).requests(n=n, seed=0), side).attainment >= TARGET
 
     lo, up = 0.0, 0.5
     while ok(up):
@@ -288,7 +296,6 @@ def crossing(rates: list[float], attainment: list[float]) -> float:
     return r0 + (r1 - r0) * (a0 - TARGET) / (a0 - a1)
 
 
-SIDES = ("real", "model", "steps")  # the engine; the simulator on the calibrated device; on measured steps
 EMULATED_MS = (2.0, 40.0)  # the emulated engine's sleeps: per prompt token, per decode step
 LOOPBACK_GBPS = 10.0  # what the simulator assumes for a KV hand-over between two engines on this machine
 
@@ -302,7 +309,7 @@ def engine_command(kind: str) -> tuple[str, list[str]]:
     return "smollm2", ["--threads", "1", *budget]
 
 
-async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, wl: Workload, contexts: dict[str, dict],
+async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, wl: Workload, sides: dict[str, Side],
                             vocab: int, rates: list[float], console: Console) -> list[dict]:
     rows = []
     model, flags = engine_command(args.engine)
@@ -314,7 +321,7 @@ async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, wl: 
         for k, rate in enumerate(rates):
             reqs = wl.with_rate(rate).requests(args.duration, seed=k + 1)
             real = await replay(engines, reqs, vocab, k + 1, slo)
-            outcomes = {"real": real, **{side: simulated(plan, slo, wl, reqs, ctx) for side, ctx in contexts.items()}}
+            outcomes = {"real": real, **{name: simulated(plan, slo, wl, reqs, side) for name, side in sides.items()}}
             console.print(f"[dim]{rate:.2f} req/s, {len(reqs)} requests ({real.errors} errors): attainment "
                           + ", ".join(f"{side} {o.attainment:.0%}" for side, o in outcomes.items()) + "[/dim]")
             rows.append({"rate": round(rate, 3), "requests": len(reqs), "errors": real.errors,
@@ -389,10 +396,11 @@ def main() -> None:
     # the plan's nodes on this machine (catalog GPU names are resolved when a plan is read: pass the cluster)
     cluster = Cluster([Node(n, DEVICE, 1, 0.0, region="local") for n in (("n0", "n1") if args.pd else ("n0",))],
                       inter_node_gbps=LOOPBACK_GBPS)
-    contexts = {"steps": {"model": spec, "eff": eff, "cluster": cluster, "steps": steps}}
+    context = {"model": spec, "eff": eff, "cluster": cluster}
+    simulations = {"steps": Side(context, steps)}  # the emulated engine's steps are its sleeps: no cost model side
     if not emulated:
-        contexts = {"model": {"model": spec, "eff": eff, "cluster": cluster}, **contexts}
-    sides = ("real", *contexts)
+        simulations = {"model": Side(context), **simulations}
+    sides = ("real", *simulations)
     plan = engine_plan(spec.layers, args.pd)
     with mock.patch.dict(GPUS, {DEVICE: dev}):  # this machine as a device, for this process only
         rm = ReplicaModel(spec, [Stage("n0", dev, 1, spec.layers, True, True)], [], eff)
@@ -403,7 +411,7 @@ def main() -> None:
             step_s = rm.decode_step_time(1, wl.mean_input + wl.mean_output / 2)
         # a TPOT that leaves room for one prompt prefilled in the middle of an answer (the colocated policy)
         slo = SLO(round(5 * prefill_s, 3), round(3 * step_s + prefill_s / wl.mean_output, 4), TARGET)
-        predicted = {side: simulated_goodput(plan, slo, wl, ctx) for side, ctx in contexts.items()}
+        predicted = {name: simulated_goodput(plan, slo, wl, side) for name, side in simulations.items()}
         console.print(f"prefill of {wl.mean_input:.0f} tokens {prefill_s * 1e3:.0f} ms, decode step "
                       f"{step_s * 1e3:.1f} ms; SLO TTFT {slo.ttft_s:.3f} s, TPOT {slo.tpot_s * 1e3:.0f} ms")
         if not emulated:
@@ -413,7 +421,7 @@ def main() -> None:
         console.print("simulated goodput: " + ", ".join(f"{SIDE_NAMES[k]} {v:.3f}" for k, v in predicted.items())
                       + " req/s")
         rates = [f * predicted["steps"] for f in fractions]
-        rows = asyncio.run(serve_and_compare(args, plan, slo, wl, contexts, vocab, rates, console))
+        rows = asyncio.run(serve_and_compare(args, plan, slo, wl, simulations, vocab, rates, console))
     setup = f"{args.engine}, {'prefill + decode engine' if args.pd else 'one colocated engine'}, {args.workload}"
     goodput = report(rows, sides, setup, console)
     summary = {"bench": "simulator_check", "engine": args.engine, "pd": args.pd, "model": MODEL,

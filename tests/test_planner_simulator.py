@@ -291,19 +291,15 @@ def test_engine_settings_travel_in_the_plan_json() -> None:
 
 def _simulator_check():
     """``bench/simulator_check.py`` as a module (it imports ``cost_model_check`` from its own folder)."""
-    import importlib.util
     import sys
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[1] / "bench"
     if str(bench) not in sys.path:
         sys.path.append(str(bench))  # after the repository root: ``planner`` stays the package
-    spec = importlib.util.spec_from_file_location("simulator_check", bench / "simulator_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["simulator_check"] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    from _suite import bench_module
+
+    return bench_module("simulator_check")
 
 
 def test_simulator_check_replays_the_engines_step_policy() -> None:
@@ -321,9 +317,9 @@ def test_simulator_check_replays_the_engines_step_policy() -> None:
     spec = load_model("smollm2-135m")
     steps = {"decode": {1: 0.05, 2: 0.08, 3: 0.1}, "prefill": {16: 0.1, 96: 0.3, 128: 0.4}}
     with mock.patch.dict(GPUS, {sc.DEVICE: GPUS["A10G"]}):
-        context = {"model": spec, "cluster": Cluster([Node("n0", sc.DEVICE, 1)]), "steps": steps}
+        side = sc.Side({"model": spec, "cluster": Cluster([Node("n0", sc.DEVICE, 1)])}, steps)
         out = sc.simulated(sc.engine_plan(spec.layers, pd=False), SLO(0.35, 0.12), sc.WORKLOADS["short"],
-                           [Request(0, 0.0, 96, 3), Request(1, 0.01, 16, 2)], context)
+                           [Request(0, 0.0, 96, 3), Request(1, 0.01, 16, 2)], side)
     # step 1 [0, 0.3]: prefill A. step 2 [0.3, 0.45]: decode A (0.05) + prefill B (0.1).
     # step 3 [0.45, 0.53]: decode A and B (0.08); both finish.
     assert sorted(out.ttft) == pytest.approx([0.3, 0.44])

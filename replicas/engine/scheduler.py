@@ -45,7 +45,7 @@ class StepPlan:
 @dataclass
 class StepResult:
     decoded: list[tuple[Sequence, TokenChoice]] = field(default_factory=list)
-    prefilled: list[tuple[Sequence, TokenChoice | None]] = field(default_factory=list)
+    prefilled: list[tuple[Sequence, TokenChoice]] = field(default_factory=list)
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
     prefill_tokens: int = 0
 
@@ -158,13 +158,12 @@ class Scheduler:
         budget = self.max_prefill_tokens
         while self.waiting and slots > 0:
             seq = self.waiting[0]
-            cost = 0 if seq.mode == Mode.DECODE else len(seq.prompt_ids)
-            if plan.admit and cost > budget:
+            if seq.mode != Mode.DECODE and plan.admit and len(seq.prompt_ids) > budget:
                 break
             self.waiting.popleft()
             if seq.finished:
                 continue
-            if seq.mode == Mode.DECODE and seq.first_choice is not None and seq.max_new_tokens > 0:
+            if seq.mode == Mode.DECODE:  # its KV and first token came from the prefill worker: nothing to compute
                 if self._first_token(seq):  # it goes on: decode it in this step
                     plan.join.append(seq)
                     plan.decode.append(seq)
@@ -172,7 +171,7 @@ class Scheduler:
                     slots -= 1
                 continue
             plan.admit.append(seq)
-            budget -= cost
+            budget -= len(seq.prompt_ids)
             if seq.mode != Mode.PREFILL:
                 slots -= 1
         return plan
@@ -197,8 +196,7 @@ class Scheduler:
         for seq in plan.admit:
             try:
                 result.prefilled.append((seq, self._admit(seq)))
-                if seq.mode != Mode.DECODE:
-                    result.prefill_tokens += len(seq.prompt_ids)
+                result.prefill_tokens += len(seq.prompt_ids)
             except Exception as e:
                 log.exception("prefill failed")
                 result.failed.append((seq, e))
@@ -208,26 +206,29 @@ class Scheduler:
     def _first_token(self, seq: Sequence) -> bool:
         """Stream a handed-over request's first token now (event loop); False when that token ended it."""
         choice = seq.first_choice
-        assert choice is not None
+        assert choice is not None  # the engine submits a handed-over request with it
         now = time.monotonic()
-        seq.sampler.record(choice.token)
-        seq.add_token(choice)
-        self.metrics.observe_first_token(seq, now)
-        self._recent.append((now, 1))
-        self.metrics.generation_tokens.inc(1)
+        if seq.max_new_tokens <= 0:
+            seq.first_token_at = now
+            seq.finish({"type": "length", "length": 0})
+        else:
+            seq.sampler.record(choice.token)
+            seq.add_token(choice)
+            self.metrics.observe_first_token(seq, now)
+            self._generated(now, 1)
+            if seq.finished:
+                self._done(seq)
         if seq.finished:
             seq.kv = None
-            self._done(seq)
             return False
         return True
 
-    def _admit(self, seq: Sequence) -> TokenChoice | None:
-        if seq.mode == Mode.DECODE:
-            self.batch.join(seq.key, seq.kv)
-            seq.kv = None
-            if seq.first_choice is not None:
-                seq.sampler.record(seq.first_choice.token)
-            return seq.first_choice
+    def _generated(self, now: float, tokens: int) -> None:
+        self._recent.append((now, tokens))
+        self.metrics.generation_tokens.inc(tokens)
+
+    def _admit(self, seq: Sequence) -> TokenChoice:
+        """Worker thread: prefill a prompt; keep its KV in the batch, or for a prefill worker, to hand over."""
         out = self.backend.prefill(seq.prompt_ids, seq.logits_rows())
         if seq.item.return_logprob:
             seq.set_input_logprobs(out.prompt_logits)
@@ -247,7 +248,7 @@ class Scheduler:
             self.running.pop(seq.key, None)
             seq.fail(ApiError(500, f"engine step failed: {err!r}"))
         for seq, choice in result.prefilled:
-            if seq.finished or choice is None:  # aborted while computing
+            if seq.finished:  # aborted while computing
                 if seq.mode != Mode.PREFILL:
                     self._leaving.append(seq.key)
                 continue
@@ -279,8 +280,7 @@ class Scheduler:
                 self._leaving.append(seq.key)
                 self._done(seq)
         if generated:
-            self._recent.append((now, generated))
-            self.metrics.generation_tokens.inc(generated)
+            self._generated(now, generated)
         if result.prefill_tokens:
             self.metrics.prompt_tokens.inc(result.prefill_tokens)
         self._update_gauges()
