@@ -2,8 +2,10 @@
 
 The reference engine (``replicas/engine``: PyTorch + transformers, fp32, the engine behind
 ``tsctl up --local``) is timed through its own code: ``prefill_model`` for a prompt and
-``TorchDecodeBatch.step`` for a decode step of a left-padded batch. The planner's ``ReplicaModel``
-predicts the same points from a device described only by microbenchmarks of kernels with the model's
+``TorchDecodeBatch.step`` for a decode step of a left-padded batch, padded with dummy rows up to the
+engine's decode batch sizes as it serves (tuned here as the engine tunes them at start: on this CPU's
+kernels three rows cost more than four; ``--decode-batch-sizes off`` times unpadded steps). The planner's
+``ReplicaModel`` predicts the same points from a device described only by microbenchmarks of kernels with the model's
 shapes, never by forward passes of the model:
 
 - compute: one layer's weights applied to 512 rows (weights in cache): peak FLOP/s at these shapes;
@@ -47,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.cost_model import Efficiency, ReplicaModel, Stage, roof
 from planner.gpus import GpuSpec
 from planner.models import ModelSpec, model_from_config
-from replicas.engine.backends.kv_cache import HEADROOM, TorchDecodeBatch
+from replicas.engine.backends.batch_sizes import kept_sizes, padded, parse_batch_sizes
+from replicas.engine.backends.kv_cache import HEADROOM, TorchDecodeBatch, time_decode_batch_sizes
 from replicas.engine.backends.torch_model import prefill_model
 
 BIG_ROWS, FEW_ROWS = 512, 8
@@ -144,7 +147,8 @@ class Rig:
     """One model, its calibration microbenchmarks and its measured points, run in interleaved rounds so
     that calibration and measurement see the same spread of machine states; each keeps its best."""
 
-    def __init__(self, model, prompts: list[int], batches: list[int], context: int) -> None:
+    def __init__(self, model, prompts: list[int], batches: list[int], context: int,
+                 sizes: tuple[int, ...] = ()) -> None:
         self.model = model
         layer = model.model.layers[0]
         self.weights = [m.weight.detach() for m in layer.modules() if isinstance(m, torch.nn.Linear)]
@@ -160,7 +164,7 @@ class Rig:
         self.decode_attn = DecodeAttention(cfg.num_attention_heads, cfg.num_key_value_heads, hd, context)
         self.tiny = {layers: Decoder(tiny_model(layers), 1, 16) for layers in (2, 10)}
         self.prompts = {n: torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in prompts}
-        self.decoders = {b: Decoder(model, b, context) for b in batches}
+        self.decoders = {b: Decoder(model, b, context, sizes) for b in batches}
         self.best: dict[str, float] = {}
 
     def _keep(self, key: str, seconds: float) -> None:
@@ -229,11 +233,12 @@ class DecodeAttention:
 
 # -- measurement: the engine's own code ----------------------------------------------------------------
 class Decoder:
-    """An engine decode batch (``TorchDecodeBatch``) of ``batch`` sequences of ``context`` prompt tokens;
-    every step timed adds a token, so it also tracks the mean context of the steps timed."""
+    """An engine decode batch (``TorchDecodeBatch``) of ``batch`` sequences of ``context`` prompt tokens,
+    padded to the engine's decode batch ``sizes`` as it serves; every step timed adds a token, so it
+    also tracks the mean context of the steps timed."""
 
-    def __init__(self, model, batch: int, context: int) -> None:
-        self.batch = TorchDecodeBatch(model, model.config.num_hidden_layers)
+    def __init__(self, model, batch: int, context: int, sizes: tuple[int, ...] = ()) -> None:
+        self.batch = TorchDecodeBatch(model, model.config.num_hidden_layers, sizes)
         for key in range(batch):
             ids = torch.randint(0, model.config.vocab_size, (context,)).tolist()
             self.batch.join(key, prefill_model(model, ids).kv)
@@ -252,6 +257,16 @@ class Decoder:
     @property
     def mean_context(self) -> float:
         return self.context_sum / max(self.steps, 1)
+
+
+def decode_sizes(model, choice: str | tuple[int, ...], max_batch: int) -> tuple[int, ...]:
+    """The sizes the engine would pad decode batches to on this machine (``auto``: tuned now, as it tunes)."""
+    if choice == "off":
+        return ()
+    if choice != "auto":
+        return tuple(choice)
+    kv = prefill_model(model, list(range(1, 17))).kv
+    return kept_sizes(time_decode_batch_sizes(model, model.config.num_hidden_layers, kv, max_batch))
 
 
 def load_smollm2():
@@ -288,7 +303,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is robust on a shared machine: a 2-thread GEMM stalls on any contention")
     ap.add_argument("--prompts", default="32,128,512,1024", help="comma-separated prompt lengths")
-    ap.add_argument("--batches", default="1,4,16,32", help="comma-separated decode batch sizes")
+    ap.add_argument("--batches", default="1,2,3,4,7,16,32", help="comma-separated decode batch sizes")
+    ap.add_argument("--decode-batch-sizes", type=parse_batch_sizes, default="auto",
+                    help="as the engine's flag: auto (tuned here up to the largest batch, as the engine tunes "
+                         "at start), off (unpadded), or a list; a decode point is timed padded to these")
     ap.add_argument("--context", type=int, default=128, help="tokens per sequence in the decode steps")
     ap.add_argument("--rounds", type=int, default=4, choices=range(1, 65), metavar="1..64",
                     help="interleaved rounds of calibration and measurement")
@@ -299,14 +317,16 @@ def main() -> None:
     prompts = [int(x) for x in args.prompts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
 
-    rows, calibrations = [], {}
+    rows, calibrations, sizes_used = [], {}, {}
     with torch.inference_mode():
         for name in args.models.split(","):
             model = MODELS[name]()
             if model is None:
                 console.print(f"[yellow]{name}: not available here, skipped[/yellow]")
                 continue
-            rig = Rig(model, prompts, batches, args.context)
+            sizes = decode_sizes(model, args.decode_batch_sizes, max(batches))
+            sizes_used[name] = list(sizes)
+            rig = Rig(model, prompts, batches, args.context, sizes)
             for _ in range(args.rounds):
                 rig.round()
             cal = rig.calibration()
@@ -319,7 +339,8 @@ def main() -> None:
                              rig.best[f"prefill {n}"]))
             for b in batches:
                 ctx = rig.decoders[b].mean_context
-                rows.append((name, f"decode batch {b} @ {args.context} ctx", rm.decode_step_time(b, b * ctx),
+                runs_at = f" (runs at {padded(b, sizes)})" if padded(b, sizes) != b else ""
+                rows.append((name, f"decode batch {b}{runs_at} @ {args.context} ctx", rm.decode_step_time(b, b * ctx),
                              rig.best[f"decode {b}"]))
             del model, rig
 
@@ -340,7 +361,7 @@ def main() -> None:
         t.add_row(name, what, f"{pred * 1e3:.2f}", f"{meas * 1e3:.2f}", f"{err:+.0%}")
     console.print(t)
     summary = {"bench": "cost_model_check", "device": f"cpu x{args.threads} threads", "dtype": "float32",
-               "calibration": calibrations, "points": len(rows),
+               "calibration": calibrations, "decode_batch_sizes": sizes_used, "points": len(rows),
                "mean_abs_error": round(statistics.mean(errs), 3) if errs else None,
                "max_abs_error": round(max(errs), 3) if errs else None,
                "within_30pct": sum(1 for e in errs if e <= 0.30),

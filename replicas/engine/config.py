@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from replicas.engine.backends.batch_sizes import parse_batch_sizes
+
 ROLES = ("prefill", "decode", "both")
 KV_COMPRESSIONS = ("none", "int8", "int4")
 DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
@@ -20,6 +22,7 @@ class EngineConfig:
     bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
     kv_compression: str = "none"
     max_batch: int = 16
+    decode_batch_sizes: str | tuple[int, ...] = "auto"
     served_model_name: str | None = None
     context_length: int | None = None
     enable_pd_role_switch: bool = False
@@ -63,6 +66,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _batch_sizes(text: str) -> str | tuple[int, ...]:
+    try:
+        return parse_batch_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m replicas.engine",
@@ -79,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-compression", choices=KV_COMPRESSIONS, default="none",
                    help="KV sent by a prefill worker (a decode worker asks for this unless the request says)")
     p.add_argument("--max-batch", "--max-running-requests", dest="max_batch", type=_positive_int, default=16)
+    p.add_argument("--decode-batch-sizes", "--cuda-graph-bs", dest="decode_batch_sizes", type=_batch_sizes,
+                   default="auto", help="torch models: sizes a decode step runs at, a batch padded up to the next "
+                   "(auto: timed at the first start on this machine and cached; off; or a list like 1,2,4,8)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--context-length", type=_positive_int, default=None)
     p.add_argument("--enable-pd-role-switch", action="store_true",

@@ -21,4 +21,5 @@ def load_backend(cfg: EngineConfig) -> Backend:
         )
     from replicas.engine.backends.torch_model import TorchBackend
 
-    return TorchBackend(cfg.model, threads=cfg.threads, context_length=cfg.context_length)
+    return TorchBackend(cfg.model, threads=cfg.threads, context_length=cfg.context_length,
+                        decode_batch_sizes=cfg.decode_batch_sizes, max_batch=cfg.max_batch)

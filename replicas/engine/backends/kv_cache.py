@@ -4,7 +4,9 @@ Sequences of different lengths share one batch by left padding: every row's real
 same column, pads are masked out and zero (never garbage: a NaN in a masked slot still poisons the
 weighted sum). Appending a decode token is a write into preallocated capacity, not a concatenation.
 The batch is rebuilt only when membership changes (a sequence joins or leaves), and each sequence's
-own KV from prefill (or from a prefill worker) is copied in once when it joins.
+own KV from prefill (or from a prefill worker) is copied in once when it joins. Given decode batch
+``sizes`` (``batch_sizes.py``), the batch carries dummy rows up to the next size: each attends only to
+its own newest token at position 0, and its logits are dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from replicas.engine.backends.batch_sizes import ROUNDS, padded, time_sizes
 
 HEADROOM = 64  # decode steps of capacity added on each (re)allocation
 
@@ -82,11 +86,13 @@ class SeqKV:
 class TorchDecodeBatch:
     """Left-padded batch KV for a transformers causal LM, rebuilt on membership change only."""
 
-    def __init__(self, model: Any, num_layers: int) -> None:
+    def __init__(self, model: Any, num_layers: int, sizes: tuple[int, ...] = ()) -> None:
         self.model = model
         self.num_layers = num_layers
+        self.sizes = sizes
         self.keys: list[int] = []
         self.lens: list[int] = []
+        self.dummies = 0  # rows after the real ones, there only to run the step at a fast size
         self.width = 0  # columns in use: every row's real tokens end here
         self.cache: DynamicCache | None = None
         self._joining: dict[int, SeqKV] = {}
@@ -114,10 +120,10 @@ class TorchDecodeBatch:
         lens = [self.lens[i] for i in keep] + [kv.length for _, kv in joining]
         keys = [self.keys[i] for i in keep] + [k for k, _ in joining]
         if not keys:
-            self.keys, self.lens, self.width, self.cache = [], [], 0, None
+            self.keys, self.lens, self.width, self.cache, self.dummies = [], [], 0, None, 0
             return
         width = max(lens)
-        rows, nkeep = len(keys), len(keep)
+        rows, nkeep = padded(len(keys), self.sizes), len(keep)
         idx = torch.tensor(keep, dtype=torch.long)
         layers = []
         for li in range(self.num_layers):
@@ -129,7 +135,7 @@ class TorchDecodeBatch:
                 if nkeep:
                     old_layer = self.cache.layers[li]  # type: ignore[union-attr]
                     old = (old_layer.buf_k if which == 0 else old_layer.buf_v)[:, :, : self.width]
-                    old = old.index_select(0, idx) if nkeep != len(self.keys) else old
+                    old = old.index_select(0, idx) if nkeep != len(self.keys) else old[:nkeep]
                     if width >= self.width:
                         buf[:nkeep, :, width - self.width : width] = old
                     else:
@@ -141,7 +147,7 @@ class TorchDecodeBatch:
             layers.append(GrowableLayer(bufs[0], bufs[1], width))
         cache = DynamicCache()
         cache.layers = layers
-        self.keys, self.lens, self.width, self.cache = keys, lens, width, cache
+        self.keys, self.lens, self.width, self.cache, self.dummies = keys, lens, width, cache, rows - len(keys)
 
     @torch.inference_mode()
     def step(self, tokens: dict[int, int]) -> tuple[list[int], np.ndarray]:
@@ -149,11 +155,27 @@ class TorchDecodeBatch:
             self._rebuild()
         if not self.keys:
             return [], np.zeros((0, 0), dtype=np.float32)
-        input_ids = torch.tensor([[tokens[k]] for k in self.keys], dtype=torch.long)
-        lens = torch.tensor(self.lens, dtype=torch.long)
+        input_ids = torch.tensor([[tokens[k]] for k in self.keys] + [[0]] * self.dummies, dtype=torch.long)
+        lens = torch.tensor(self.lens + [0] * self.dummies, dtype=torch.long)  # a dummy sees only its new token
         mask = (torch.arange(self.width + 1)[None, :] >= (self.width - lens)[:, None]).long()
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=lens[:, None], cache=self.cache,
                          use_cache=True)
         self.width += 1
         self.lens = [n + 1 for n in self.lens]
-        return list(self.keys), out.logits[:, -1, :].float().numpy()
+        return list(self.keys), out.logits[: len(self.keys), -1, :].float().numpy()
+
+
+def time_decode_batch_sizes(model: Any, num_layers: int, kv: SeqKV, max_batch: int, rounds: int = ROUNDS
+                            ) -> dict[int, float]:
+    """Seconds of an unpadded decode step at each batch size 1..``max_batch``, every row a copy of ``kv``
+    (what ``--decode-batch-sizes auto`` tunes on; the GEMM shapes, not the context, are what differ)."""
+    batches: dict[int, TorchDecodeBatch] = {}
+
+    def step(n: int) -> None:
+        if n not in batches:
+            batches[n] = TorchDecodeBatch(model, num_layers)
+            for k in range(n):
+                batches[n].join(k, kv)
+        batches[n].step(dict.fromkeys(range(n), 1))
+
+    return time_sizes(step, max_batch, rounds)

@@ -11,18 +11,21 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from replicas.engine.backends import batch_sizes
 from replicas.engine.backends.base import PrefillResult
-from replicas.engine.backends.kv_cache import SeqKV, TorchDecodeBatch
+from replicas.engine.backends.kv_cache import SeqKV, TorchDecodeBatch, time_decode_batch_sizes
 from replicas.engine.model_store import (
     SMOLLM2_NAME,
     TINY_NAME,
     ModelUnavailable,
     build_tiny_model,
+    cache_dir,
     smollm2_dir,
 )
 from replicas.engine.tokenizer import HFTokenizer
 
 DEFAULT_CONTEXT = 4096
+TUNING_PROMPT = 16  # tokens per sequence when timing decode batch sizes: the GEMM shapes are what differ
 
 
 @torch.inference_mode()
@@ -41,7 +44,8 @@ class TorchBackend:
     kind = "torch"
     inline = False
 
-    def __init__(self, model: str, threads: int | None = None, context_length: int | None = None) -> None:
+    def __init__(self, model: str, threads: int | None = None, context_length: int | None = None,
+                 decode_batch_sizes: str | tuple[int, ...] = "off", max_batch: int = 16) -> None:
         if threads:
             torch.set_num_threads(threads)
         if model == "smollm2":
@@ -70,6 +74,7 @@ class TorchBackend:
         max_pos = getattr(cfg, "max_position_embeddings", DEFAULT_CONTEXT)
         self.context_length = min(context_length or min(max_pos, DEFAULT_CONTEXT), max_pos)
         self.fingerprint = self._fingerprint()
+        self.decode_batch_sizes = self._resolve_sizes(decode_batch_sizes, max_batch)
 
     def _fingerprint(self) -> str:
         """Model identity for the PD handshake: shape plus a sample of the weights (not the path or name)."""
@@ -92,8 +97,24 @@ class TorchBackend:
     def import_kv(self, layers: list[tuple[np.ndarray, np.ndarray]], ids: list[int]) -> Any:
         return SeqKV.from_numpy(layers)
 
+    def _resolve_sizes(self, choice: str | tuple[int, ...], max_batch: int) -> tuple[int, ...]:
+        """``off``: no padding; a tuple: those sizes; ``auto``: the tuned sizes for this machine (cached)."""
+        if choice == "off":
+            return ()
+        if choice != "auto":
+            return tuple(choice)
+        largest = min(max_batch, batch_sizes.TUNED_UP_TO)
+        key = batch_sizes.machine_key(self.fingerprint, torch.get_num_threads(), largest)
+        return batch_sizes.cached_sizes(cache_dir() / batch_sizes.CACHE_FILE, key,
+                                        lambda: batch_sizes.kept_sizes(self.time_batch_sizes(largest)))
+
+    def time_batch_sizes(self, max_batch: int, rounds: int = batch_sizes.ROUNDS) -> dict[int, float]:
+        """Seconds of an unpadded decode step at each batch size 1..``max_batch`` (best of ``rounds``)."""
+        kv = self.prefill(list(range(1, TUNING_PROMPT + 1))).kv
+        return time_decode_batch_sizes(self.model, self.kv_layers, kv, max_batch, rounds)
+
     def new_batch(self) -> TorchDecodeBatch:
-        return TorchDecodeBatch(self.model, self.kv_layers)
+        return TorchDecodeBatch(self.model, self.kv_layers, self.decode_batch_sizes)
 
     def prefill_delay_s(self, tokens: int) -> float:
         return 0.0
