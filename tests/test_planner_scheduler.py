@@ -398,3 +398,25 @@ def test_regions_renting_the_same_instances_give_one_pool() -> None:
     assert [site for site, _ in chosen][:1] == ["r1"]  # L40S per dollar beats A100-80GB here
     assert len({rental for _, rental in chosen}) == len(chosen)  # no rental twice
     assert [site for site, _ in chosen] == ["r1", "r3"]  # r2's copy of r1 gave its place to r3
+
+
+@pytest.mark.parametrize("index", [0, 7, 13])  # 7B short; 70B long over 5 Gbps; 70B tight TPOT
+def test_the_per_dollar_bound_covers_every_family_and_the_rent_mip(index: int) -> None:
+    """``bench/planner_bound.py``: at each place the LP relaxation per dollar is at least each single family
+    (colocated, split, in-node split) and the rent MIP's own integer mix (a feasible point of the LP)."""
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))  # after the repository root: ``planner`` stays the package
+    from _suite import bench_module, planner_suite
+
+    bound, suite = bench_module("planner_bound"), planner_suite()
+    places = bound.per_dollar_by_place(suite.SUITE[index], suite)
+    assert any(figures[bound.ANY] > 0 for figures in places.values())
+    for figures in places.values():
+        best_single = max(figures[f] for f in bound.FAMILIES)
+        assert figures[bound.ANY] >= best_single * (1 - 1e-6)
+        assert figures[bound.MIP] <= figures[bound.ANY] * (1 + 1e-6)
+    row = bound.bound(suite.SUITE[index], suite)
+    assert row["bound_ratio"] >= 1.0 and row["mip_ratio"] <= row["bound_ratio"] + 1e-3

@@ -1,0 +1,175 @@
+"""How much better than the best homogeneous colocated plan any plan could be, per dollar, in each scenario.
+
+The planner suite (``bench/planner.py``) asks ThunderServe for 1.3x the best baseline's goodput per
+dollar. This script bounds what any plan can reach, under the planner's own capacity model, so a
+scenario where ours ties the colocated baseline can be told apart from one where the search falls
+short. For each place (cloud, region) of a scenario's catalog it takes the planner's own rent units
+(``planner.rent.UnitCatalog``: each instance type cut into its best replicas per role, each with its
+capacity at the SLO from the cost model) and computes, per dollar:
+
+- ``colocated``: the best colocated unit (one GPU type, replicas doing both phases; any mix of
+  colocated units is a weighted mean of theirs, so no heterogeneous colocated plan does better);
+- ``split``: prefill and decode on separate replicas, the cheapest prefill unit and the cheapest
+  decode unit of the place, any types: ``1 / (cost per prefill req/s + cost per decode req/s)``, a
+  prefill unit's rate capped by what its NICs can ship of the prompts' KV (the rent MIP's network
+  constraint, auto compression). KV latency, routing imbalance and whole instances are left out, so
+  it is an upper bound;
+- ``in-node split``: one multi-GPU instance holding both phases (KV over its own GPU link);
+- ``any plan``: the best of the three. Capacities add across replicas, so a plan mixing them is a
+  weighted mean too (the LP relaxation of the planner's rent MIP, one place at a time).
+
+The ratio ``any plan / colocated`` is then the most a plan can gain over homogeneous colocated
+serving per dollar, if the capacity model holds (the simulator, which decides the suite, agrees with it to a
+few % on these plans; the table shows the suite's measured ratio beside it when ``--results`` is given).
+
+    python bench/planner_bound.py                          # the main suite, ~1 min
+    python bench/planner_bound.py --suite clouds --results bench/results/planner_clouds_2026-11-29-2.json
+Prints a rich table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _suite import planner_suite  # noqa: E402
+
+from planner.cluster import Cluster, Node  # noqa: E402
+from planner.cost_model import DEFAULT_EFF  # noqa: E402
+from planner.models import load_model  # noqa: E402
+from planner.offers import cheapest_per_type  # noqa: E402
+from planner.rent import InstanceChoice, Unit, UnitCatalog, _kv_seconds_per_request, _solve_mix  # noqa: E402
+from planner.routing import LINK_UTILISATION  # noqa: E402
+from planner.scheduler import Setting  # noqa: E402
+
+FAMILIES = ("colocated", "split", "in-node split")
+MIP = "rent MIP"
+ANY = "any plan"
+
+
+def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
+    """Req/s per $/h of each family at each place of the scenario's catalog (0 where it has no unit),
+    and of the rent MIP's own integer mix at the budget (``MIP``)."""
+    s = Setting(load_model(sc.model), suite.PROMPTS[sc.prompts], sc.slo(), sc.budget, suite.offers_for(sc.cloud),
+                None, True, sc.gbps, "auto", 0, math.inf, 64, DEFAULT_EFF)
+    catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
+    # a prefill instance's NIC carries its prompts' KV (auto compression) to the decode side, at most
+    # LINK_UTILISATION busy: the rent MIP's own network constraint
+    kv_s = _kv_seconds_per_request(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)),
+                                   sc.gbps, "auto")
+    places: dict[tuple[str, str], list[Unit]] = {}
+    for (cloud, region, gpu, count), (offer, price, spot) in sorted(cheapest_per_type(s.offers, True).items()):
+        kind = InstanceChoice(offer, price, spot)
+        for n_inst, per, reps, role, cap, cfg, *layout in catalog.shapes(gpu, count):
+            unit = Unit(kind, n_inst, per, reps, role, cap, cfg, layout[0] if layout else ())
+            if unit.cost <= sc.budget and cap > 0:
+                places.setdefault((cloud, region), []).append(unit)
+    out = {}
+    for place, units in places.items():
+        top = {role: 0.0 for role in ("both", "prefill", "decode", "pd")}
+        for u in units:
+            cap = u.capacity
+            if u.role == "prefill" and kv_s > 0:  # its compute, or what its NICs can ship
+                cap = min(cap, LINK_UTILISATION * u.instances / kv_s)
+            top[u.role] = max(top[u.role], cap / u.cost)
+        split = 1.0 / (1.0 / top["prefill"] + 1.0 / top["decode"]) if top["prefill"] and top["decode"] else 0.0
+        rate, cost, _ = _solve_mix(units, sc.budget, 64, s.context, sc.gbps, "auto", True)
+        out[place] = {"colocated": top["both"], "split": split, "in-node split": top["pd"],
+                      ANY: lp_per_dollar(units, kv_s), MIP: rate / cost if cost > 0 else 0.0}
+    return out
+
+
+def lp_per_dollar(units: list[Unit], kv_s: float) -> float:
+    """The rent MIP's LP relaxation per dollar: any non-negative amounts of the units at $1/h in all,
+    rate_pd within the prefill and the decode capacity and what the prefill NICs can ship, rate_c
+    within the colocated (and in-node split) capacity. No budget, GPU or offer-count limits: an upper
+    bound on the req/s per $/h of any mix of these units."""
+    from scipy.optimize import linprog
+
+    n = len(units)
+    c = np.zeros(n + 2)
+    c[n:] = -1.0  # maximise rate_pd + rate_c
+    a_ub, b_ub = [], []
+
+    def row(coeffs: dict[int, float]) -> None:
+        r = np.zeros(n + 2)
+        for i, v in coeffs.items():
+            r[i] = v
+        a_ub.append(r)
+        b_ub.append(0.0)
+
+    for role in ("prefill", "decode"):
+        row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == role}})
+    row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}})
+    if kv_s > 0:
+        row({n: kv_s, **{i: -LINK_UTILISATION * u.instances for i, u in enumerate(units) if u.role == "prefill"}})
+    a_eq = np.zeros((1, n + 2))
+    a_eq[0, :n] = [u.cost for u in units]
+    res = linprog(c, A_ub=np.array(a_ub), b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=[(0, None)] * (n + 2),
+                  method="highs")
+    return float(-res.fun) if res.status == 0 else 0.0
+
+
+def bound(sc, suite) -> dict:
+    """The best place's figures for each family, and the ratio of the best of any family to colocated."""
+    by_place = per_dollar_by_place(sc, suite)
+    best = {f: max((v[f] for v in by_place.values()), default=0.0) for f in (*FAMILIES, ANY, MIP)}
+    col = best["colocated"]
+    return {**{f: round(v, 4) for f, v in best.items()},
+            "bound_ratio": round(best[ANY] / col, 3) if col > 0 else math.inf,
+            "mip_ratio": round(best[MIP] / col, 3) if col > 0 else math.inf,
+            "best_single_family": max(FAMILIES, key=lambda f: best[f])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=("main", "interactive", "clouds"), default="main")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="a bench/planner.py JSON result of the same suite: its measured ratios go beside the bound")
+    args = ap.parse_args()
+    suite = planner_suite()
+    scenarios: list = suite.SUITES[args.suite]
+    measured: dict[str, float] = {}
+    if args.results:
+        text = args.results.read_text().strip().splitlines()[-1]
+        measured = orjson.loads(text).get("ratio_vs_best_baseline", {})
+    console = Console(width=200)
+    rows = []
+    for sc in scenarios:
+        rows.append({"scenario": sc.name, **bound(sc, suite)})
+        if sc.name in measured:
+            rows[-1]["measured_ratio"] = measured[sc.name]
+    table = Table(title="The most any plan gains per dollar over homogeneous colocated serving "
+                        "(planner's capacity model; req/s per $/h)")
+    for col in ("scenario", *FAMILIES, ANY, "bound: any plan / colocated", "best single family",
+                "rent MIP / colocated", "suite measured"):
+        table.add_column(col, justify="left" if col == "scenario" else "right")
+    for r in rows:
+        table.add_row(r["scenario"], *(f"{r[f]:.3f}" for f in (*FAMILIES, ANY)), f"{r['bound_ratio']:.3f}x",
+                      r["best_single_family"], f"{r['mip_ratio']:.3f}x",
+                      f"{r['measured_ratio']:.3f}x" if "measured_ratio" in r else "-")
+    console.print(table)
+    ratios = [r["bound_ratio"] for r in rows if math.isfinite(r["bound_ratio"])]
+    summary = {"bench": "planner_bound", "suite": args.suite, "scenarios": len(rows),
+               "bound_geomean": round(math.exp(statistics.mean(math.log(x) for x in ratios)), 3) if ratios else None,
+               "bound_max": max(ratios, default=None),
+               "scenarios_bound_under_1_3": sum(1 for x in ratios if x < 1.3),
+               "mip_geomean": round(math.exp(statistics.mean(math.log(r["mip_ratio"]) for r in rows
+                                                             if 0 < r["mip_ratio"] < math.inf)), 3),
+               "rows": rows}
+    print(orjson.dumps(summary).decode())
+
+
+if __name__ == "__main__":
+    main()
