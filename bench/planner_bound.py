@@ -49,8 +49,14 @@ from planner.cluster import Cluster, Node  # noqa: E402
 from planner.cost_model import DEFAULT_EFF  # noqa: E402
 from planner.models import load_model  # noqa: E402
 from planner.offers import cheapest_per_type  # noqa: E402
-from planner.rent import InstanceChoice, Unit, UnitCatalog, _kv_seconds_per_request, _solve_mix  # noqa: E402
-from planner.routing import LINK_UTILISATION  # noqa: E402
+from planner.rent import (  # noqa: E402
+    InstanceChoice,
+    Unit,
+    UnitCatalog,
+    _kv_seconds_per_request,
+    _solve_mix,
+    shipped_capacity,
+)
 from planner.scheduler import Setting  # noqa: E402
 
 FAMILIES = ("colocated", "split", "in-node split")
@@ -79,9 +85,7 @@ def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
     for place, units in places.items():
         top = {role: 0.0 for role in ("both", "prefill", "decode", "pd")}
         for u in units:
-            cap = u.capacity
-            if u.role == "prefill" and kv_s > 0:  # its compute, or what its NICs can ship
-                cap = min(cap, LINK_UTILISATION * u.instances / kv_s)
+            cap = shipped_capacity(u, kv_s) if u.role == "prefill" else u.capacity
             top[u.role] = max(top[u.role], cap / u.cost)
         split = 1.0 / (1.0 / top["prefill"] + 1.0 / top["decode"]) if top["prefill"] and top["decode"] else 0.0
         rate, cost, _ = _solve_mix(units, sc.budget, 64, s.context, sc.gbps, "auto", True)
@@ -109,11 +113,9 @@ def lp_per_dollar(units: list[Unit], kv_s: float) -> float:
         a_ub.append(r)
         b_ub.append(0.0)
 
-    for role in ("prefill", "decode"):
-        row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == role}})
+    row({n: 1.0, **{i: -shipped_capacity(u, kv_s) for i, u in enumerate(units) if u.role == "prefill"}})
+    row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}})
     row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}})
-    if kv_s > 0:
-        row({n: kv_s, **{i: -LINK_UTILISATION * u.instances for i, u in enumerate(units) if u.role == "prefill"}})
     a_eq = np.zeros((1, n + 2))
     a_eq[0, :n] = [u.cost for u in units]
     res = linprog(c, A_ub=np.array(a_ub), b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=[(0, None)] * (n + 2),

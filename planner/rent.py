@@ -7,11 +7,11 @@ instance has many GPUs, several instances per replica when one is too small), on
 multi-GPU instances, one unit holding both prefill and decode replicas (KV over the node's own GPU
 link, so it needs no network). The MIP (HiGHS,
 through ``scipy.optimize.milp``) picks how many units of each kind to rent to maximise the served
-rate ``rate_pd + rate_colocated`` with ``rate_pd <= prefill capacity``, ``rate_pd <= decode
-capacity``, the KV traffic within the prefill nodes' network, and total price <= budget. This is
-Mélange's bin-packing idea extended to phases; the tabu search then refines grouping and phases on
-the pool it returns. Places with the same offers and prices are solved once, and places whose best
-mix is the same rental (the same instances at the same prices) give one pool.
+rate ``rate_pd + rate_colocated`` with ``rate_pd <= prefill capacity`` (each prefill unit at the
+lesser of its compute and what its own NICs ship of the KV), ``rate_pd <= decode capacity``, and
+total price <= budget. This is Mélange's bin-packing idea extended to phases; the tabu search then
+refines grouping and phases on the pool it returns. Places with the same offers and prices are solved
+once, and places whose best mix is the same rental (the same instances at the same prices) give one pool.
 """
 
 from __future__ import annotations
@@ -226,6 +226,14 @@ def _kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:
     return transfer_s(auto_kv_mode(transfer_s, ctx.slo.ttft_s) if mode == "auto" else mode)
 
 
+def shipped_capacity(unit: Unit, kv_s: float) -> float:
+    """A prefill unit's req/s: its compute, or what its own NICs can ship of the prompts' KV (at most
+    LINK_UTILISATION busy each), whichever is less. Per unit, not summed over the pool: a fast prefill
+    node's KV cannot leave through a slow one's NIC (a pool-wide NIC budget once rented three 4xH100
+    prefill nodes beside three 2xRTX4090 ones at 5 Gbps, 24 req/s by the MIP, 8 by the routing LP)."""
+    return min(unit.capacity, LINK_UTILISATION * unit.instances / kv_s) if kv_s > 0 else unit.capacity
+
+
 def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps: float, kv_mode: str,
                bandwidth_aware: bool, rate_cap: float = math.inf) -> tuple[float, float, list[tuple[Unit, int]]]:
     """MIP over unit counts; variables [x_u..., rate_pd, rate_c]."""
@@ -251,14 +259,11 @@ def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbp
     row({i: u.gpus for i, u in enumerate(units)}, -np.inf, max_gpus)
     for kind_units in _by_limited_kind(units).values():  # the provider's capacity per instance type
         row({i: u.instances for i, u in kind_units}, -np.inf, kind_units[0][1].kind.offer.capacity)
-    row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "prefill"}}, -np.inf, 0.0)
+    row({n: 1.0, **{i: -shipped_capacity(u, kv_s) for i, u in enumerate(units) if u.role == "prefill"}}, -np.inf, 0.0)
     row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}}, -np.inf, 0.0)
     row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}}, -np.inf, 0.0)
     if math.isfinite(rate_cap):
         row({n: 1.0, n + 1: 1.0}, -np.inf, rate_cap)
-    if kv_s > 0:  # KV leaves prefill nodes over their NICs (at most LINK_UTILISATION busy each)
-        row({n: kv_s, **{i: -LINK_UTILISATION * u.instances for i, u in enumerate(units) if u.role == "prefill"}},
-            -np.inf, 0.0)
     ub = [min(MAX_UNITS_PER_KIND, math.floor(budget / u.cost + 1e-9)) for u in units] + [np.inf, np.inf]
     with _stdout_to_stderr():
         res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=[1] * n + [0, 0],
