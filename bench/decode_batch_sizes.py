@@ -6,7 +6,8 @@ In one run, on the torch backend (``--model``, 1 thread by default):
   2. in-process, per batch size: step time unpadded and padded to the kept sizes, interleaved, best of
      ``--repeats``, at a ``--context``-token context (ratio unpadded / padded: > 1 is a faster step);
   3. over HTTP, one engine process per setting (``off``, then the kept sizes), ``--concurrency`` levels of
-     greedy ``ignore_eos`` requests at once: generated tokens/s and the ratio padded / unpadded.
+     greedy ``ignore_eos`` requests at once (``bench/engine.py``'s prompts): generated tokens/s and the ratio
+     padded / unpadded.
 
     python bench/decode_batch_sizes.py                      # smollm2, ~4 min
     python bench/decode_batch_sizes.py --quick              # fewer sizes and levels, ~1.5 min
@@ -27,12 +28,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import aiohttp  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from replicas.engine.backends.batch_sizes import kept_sizes, padded  # noqa: E402
-from replicas.process import EngineProcess  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -63,25 +62,15 @@ def step_times(backend: Any, sizes: tuple[int, ...], batches: list[int], context
     return rows
 
 
-async def serve(model: str, setting: str, threads: int, levels: list[int], new_tokens: int, max_batch: int
-                ) -> dict[int, float]:
-    """Generated tokens/s at each concurrency level on one engine process with ``--decode-batch-sizes setting``."""
-    extra = ["--threads", str(threads), "--decode-batch-sizes", setting]
-    out = {}
-    async with EngineProcess(model=model, max_batch=max_batch, extra_args=extra) as eng, \
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
-        async def one(i: int) -> int:
-            body = {"input_ids": [(13 * i + j) % 1000 + 1 for j in range(32)],
-                    "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}}
-            async with s.post(eng.url + "/generate", json=body) as r:
-                return len((await r.json())["output_ids"])
+def serve(model: str, setting: str, threads: int, levels: list[int], new_tokens: int, max_batch: int
+          ) -> dict[int, float]:
+    """Generated tokens/s at each concurrency level on one engine process with ``--decode-batch-sizes setting``
+    (``bench/engine.py``'s throughput run)."""
+    from _suite import bench_module
 
-        await one(0)  # warm-up
-        for c in levels:
-            t0 = time.perf_counter()
-            done = await asyncio.gather(*(one(i) for i in range(c)))
-            out[c] = sum(done) / (time.perf_counter() - t0)
-    return out
+    rows = asyncio.run(bench_module("engine").throughput(model, threads, levels, new_tokens,
+                                                         ["--decode-batch-sizes", setting], max_batch))
+    return {r["concurrency"]: r["tok_per_s"] for r in rows}
 
 
 def main() -> None:
@@ -119,7 +108,7 @@ def main() -> None:
     served = {}
     for label, value in (("off", "off"), ("padded", setting)):
         console.log(f"serving with --decode-batch-sizes {value} at concurrency {levels}")
-        served[label] = asyncio.run(serve(args.model, value, args.threads, levels, args.new_tokens, args.max_batch))
+        served[label] = serve(args.model, value, args.threads, levels, args.new_tokens, args.max_batch)
     serving = [{"concurrency": c, "runs_at": padded(c, sizes), "off_tok_s": round(served["off"][c], 2),
                 "padded_tok_s": round(served["padded"][c], 2),
                 "ratio": round(served["padded"][c] / served["off"][c], 3)} for c in levels]

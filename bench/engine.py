@@ -148,10 +148,12 @@ def kv_agreement(b: Any, new_tokens: int, prompts: list[str]) -> list[dict[str, 
     return out
 
 
-async def throughput(model: str, threads: int, levels: list[int], new_tokens: int) -> list[dict[str, Any]]:
-    extra = ["--threads", str(threads)] if model != "emulated" else []
+async def throughput(model: str, threads: int, levels: list[int], new_tokens: int, extra: list[str] | None = None,
+                     max_batch: int | None = None) -> list[dict[str, Any]]:
+    """Generated tokens/s of one engine process at each concurrency level (``extra``: more engine flags)."""
+    extra = (["--threads", str(threads)] if model != "emulated" else []) + (extra or [])
     out = []
-    async with EngineProcess(model=model, max_batch=max(levels), extra_args=extra) as eng, \
+    async with EngineProcess(model=model, max_batch=max_batch or max(levels), extra_args=extra) as eng, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
         async def one(i: int) -> int:
             body = {"text": PROMPTS[i % len(PROMPTS)],
