@@ -50,8 +50,8 @@ from planner.cost_model import Efficiency, ReplicaModel, Stage, roof
 from planner.gpus import GpuSpec
 from planner.models import ModelSpec, model_from_config
 from replicas.engine.backends.batch_sizes import kept_sizes, padded, parse_batch_sizes
-from replicas.engine.backends.kv_cache import HEADROOM, TorchDecodeBatch, time_decode_batch_sizes
-from replicas.engine.backends.torch_model import prefill_model
+from replicas.engine.backends.kv_cache import HEADROOM, TorchDecodeBatch
+from replicas.engine.backends.torch_model import prefill_model, time_decode_steps
 
 BIG_ROWS, FEW_ROWS = 512, 8
 STREAM_BYTES = 256 * 2**20
@@ -265,8 +265,7 @@ def decode_sizes(model, choice: str | tuple[int, ...], max_batch: int) -> tuple[
         return ()
     if choice != "auto":
         return tuple(choice)
-    kv = prefill_model(model, list(range(1, 17))).kv
-    return kept_sizes(time_decode_batch_sizes(model, model.config.num_hidden_layers, kv, max_batch))
+    return kept_sizes(time_decode_steps(model, max_batch))
 
 
 def load_smollm2():

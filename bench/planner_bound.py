@@ -48,14 +48,14 @@ from _suite import planner_suite  # noqa: E402
 from planner.cluster import Cluster, Node  # noqa: E402
 from planner.cost_model import DEFAULT_EFF  # noqa: E402
 from planner.models import load_model  # noqa: E402
-from planner.offers import cheapest_per_type  # noqa: E402
 from planner.rent import (  # noqa: E402
-    InstanceChoice,
     Unit,
     UnitCatalog,
-    _kv_seconds_per_request,
-    _solve_mix,
+    kv_seconds_per_request,
+    offers_by_place,
+    rate_rows,
     shipped_capacity,
+    solve_mix,
 )
 from planner.scheduler import Setting  # noqa: E402
 
@@ -72,15 +72,10 @@ def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
     catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
     # a prefill instance's NIC carries its prompts' KV (auto compression) to the decode side, at most
     # LINK_UTILISATION busy: the rent MIP's own network constraint
-    kv_s = _kv_seconds_per_request(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)),
-                                   sc.gbps, "auto")
-    places: dict[tuple[str, str], list[Unit]] = {}
-    for (cloud, region, gpu, count), (offer, price, spot) in sorted(cheapest_per_type(s.offers, True).items()):
-        kind = InstanceChoice(offer, price, spot)
-        for n_inst, per, reps, role, cap, cfg, *layout in catalog.shapes(gpu, count):
-            unit = Unit(kind, n_inst, per, reps, role, cap, cfg, layout[0] if layout else ())
-            if unit.cost <= sc.budget and cap > 0:
-                places.setdefault((cloud, region), []).append(unit)
+    kv_s = kv_seconds_per_request(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)),
+                                  sc.gbps, "auto")
+    places = {place: units for place, kinds in offers_by_place(s.offers, True).items()
+              if (units := [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0])}
     out = {}
     for place, units in places.items():
         top = {role: 0.0 for role in ("both", "prefill", "decode", "pd")}
@@ -88,7 +83,7 @@ def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
             cap = shipped_capacity(u, kv_s) if u.role == "prefill" else u.capacity
             top[u.role] = max(top[u.role], cap / u.cost)
         split = 1.0 / (1.0 / top["prefill"] + 1.0 / top["decode"]) if top["prefill"] and top["decode"] else 0.0
-        rate, cost, _ = _solve_mix(units, sc.budget, 64, s.context, sc.gbps, "auto", True)
+        rate, cost, _ = solve_mix(units, sc.budget, 64, s.context, sc.gbps, "auto", True)
         out[place] = {"colocated": top["both"], "split": split, "in-node split": top["pd"],
                       ANY: lp_per_dollar(units, kv_s), MIP: rate / cost if cost > 0 else 0.0}
     return out
@@ -104,21 +99,13 @@ def lp_per_dollar(units: list[Unit], kv_s: float) -> float:
     n = len(units)
     c = np.zeros(n + 2)
     c[n:] = -1.0  # maximise rate_pd + rate_c
-    a_ub, b_ub = [], []
-
-    def row(coeffs: dict[int, float]) -> None:
-        r = np.zeros(n + 2)
+    a_ub = np.zeros((3, n + 2))
+    for r, coeffs in enumerate(rate_rows(units, kv_s)):  # the rent MIP's own capacity rows
         for i, v in coeffs.items():
-            r[i] = v
-        a_ub.append(r)
-        b_ub.append(0.0)
-
-    row({n: 1.0, **{i: -shipped_capacity(u, kv_s) for i, u in enumerate(units) if u.role == "prefill"}})
-    row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}})
-    row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}})
+            a_ub[r, i] = v
     a_eq = np.zeros((1, n + 2))
     a_eq[0, :n] = [u.cost for u in units]
-    res = linprog(c, A_ub=np.array(a_ub), b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=[(0, None)] * (n + 2),
+    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(3), A_eq=a_eq, b_eq=[1.0], bounds=[(0, None)] * (n + 2),
                   method="highs")
     return float(-res.fun) if res.status == 0 else 0.0
 

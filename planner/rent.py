@@ -136,6 +136,12 @@ class UnitCatalog:
         self._cache[key] = out
         return out
 
+    def units(self, kind: InstanceChoice) -> list[Unit]:
+        """The units one instance type at one price is cut into, one per role (``shapes``)."""
+        shapes = self.shapes(kind.offer.gpu_type, kind.offer.gpu_count)
+        return [Unit(kind, n_inst, per, reps, role, cap, cfg, layout[0] if layout else ())
+                for n_inst, per, reps, role, cap, cfg, *layout in shapes]
+
     def _pd_in_node(self, gpu_type: str, count: int):
         """One instance split into prefill and decode replicas (KV over the node's GPU link, no NIC):
         the split with the most served rate, min(prefill capacity, decode capacity)."""
@@ -164,9 +170,7 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     no TTFT cost), so the search gets that alternative to weigh too."""
     gbps = _site_bandwidth(inter_node_gbps)
     units_cat = UnitCatalog(ctx_factory, phases, gbps, group_cache)
-    by_site: dict[tuple[str, str], list[InstanceChoice]] = {}
-    for (cloud, region, _gpu, _count), (offer, price, is_spot) in sorted(cheapest_per_type(offers, spot).items()):
-        by_site.setdefault((cloud, region), []).append(InstanceChoice(offer, price, is_spot))
+    by_site = offers_by_place(offers, spot)
     solved: set[tuple] = set()  # places' offer signatures
     # by rental: the first place (in sorted order) that rents it; a second copy would only take a place among
     # the pools searched (two RunPod regions once pushed Lambda's GH200s, the best 70B mix, out)
@@ -179,22 +183,20 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
             continue
         solved.add(sig)
         units = []
-        for k in kinds:
-            for n_inst, per, reps, role, cap, cfg, *layout in units_cat.shapes(k.offer.gpu_type, k.offer.gpu_count):
-                u = Unit(k, n_inst, per, reps, role, cap, cfg, layout[0] if layout else ())
-                cheapest_replica = min(cheapest_replica, u.cost)
-                if u.cost <= budget and u.gpus <= max_gpus:
-                    units.append(u)
+        for u in (u for k in kinds for u in units_cat.units(k)):
+            cheapest_replica = min(cheapest_replica, u.cost)
+            if u.cost <= budget and u.gpus <= max_gpus:
+                units.append(u)
         if not units:
             continue
-        rate, cost, picks = _solve_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
+        rate, cost, picks = solve_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                        rate_cap)
         if rate > 0:
             results.setdefault(_rental(picks), (rate / cost, site, rate, cost, picks))
         local = [u for u in units if u.role in ("pd", "both")]
         crosses = any(u.role in ("prefill", "decode") for u, _ in picks)  # else the same answer
         if in_node_top and crosses and any(u.role == "pd" for u in local):
-            r2, c2, p2 = _solve_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
+            r2, c2, p2 = solve_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                     rate_cap)
             if r2 > 0:
                 in_node.setdefault(_rental(p2), (r2 / c2, site, r2, c2, p2))
@@ -203,6 +205,24 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
         raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
     chosen = sorted(results.values(), key=_rank)[:top] + sorted(in_node.values(), key=_rank)[:in_node_top]
     return [_pool_from_picks(site, picks) for _, site, _, _, picks in chosen]
+
+
+def offers_by_place(offers: list[Offer], spot: bool) -> dict[tuple[str, str], list[InstanceChoice]]:
+    """The cheapest offer of each instance shape, grouped by place (cloud, region): what one pool may rent."""
+    out: dict[tuple[str, str], list[InstanceChoice]] = {}
+    for (cloud, region, _gpu, _count), (offer, price, is_spot) in sorted(cheapest_per_type(offers, spot).items()):
+        out.setdefault((cloud, region), []).append(InstanceChoice(offer, price, is_spot))
+    return out
+
+
+def rate_rows(units: list[Unit], kv_s: float) -> list[dict[int, float]]:
+    """The mix's served rates within its capacities, as rows ``<= 0`` over [x_u..., rate_pd, rate_c]:
+    rate_pd within the prefill units' shipped capacity and within the decode units', rate_c within the
+    colocated and in-node split units'."""
+    n = len(units)
+    return [{n: 1.0, **{i: -shipped_capacity(u, kv_s) for i, u in enumerate(units) if u.role == "prefill"}},
+            {n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}},
+            {n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}}]
 
 
 def _rank(found: tuple) -> tuple:
@@ -216,7 +236,7 @@ def _rental(picks: list[tuple[Unit, int]]) -> tuple:
                          u.gpus_per_replica, u.layout, n) for u, n in picks))
 
 
-def _kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:
+def kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:
     """A mean prompt's KV over the network (no compression passes or latency: the MIP's NIC budget)."""
     nbytes = ctx.workload.mean_input * ctx.model.kv_bytes_per_token
 
@@ -234,12 +254,12 @@ def shipped_capacity(unit: Unit, kv_s: float) -> float:
     return min(unit.capacity, LINK_UTILISATION * unit.instances / kv_s) if kv_s > 0 else unit.capacity
 
 
-def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps: float, kv_mode: str,
+def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps: float, kv_mode: str,
                bandwidth_aware: bool, rate_cap: float = math.inf) -> tuple[float, float, list[tuple[Unit, int]]]:
     """MIP over unit counts; variables [x_u..., rate_pd, rate_c]."""
     n = len(units)
     ctx = ctx_factory(Cluster([Node("x", units[0].kind.offer.gpu_type, 1)], inter_node_gbps=gbps))
-    kv_s = _kv_seconds_per_request(ctx, gbps, kv_mode) if bandwidth_aware else 0.0
+    kv_s = kv_seconds_per_request(ctx, gbps, kv_mode) if bandwidth_aware else 0.0
     c = np.zeros(n + 2)
     c[n] = -1.0
     c[n + 1] = -1.0
@@ -259,9 +279,8 @@ def _solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbp
     row({i: u.gpus for i, u in enumerate(units)}, -np.inf, max_gpus)
     for kind_units in _by_limited_kind(units).values():  # the provider's capacity per instance type
         row({i: u.instances for i, u in kind_units}, -np.inf, kind_units[0][1].kind.offer.capacity)
-    row({n: 1.0, **{i: -shipped_capacity(u, kv_s) for i, u in enumerate(units) if u.role == "prefill"}}, -np.inf, 0.0)
-    row({n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}}, -np.inf, 0.0)
-    row({n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}}, -np.inf, 0.0)
+    for coeffs in rate_rows(units, kv_s):
+        row(coeffs, -np.inf, 0.0)
     if math.isfinite(rate_cap):
         row({n: 1.0, n + 1: 1.0}, -np.inf, rate_cap)
     ub = [min(MAX_UNITS_PER_KIND, math.floor(budget / u.cost + 1e-9)) for u in units] + [np.inf, np.inf]

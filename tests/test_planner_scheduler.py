@@ -471,7 +471,7 @@ def test_the_rent_mip_ships_each_prefill_unit_s_kv_through_its_own_nics() -> Non
     cheap slow nodes' NICs for it (24 req/s by the MIP, 8 by the routing LP on a 70B pool)."""
     from planner.cluster import Cluster, Node
     from planner.offers import Offer
-    from planner.rent import InstanceChoice, Unit, _kv_seconds_per_request, _solve_mix, shipped_capacity
+    from planner.rent import InstanceChoice, Unit, kv_seconds_per_request, shipped_capacity, solve_mix
     from planner.routing import LINK_UTILISATION
 
     def unit(gpu: str, count: int, price: float, role: str, cap: float) -> Unit:
@@ -480,14 +480,14 @@ def test_the_rent_mip_ships_each_prefill_unit_s_kv_through_its_own_nics() -> Non
 
     ctx_factory = Setting(load_model("llama-2-70b"), Workload(0.0, Lengths.fixed(2048), Lengths.fixed(128)),
                           SLO(7.0, 0.1), 40.0, None, None, True, 5.0, "none", 0, 5.0, 64, DEFAULT_EFF).context
-    kv_s = _kv_seconds_per_request(ctx_factory(Cluster([Node("x", "H100", 1)], inter_node_gbps=5.0)), 5.0, "none")
+    kv_s = kv_seconds_per_request(ctx_factory(Cluster([Node("x", "H100", 1)], inter_node_gbps=5.0)), 5.0, "none")
     nic = LINK_UTILISATION / kv_s  # req/s one NIC ships: ~0.6 for 70B's 2048-token KV at 5 Gbps
     fast = unit("H100", 4, 7.2, "prefill", 7.0)
     slow = unit("RTX4090", 2, 0.8, "prefill", nic / 6)  # compute-bound well below its NIC
     decode = unit("H100", 4, 7.2, "decode", 40.0)
     assert shipped_capacity(fast, kv_s) == pytest.approx(nic) and shipped_capacity(slow, kv_s) == slow.capacity
     assert shipped_capacity(fast, 0.0) == 7.0
-    rate, _, picks = _solve_mix([fast, slow, decode], 7.2 * 2 + 0.8 * 9, 64, ctx_factory, 5.0, "none", True)
+    rate, _, picks = solve_mix([fast, slow, decode], 7.2 * 2 + 0.8 * 9, 64, ctx_factory, 5.0, "none", True)
     n = {id(u): k for u, k in picks}
     assert rate == pytest.approx(n.get(id(fast), 0) * nic + n.get(id(slow), 0) * slow.capacity, rel=1e-3)
     # a pool-wide NIC budget let one fast node ship through nine slow nodes' NICs: ~10x one NIC for that mix

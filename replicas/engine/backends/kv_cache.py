@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from replicas.engine.backends.batch_sizes import ROUNDS, padded, time_sizes
+from replicas.engine.backends.batch_sizes import padded
 
 HEADROOM = 64  # decode steps of capacity added on each (re)allocation
 
@@ -164,18 +164,3 @@ class TorchDecodeBatch:
         self.lens = [n + 1 for n in self.lens]
         return list(self.keys), out.logits[: len(self.keys), -1, :].float().numpy()
 
-
-def time_decode_batch_sizes(model: Any, num_layers: int, kv: SeqKV, max_batch: int, rounds: int = ROUNDS
-                            ) -> dict[int, float]:
-    """Seconds of an unpadded decode step at each batch size 1..``max_batch``, every row a copy of ``kv``
-    (what ``--decode-batch-sizes auto`` tunes on; the GEMM shapes, not the context, are what differ)."""
-    batches: dict[int, TorchDecodeBatch] = {}
-
-    def step(n: int) -> None:
-        if n not in batches:
-            batches[n] = TorchDecodeBatch(model, num_layers)
-            for k in range(n):
-                batches[n].join(k, kv)
-        batches[n].step(dict.fromkeys(range(n), 1))
-
-    return time_sizes(step, max_batch, rounds)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from replicas.engine.backends import batch_sizes
 from replicas.engine.backends.base import PrefillResult
-from replicas.engine.backends.kv_cache import SeqKV, TorchDecodeBatch, time_decode_batch_sizes
+from replicas.engine.backends.kv_cache import SeqKV, TorchDecodeBatch
 from replicas.engine.model_store import (
     SMOLLM2_NAME,
     TINY_NAME,
@@ -38,6 +38,24 @@ def prefill_model(model: Any, ids: list[int], logits_rows: int = 1) -> PrefillRe
     logits = out.logits[0].float().numpy()
     return PrefillResult(kv=SeqKV.from_cache(out.cache), logits=logits[-1],
                          prompt_logits=logits if logits_rows > 1 else None)
+
+
+def time_decode_steps(model: Any, max_batch: int, rounds: int = batch_sizes.ROUNDS) -> dict[int, float]:
+    """Seconds of an unpadded decode step at each batch size 1..``max_batch`` (best of ``rounds``), every
+    row a copy of one short prompt's KV: what ``--decode-batch-sizes auto`` tunes on (the GEMM shapes,
+    not the context, are what differ)."""
+    kv = prefill_model(model, list(range(1, TUNING_PROMPT + 1))).kv
+    layers = model.config.num_hidden_layers
+    batches: dict[int, TorchDecodeBatch] = {}
+
+    def step(n: int) -> None:
+        if n not in batches:
+            batches[n] = TorchDecodeBatch(model, layers)
+            for k in range(n):
+                batches[n].join(k, kv)
+        batches[n].step(dict.fromkeys(range(n), 1))
+
+    return batch_sizes.time_sizes(step, max_batch, rounds)
 
 
 class TorchBackend:
@@ -108,10 +126,9 @@ class TorchBackend:
         return batch_sizes.cached_sizes(cache_dir() / batch_sizes.CACHE_FILE, key,
                                         lambda: batch_sizes.kept_sizes(self.time_batch_sizes(largest)))
 
-    def time_batch_sizes(self, max_batch: int, rounds: int = batch_sizes.ROUNDS) -> dict[int, float]:
-        """Seconds of an unpadded decode step at each batch size 1..``max_batch`` (best of ``rounds``)."""
-        kv = self.prefill(list(range(1, TUNING_PROMPT + 1))).kv
-        return time_decode_batch_sizes(self.model, self.kv_layers, kv, max_batch, rounds)
+    def time_batch_sizes(self, max_batch: int) -> dict[int, float]:
+        """Seconds of an unpadded decode step at each batch size 1..``max_batch`` (``time_decode_steps``)."""
+        return time_decode_steps(self.model, max_batch)
 
     def new_batch(self) -> TorchDecodeBatch:
         return TorchDecodeBatch(self.model, self.kv_layers, self.decode_batch_sizes)
