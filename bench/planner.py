@@ -264,6 +264,9 @@ def main() -> None:
         "losses": sum(1 for r in ratios if r < 0.99),
         "plan_s_ours": _spread([r["results"]["thunderserve"].get("plan_s", 0.0) for r in rows]),
         "gpd": {r["scenario"]: {s: r["results"][s]["gpd"] for s in strategies} for r in rows},
+        # how far each plan's promise (its expected goodput, the capacity model's) is from the simulation
+        "estimate_over_simulated": {r["scenario"]: {s: _promise(r["results"][s]) for s in strategies} for r in rows},
+        "estimate_error_ours": _promise_error([_promise(r["results"]["thunderserve"]) for r in rows]),
         "plans": {r["scenario"]: {s: f"{r['results'][s].get('mix', '-')} {r['results'][s].get('shape', '')} "
                                      f"{r['results'][s].get('col', '')}" for s in strategies} for r in rows},
         **timing,
@@ -275,6 +278,21 @@ def _geomean(values: list[float]) -> float:
     """Geometric mean of the finite positive ratios (a scenario no baseline serves has ratio inf)."""
     vals = [v for v in values if math.isfinite(v) and v > 0]
     return round(statistics.geometric_mean(vals), 3) if vals else 0.0
+
+
+def _promise(res: dict) -> float:
+    """A plan's expected goodput over its simulated one (0 when it has no plan or serves nothing)."""
+    return round(res["estimate"] / res["goodput"], 3) if res.get("goodput") else 0.0
+
+
+def _promise_error(ratios: list[float]) -> dict[str, float]:
+    """Mean and worst relative error of the estimates, and how many promised more than they served."""
+    vals = [v for v in ratios if v > 0]
+    if not vals:
+        return {}
+    errs = [abs(v - 1) for v in vals]
+    return {"mean_abs": round(sum(errs) / len(errs), 3), "max_abs": round(max(errs), 3),
+            "over": sum(1 for v in vals if v > 1.05), "under": sum(1 for v in vals if v < 0.95), "plans": len(vals)}
 
 
 def _spread(values: list[float]) -> dict[str, float]:

@@ -73,6 +73,10 @@ class SimResult:
     retried: int = 0
     finished_ids: list[int] = field(default_factory=list, repr=False)
     steady_attainment: float = 1.0  # the same share over the requests after the warm-up (WARMUP_SHARE)
+    # per finished request, seconds from arrival to the end of its prompt's last prefill pass (before
+    # any KV transfer and the wait to join a decode step; a colocated replica's first token): the
+    # part of the TTFT the capacity model's prefill queue estimates
+    prefill_s: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     @property
     def attainment(self) -> float:
@@ -88,7 +92,7 @@ class SimResult:
 
 class _Req:
     __slots__ = ("arrival", "attempt", "chunk_left", "compression", "decode", "done_at", "first", "gen", "id", "inp",
-                 "join_iter", "out", "prefill", "total_out")
+                 "join_iter", "out", "prefill", "prefilled", "total_out")
 
     def __init__(self, r: Request) -> None:
         self.id = r.id
@@ -98,6 +102,7 @@ class _Req:
         self.total_out = r.output_len
         self.gen = 0  # tokens emitted so far
         self.first: float | None = None
+        self.prefilled: float | None = None  # when its prompt's last prefill pass ended (the latest attempt)
         self.done_at: float | None = None
         self.attempt = 0
         self.prefill = self.decode = ""
@@ -428,6 +433,7 @@ class Simulator:
             for req, attempt in done:
                 if attempt != req.attempt or req.id in self.finished_ids:
                     continue
+                req.prefilled = self.now
                 if not rep.alive:  # the node died while the prompt was in its pipeline
                     req.attempt += 1
                     self._retry(req)
@@ -574,7 +580,7 @@ class Simulator:
 
     def _result(self, reqs: list[_Req], overloaded: bool) -> SimResult:
         slo = self.slo
-        ttft, tpot, e2e = [], [], []
+        ttft, tpot, e2e, prefill = [], [], [], []
         attained = 0
         cut = reqs[int(WARMUP_SHARE * len(reqs))].id if reqs else 0
         steady = 0
@@ -583,13 +589,14 @@ class Simulator:
             ttft.append(tt)
             tpot.append(tp)
             e2e.append(r.done_at - r.arrival)
+            prefill.append(r.prefilled - r.arrival if r.prefilled is not None else tt)
             if tt <= slo.ttft_s and tp <= slo.tpot_s:
                 attained += 1
                 steady += r.id >= cut
         n_steady = sum(1 for r in reqs if r.id >= cut)
         return SimResult(len(reqs), len(reqs) - self.refused, len(self.finished), attained, np.array(ttft),
                          np.array(tpot), np.array(e2e), self.now, overloaded, self.retried,
-                         sorted(self.finished_ids), steady / n_steady if n_steady else 1.0)
+                         sorted(self.finished_ids), steady / n_steady if n_steady else 1.0, np.array(prefill))
 
 
 def slo_lost(requests: int, failed: int, target: float) -> bool:

@@ -37,6 +37,7 @@ COST = {
     "kv_quantile": 47e-6,  # one KV-transfer quantile of a prefill-decode pair (the routing LP's inputs)
     "layer_balance": 1.1e-3,  # one split of a model's layers over pipeline stages (a 60-step bisection)
     "offer": 46e-6,  # one catalog offer scanned for the cheapest of its kind
+    "prefill_tail": 0.7e-3,  # one pipelined prefill's TTFT quantiles at a curve's rates (a 28-step bisection)
 }
 WALL_SLACK = 3.0
 WALL_GRACE_S = 1.0  # setup the counts do not see (parsing offers, building contexts) is not a slow machine
