@@ -49,9 +49,9 @@ from planner.cluster import Cluster, Node  # noqa: E402
 from planner.cost_model import DEFAULT_EFF  # noqa: E402
 from planner.models import load_model  # noqa: E402
 from planner.rent import (  # noqa: E402
+    NetworkKv,
     Unit,
     UnitCatalog,
-    kv_seconds_per_request,
     offers_by_place,
     rate_rows,
     shipped_capacity,
@@ -71,25 +71,24 @@ def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
                 None, True, sc.gbps, "auto", 0, math.inf, 64, DEFAULT_EFF)
     catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
     # a prefill instance's NIC carries its prompts' KV (auto compression) to the decode side, at most
-    # LINK_UTILISATION busy: the rent MIP's own network constraint
-    kv_s = kv_seconds_per_request(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)),
-                                  sc.gbps, "auto")
+    # LINK_UTILISATION busy, and the trip takes TTFT: the rent MIP's own network terms
+    kv = NetworkKv.of(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)), sc.gbps, "auto")
     places = {place: units for place, kinds in offers_by_place(s.offers, True).items()
               if (units := [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0])}
     out = {}
     for place, units in places.items():
         top = {role: 0.0 for role in ("both", "prefill", "decode", "pd")}
         for u in units:
-            cap = shipped_capacity(u, kv_s) if u.role == "prefill" else u.capacity
+            cap = shipped_capacity(u, kv) if u.role == "prefill" else u.capacity
             top[u.role] = max(top[u.role], cap / u.cost)
         split = 1.0 / (1.0 / top["prefill"] + 1.0 / top["decode"]) if top["prefill"] and top["decode"] else 0.0
         rate, cost, _ = solve_mix(units, sc.budget, 64, s.context, sc.gbps, "auto", True)
         out[place] = {"colocated": top["both"], "split": split, "in-node split": top["pd"],
-                      ANY: lp_per_dollar(units, kv_s), MIP: rate / cost if cost > 0 else 0.0}
+                      ANY: lp_per_dollar(units, kv), MIP: rate / cost if cost > 0 else 0.0}
     return out
 
 
-def lp_per_dollar(units: list[Unit], kv_s: float) -> float:
+def lp_per_dollar(units: list[Unit], kv: NetworkKv) -> float:
     """The rent MIP's LP relaxation per dollar: any non-negative amounts of the units at $1/h in all,
     rate_pd within the prefill and the decode capacity and what the prefill NICs can ship, rate_c
     within the colocated (and in-node split) capacity. No budget, GPU or offer-count limits: an upper
@@ -100,7 +99,7 @@ def lp_per_dollar(units: list[Unit], kv_s: float) -> float:
     c = np.zeros(n + 2)
     c[n:] = -1.0  # maximise rate_pd + rate_c
     a_ub = np.zeros((3, n + 2))
-    for r, coeffs in enumerate(rate_rows(units, kv_s)):  # the rent MIP's own capacity rows
+    for r, coeffs in enumerate(rate_rows(units, kv)):  # the rent MIP's own capacity rows
         for i, v in coeffs.items():
             a_ub[r, i] = v
     a_eq = np.zeros((1, n + 2))

@@ -8,7 +8,8 @@ multi-GPU instances, one unit holding both prefill and decode replicas (KV over 
 link, so it needs no network). The MIP (HiGHS,
 through ``scipy.optimize.milp``) picks how many units of each kind to rent to maximise the served
 rate ``rate_pd + rate_colocated`` with ``rate_pd <= prefill capacity`` (each prefill unit at the
-lesser of its compute and what its own NICs ship of the KV), ``rate_pd <= decode capacity``, and
+lesser of its compute, within the TTFT its KV's trip over the network leaves, and what its own NICs
+ship of the KV), ``rate_pd <= decode capacity``, and
 total price <= budget. This is Mélange's bin-packing idea extended to phases; the tabu search then
 refines grouping and phases on the pool it returns. Places with the same offers and prices are solved
 once, and places whose best mix is the same rental (the same instances at the same prices) give one pool.
@@ -215,12 +216,12 @@ def offers_by_place(offers: list[Offer], spot: bool) -> dict[tuple[str, str], li
     return out
 
 
-def rate_rows(units: list[Unit], kv_s: float) -> list[dict[int, float]]:
+def rate_rows(units: list[Unit], kv: NetworkKv) -> list[dict[int, float]]:
     """The mix's served rates within its capacities, as rows ``<= 0`` over [x_u..., rate_pd, rate_c]:
     rate_pd within the prefill units' shipped capacity and within the decode units', rate_c within the
     colocated and in-node split units'."""
     n = len(units)
-    return [{n: 1.0, **{i: -shipped_capacity(u, kv_s) for i, u in enumerate(units) if u.role == "prefill"}},
+    return [{n: 1.0, **{i: -shipped_capacity(u, kv) for i, u in enumerate(units) if u.role == "prefill"}},
             {n: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role == "decode"}},
             {n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}}]
 
@@ -246,12 +247,50 @@ def kv_seconds_per_request(ctx: PlanContext, gbps: float, mode: str) -> float:
     return transfer_s(auto_kv_mode(transfer_s, ctx.slo.ttft_s) if mode == "auto" else mode)
 
 
-def shipped_capacity(unit: Unit, kv_s: float) -> float:
-    """A prefill unit's req/s: its compute, or what its own NICs can ship of the prompts' KV (at most
-    LINK_UTILISATION busy each), whichever is less. Per unit, not summed over the pool: a fast prefill
-    node's KV cannot leave through a slow one's NIC (a pool-wide NIC budget once rented three 4xH100
-    prefill nodes beside three 2xRTX4090 ones at 5 Gbps, 24 req/s by the MIP, 8 by the routing LP)."""
-    return min(unit.capacity, LINK_UTILISATION * unit.instances / kv_s) if kv_s > 0 else unit.capacity
+@dataclass(frozen=True)
+class NetworkKv:
+    """What a prompt's KV crossing the network costs a prefill unit: ``seconds`` of one NIC per mean
+    prompt, and TTFT: a long prompt's transfer (the targets' quantile of the prompt length) and the
+    queueing of a NIC at the link cap come out of the TTFT its prefill queue may use, with half a TPOT
+    for the wait to join a decode step, as the routing LP charges a pair
+    (``Evaluator.pair_prefill_capacity``)."""
+
+    seconds: float
+    ttft_s: float = math.inf
+    tpot_s: float = 0.0
+    long_scale: float = 1.0  # the quantile prompt's length over the mean's
+    scv: float = 0.0  # of the prompt length
+
+    @staticmethod
+    def of(ctx: PlanContext, gbps: float, mode: str) -> NetworkKv:
+        wl, t = ctx.workload, ctx.targets
+        assert t is not None
+        return NetworkKv(kv_seconds_per_request(ctx, gbps, mode), ctx.slo.ttft_s, ctx.slo.tpot_s,
+                         wl.input.quantile(t.q) / wl.mean_input, wl.input.scv)
+
+    def ttft_left(self, nics: int) -> float:
+        """The TTFT a prefill replica's queue may use when its KV leaves through ``nics`` NICs at once
+        (a replica over several instances ships each one's layers from its own)."""
+        kv = self.seconds / max(nics, 1)
+        wait = LINK_UTILISATION * kv * (1 + self.scv) / (2 * (1 - LINK_UTILISATION))
+        return self.ttft_s - kv * self.long_scale - wait - 0.5 * self.tpot_s
+
+
+def shipped_capacity(unit: Unit, kv: NetworkKv) -> float:
+    """A prefill unit's req/s: its compute within the TTFT the KV's trip leaves (``NetworkKv``), or what
+    its own NICs can ship of the prompts' KV (at most LINK_UTILISATION busy each), whichever is less.
+    Per unit, not summed over the pool: a fast prefill node's KV cannot leave through a slow one's NIC
+    (a pool-wide NIC budget once rented three 4xH100 prefill nodes beside three 2xRTX4090 ones at
+    5 Gbps, 24 req/s by the MIP, 8 by the routing LP). Without the TTFT the KV takes, 70B prefill units
+    over 5 Gbps were rated for a 7 s TTFT their queue gets ~4 s of: the MIP's mix promised 0.73 req/s
+    per $/h and the search's best split on that pool served 0.58."""
+    if kv.seconds <= 0:
+        return unit.capacity
+    compute = unit.capacity
+    cfg = unit.config
+    if cfg is not None and cfg.curve is not None:
+        compute = cfg.prefill_capacity(kv.ttft_left(unit.instances)) * unit.replicas
+    return min(compute, LINK_UTILISATION * unit.instances / kv.seconds)
 
 
 def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps: float, kv_mode: str,
@@ -259,7 +298,7 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
     """MIP over unit counts; variables [x_u..., rate_pd, rate_c]."""
     n = len(units)
     ctx = ctx_factory(Cluster([Node("x", units[0].kind.offer.gpu_type, 1)], inter_node_gbps=gbps))
-    kv_s = kv_seconds_per_request(ctx, gbps, kv_mode) if bandwidth_aware else 0.0
+    kv = NetworkKv.of(ctx, gbps, kv_mode) if bandwidth_aware else NetworkKv(0.0)
     c = np.zeros(n + 2)
     c[n] = -1.0
     c[n + 1] = -1.0
@@ -279,7 +318,7 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
     row({i: u.gpus for i, u in enumerate(units)}, -np.inf, max_gpus)
     for kind_units in _by_limited_kind(units).values():  # the provider's capacity per instance type
         row({i: u.instances for i, u in kind_units}, -np.inf, kind_units[0][1].kind.offer.capacity)
-    for coeffs in rate_rows(units, kv_s):
+    for coeffs in rate_rows(units, kv):
         row(coeffs, -np.inf, 0.0)
     if math.isfinite(rate_cap):
         row({n: 1.0, n + 1: 1.0}, -np.inf, rate_cap)
