@@ -363,17 +363,17 @@ def test_tabulated_batch_fixed_point_matches_the_exact_one() -> None:
     """The capacity search reads the running batch off a step-time table: it must agree with solving
     Little's law exactly (bisection on the real step time)."""
     from planner.bisection import narrow
-    from planner.capacity import StepTable, _decode_batch
+    from planner.capacity import StepTable, _decode_batch, _kv_batch, _mean_context
 
     wl = Workload(0.0, Lengths(1024, "lognormal", 0.8, lo=16, hi=8192), Lengths(256, "lognormal", 0.8, lo=4, hi=2048))
     rm = pipeline("llama-2-13b", ["A100-80GB"])
-    ctx = wl.mean_input + wl.mean_output / 2
+    ctx = _mean_context(wl)
     table = StepTable.build(rm, wl)
     for rate in (0.5, 2.0, 6.0):
         def excess(b: float, rate: float = rate) -> float:
             return rate * wl.mean_output * rm.decode_step_time(max(b, 1e-9), b * ctx) - b
 
-        b_mem = rm.kv_tokens / (wl.mean_input + wl.mean_output)
+        b_mem = _kv_batch(rm, wl)
         exact = narrow(lambda b: excess(b) > 0, 0.0, b_mem, 50)[1] if excess(b_mem) <= 0 else None
         got = _decode_batch(rm, wl, rate, table=table)
         if exact is None:
@@ -388,14 +388,14 @@ def test_tabulated_mixed_fixed_point_matches_the_exact_one() -> None:
     import math
 
     from planner.bisection import narrow
-    from planner.capacity import StepTable, _mixed_batch, _mixed_tpot
+    from planner.capacity import StepTable, _kv_batch, _mixed_batch, _mixed_tpot
 
     wl = Workload(0.0, Lengths(1024, "lognormal", 0.8, lo=16, hi=8192), Lengths(256, "lognormal", 0.8, lo=4, hi=2048))
     checked = 0
     for gpus in (["A100-80GB"], ["L40S"] * 4):
         rm = pipeline("llama-2-13b", gpus)
         table = StepTable.build(rm, wl, 512)
-        b_mem = rm.kv_tokens / (wl.mean_input + wl.mean_output)
+        b_mem = _kv_batch(rm, wl)
         for rate in (0.02, 0.3, 2.0, 1e3):
             def excess(b: float, rate: float = rate, rm: ReplicaModel = rm) -> float:
                 tp, _ = _mixed_tpot(rm, wl, rate, b, 512)

@@ -357,3 +357,22 @@ def test_a_pipelined_prefill_replica_s_ttft_tail_matches_the_simulator() -> None
         got = float(np.quantile(res.prefill_s, t.q))
         assert want == pytest.approx(got, rel=0.15), (load, want, got)
         assert got - short > abs(got - want), (load, short, want, got)
+
+
+def test_a_running_batch_holds_long_outputs_more_often_than_they_arrive() -> None:
+    """A sequence stays in the running batch for as many steps as it has output tokens (length-biased
+    sampling): with lognormal outputs of cv 0.8 a running sequence has ~1.6x the mean output, and the
+    KV its whole output reserves fills the cache that much sooner. A colocated GH200 replica of 13B on
+    short prompts: the capacity model's goodput is within 6% of the simulated (at mean lengths it was
+    15% over: 90 req/s promised on six replicas, 79 served, the cache full)."""
+    from planner.capacity import _running_output
+
+    short = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
+    mean_running, _ = _running_output(short)
+    assert mean_running == pytest.approx(256 * 1.64, rel=0.05)
+    assert _running_output(Workload(0.0, Lengths.fixed(256), Lengths.fixed(64)))[0] == 64
+
+    slo = SLO(1.5, 0.05)
+    plan = plan_deployment("llama-2-13b", short, slo, pool="GH200", strategy="colocated", time_limit_s=1.0)
+    served = goodput(plan, short, slo, seed=1, iters=6)
+    assert plan.expected["goodput_rps"] == pytest.approx(served, rel=0.06)
