@@ -62,3 +62,17 @@ def test_up_that_cannot_plan_leaves_nothing_running(tmp_path: Path) -> None:
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
     assert not left, [p.cmdline() for p in left]
     assert not record.exists(), "a deployment that never came up must not be recorded"
+
+
+@pytest.mark.parametrize("admin_key", ["-starts-with-a-dash", "plain_key-123", "--looks-like-a-flag"])
+def test_the_gateway_takes_any_admin_key_tsctl_generates(admin_key: str) -> None:
+    """A URL-safe random key starts with '-' one time in 64; passed as a separate argument, argparse took
+    it for an option and the gateway exited at start (CI once lost four end-to-end tests to it)."""
+    from gateway.config import parse_config
+    from tsctl.deploy_cmd import gateway_args
+    from tsctl.runtime import Deployment
+
+    dep = Deployment(name="d1", mode="local", redis_url="redis://127.0.0.1:6399/0", gateway_url="http://127.0.0.1:8123",
+                     admin_key=admin_key)
+    cfg = parse_config(gateway_args(dep))
+    assert cfg.admin_key == admin_key and cfg.port == 8123 and cfg.deployment == "d1"

@@ -171,12 +171,16 @@ def _start_controller(dep: Deployment, cfg: ControllerConfig | None = None) -> i
 
 def _start_gateway(dep: Deployment) -> int:
     """The gateway, detached, on the port of ``dep.gateway_url``."""
+    return spawn_detached(python_module("gateway", *gateway_args(dep)), dep.log_path("gateway"))
+
+
+def gateway_args(dep: Deployment) -> list[str]:
+    """The gateway's command line. The admin key goes as ``--admin-key=KEY``: a random URL-safe key
+    starts with ``-`` one time in 64, and argparse takes a separate ``-...`` value for an option (the
+    gateway then exits with "expected one argument" and ``tsctl up`` waits out its readiness timeout)."""
     port = dep.gateway_url.rsplit(":", 1)[1]
-    return spawn_detached(
-        python_module("gateway", "--host", "127.0.0.1", "--port", port, "--redis-url", dep.redis_url,
-                      "--deployment", dep.name, "--admin-key", dep.admin_key),
-        dep.log_path("gateway"),
-    )
+    return ["--host", "127.0.0.1", "--port", port, "--redis-url", dep.redis_url, "--deployment", dep.name,
+            f"--admin-key={dep.admin_key}"]
 
 
 def _asdict(cfg: ControllerConfig) -> dict[str, Any]:
