@@ -186,13 +186,13 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
       mean ``rate / k * E[(L + b - x)+]``, so none does with probability ``exp(-that)``.
 
     Within 0.2 s of the simulator's 94th percentile up to ~70% load on PP2-PP8 replicas of 13B-70B
-    (``tests/test_planner_cost_model.py``), where the M/G/1 estimate alone was up to 1.5 s short."""
+    (``tests/test_planner_simulator.py``), where the M/G/1 estimate alone was up to 1.5 s short."""
     work.charge("prefill_tail")
     mean_in = wl.mean_input
     lens = _input_points(wl)
-    rows = np.maximum(1.0, np.round(k))[:, None] + 0 * lens
-    tokens = (k - 1)[:, None] * mean_in + lens
+    tokens = (k - 1)[:, None] * mean_in + lens  # a batch of k: the request and k - 1 mean prompts
     sum_sq = (k - 1)[:, None] * mean_in**2 + lens**2
+    rows = np.broadcast_to(np.maximum(1.0, np.round(k))[:, None], tokens.shape)
     own = rm.prefill_array(tokens.ravel(), sum_sq.ravel(), rows.ravel())[0].reshape(tokens.shape)
     s = b / k
     rho = rates * s
