@@ -52,17 +52,9 @@ def _running_output(wl: Workload) -> tuple[float, float]:
     """(E[out^2] / E[out], E[out^3] / E[out]): the mean and mean square output length of a sequence in a
     running decode batch. A sequence stays in the batch for as many steps as it has output tokens, so
     the batch holds long outputs more often than they arrive (length-biased sampling): with lognormal
-    outputs of cv 0.8 a running sequence has 1.6x the mean output. Memoised on the lengths object."""
-    out = wl.output
-    got = out.__dict__.get("_running")
-    if got is None:
-        if out.kind == "fixed":
-            got = (out.mean, out.mean**2)
-        else:
-            pts = np.array([out.quantile((i + 0.5) / RUNNING_POINTS) for i in range(RUNNING_POINTS)])
-            got = (float((pts**2).sum() / pts.sum()), float((pts**3).sum() / pts.sum()))
-        out.__dict__["_running"] = got
-    return got
+    outputs of cv 0.8 a running sequence has 1.6x the mean output."""
+    pts = wl.output.points(RUNNING_POINTS)
+    return float((pts**2).sum() / pts.sum()), float((pts**3).sum() / pts.sum())
 
 
 RUNNING_POINTS = 64  # output-length quantiles the running batch's length-biased moments are taken over
@@ -158,17 +150,6 @@ def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Ta
 INPUT_POINTS = 32  # prompt lengths (evenly spread quantiles) a pipelined prefill's TTFT tail is averaged over
 
 
-def _input_points(wl: Workload) -> np.ndarray:
-    """Prompt lengths at evenly spread quantiles (memoised on the lengths object, like its quantiles)."""
-    inp = wl.input
-    pts = inp.__dict__.get("_points")
-    if pts is None:
-        n = 1 if inp.kind == "fixed" else INPUT_POINTS
-        pts = np.array([inp.quantile((i + 0.5) / n) for i in range(n)])
-        inp.__dict__["_points"] = pts
-    return pts
-
-
 def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarray, b: np.ndarray,
                     t: Targets) -> np.ndarray:
     """TTFT quantile of a prefill replica whose stages pipeline successive batches (PP > 1).
@@ -189,7 +170,7 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     (``tests/test_planner_simulator.py``), where the M/G/1 estimate alone was up to 1.5 s short."""
     work.charge("prefill_tail")
     mean_in = wl.mean_input
-    lens = _input_points(wl)
+    lens = wl.input.points(INPUT_POINTS)
     tokens = (k - 1)[:, None] * mean_in + lens  # a batch of k: the request and k - 1 mean prompts
     sum_sq = (k - 1)[:, None] * mean_in**2 + lens**2
     rows = np.broadcast_to(np.maximum(1.0, np.round(k))[:, None], tokens.shape)
@@ -387,17 +368,8 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
 
 
 def _output_gaps(wl: Workload) -> np.ndarray:
-    """Token gaps (output length - 1) at evenly spread quantiles of the output length (memoised on the
-    lengths object, like its quantiles: the capacity search asks for them at every probe)."""
-    out = wl.output
-    gaps = out.__dict__.get("_gaps")
-    if gaps is None:
-        if out.kind == "fixed":
-            gaps = np.array([max(out.mean - 1.0, 0.0)])
-        else:
-            gaps = np.array([max(out.quantile((i + 0.5) / 12) - 1.0, 0.0) for i in range(12)])
-        out.__dict__["_gaps"] = gaps
-    return gaps
+    """Token gaps (output length - 1) at evenly spread quantiles of the output length."""
+    return np.maximum(wl.output.points(12) - 1.0, 0.0)
 
 
 def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:

@@ -19,6 +19,7 @@ from planner.routing import (
     RoutingProblem,
     RoutingSolution,
     balance_routing,
+    kv_ttft_seconds,
     solve_routing,
 )
 from planner.work import charge
@@ -158,9 +159,7 @@ class Evaluator:
         wl, q = self.ctx.workload, self.ctx.targets.q
         scale = wl.input.quantile(q) / wl.mean_input
         busy = max((b for _, b in terms.link_use), default=0.0)
-        # mean M/G/1 wait at the utilisation cap; quantiles of the parts do not add up
-        wait = link_cap * busy * (1.0 + wl.input.scv) / (2 * (1 - link_cap))
-        return terms.kv_time * scale + wait
+        return kv_ttft_seconds(terms.kv_time, busy, scale, wl.input.scv, link_cap)
 
     # -- candidates ----------------------------------------------------------------------------
     def score_of(self, goodput: float, cost: float) -> float:

@@ -31,7 +31,7 @@ from planner.cluster import DEFAULT_GBPS, Cluster, Node
 from planner.cost_model import KV_FACTOR, auto_kv_mode
 from planner.offers import Offer, cheapest_per_type
 from planner.parallel import SPLIT_SIZES, PlanContext, ReplicaConfig, best_node_split, configure_group
-from planner.routing import LINK_UTILISATION
+from planner.routing import LINK_UTILISATION, kv_ttft_seconds
 from planner.work import charge
 
 MAX_UNITS_PER_KIND = 64
@@ -272,8 +272,7 @@ class NetworkKv:
         """The TTFT a prefill replica's queue may use when its KV leaves through ``nics`` NICs at once
         (a replica over several instances ships each one's layers from its own)."""
         kv = self.seconds / max(nics, 1)
-        wait = LINK_UTILISATION * kv * (1 + self.scv) / (2 * (1 - LINK_UTILISATION))
-        return self.ttft_s - kv * self.long_scale - wait - 0.5 * self.tpot_s
+        return self.ttft_s - kv_ttft_seconds(kv, kv, self.long_scale, self.scv, LINK_UTILISATION) - 0.5 * self.tpot_s
 
 
 def shipped_capacity(unit: Unit, kv: NetworkKv) -> float:

@@ -29,6 +29,13 @@ from scipy.sparse import coo_matrix
 from planner.work import charge
 
 LINK_UTILISATION = 0.7  # keep links below this; the TTFT budget reserves the queueing this allows
+
+
+def kv_ttft_seconds(kv_s: float, busy_s: float, long_scale: float, scv: float, link_cap: float) -> float:
+    """TTFT a long prompt's KV trip takes: its transfer (``kv_s`` for a mean prompt, times ``long_scale``)
+    plus the mean M/G/1 wait of a link loaded to ``link_cap`` with ``busy_s`` per mean prompt (quantiles
+    of the parts do not add up). The routing LP charges a pair this; the rent MIP a prefill unit."""
+    return kv_s * long_scale + link_cap * busy_s * (1.0 + scv) / (2 * (1 - link_cap))
 # Caps a link-bound candidate is also routed at (``Evaluator.evaluate_configs``): a busier link queues
 # KV longer, which the TTFT budget of each pair then reserves, so a generous TTFT buys link throughput
 # (13B, 2k-token prompts, TTFT 4 s over 40 Gbps: the simulator runs NICs at 93% within the SLO).

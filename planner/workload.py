@@ -92,6 +92,15 @@ class Lengths:
             cache[q] = self._quantile(q)
         return cache[q]
 
+    def points(self, n: int) -> np.ndarray:
+        """Lengths at ``n`` evenly spread quantiles, ``(i + 0.5) / n`` (one point for a fixed length):
+        what the estimators average over a distribution; memoised like ``quantile``."""
+        cache = self.__dict__.setdefault("_points", {})
+        if n not in cache:
+            k = 1 if self.kind == "fixed" else n
+            cache[n] = np.array([self.quantile((i + 0.5) / k) for i in range(k)])
+        return cache[n]
+
     def _quantile(self, q: float) -> float:
         if self.kind == "fixed":
             return self.mean
