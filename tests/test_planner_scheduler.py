@@ -403,7 +403,8 @@ def test_regions_renting_the_same_instances_give_one_pool() -> None:
 @pytest.mark.parametrize("index", [0, 7, 13])  # 7B short; 70B long over 5 Gbps; 70B tight TPOT
 def test_the_per_dollar_bound_covers_every_family_and_the_rent_mip(index: int) -> None:
     """``bench/planner_bound.py``: at each place the LP relaxation per dollar is at least each single family
-    (colocated, split, in-node split) and the rent MIP's own integer mix (a feasible point of the LP)."""
+    (colocated, split, in-node split) and the rent MIP's own integer mix (a feasible point of the LP); a
+    split of one GPU type is at most the best split of any types."""
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "bench"
@@ -418,8 +419,11 @@ def test_the_per_dollar_bound_covers_every_family_and_the_rent_mip(index: int) -
         best_single = max(figures[f] for f in bound.FAMILIES)
         assert figures[bound.ANY] >= best_single * (1 - 1e-6)
         assert figures[bound.MIP] <= figures[bound.ANY] * (1 + 1e-6)
+        assert figures["homogeneous split"] <= figures["split"] * (1 + 1e-9)  # one type is one of the splits
     row = bound.bound(suite.SUITE[index], suite)
     assert row["bound_ratio"] >= 1.0 and row["mip_ratio"] <= row["bound_ratio"] + 1e-3
+    # over the best plan of one GPU type (colocated, split or in-node): at least 1, at most over colocated
+    assert 1.0 <= row["bound_vs_homogeneous"] <= row["bound_ratio"] + 1e-3
 
 
 @pytest.mark.parametrize("split_first", [True, False])
