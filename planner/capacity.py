@@ -382,12 +382,13 @@ def _busy_periods(arrivals: np.ndarray, job: tuple[float, float], rho: float) ->
 def _gamma_tail(arrivals: np.ndarray, mean: np.ndarray, var: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """P(a compound Poisson total over ``arrivals`` events exceeds ``allowed``): none with probability
     exp(-arrivals), else gamma with the total's first two moments given at least one."""
-    p_none = np.exp(-arrivals)
-    hit = np.maximum(1.0 - p_none, 1e-12)
+    hit = np.maximum(-np.expm1(-arrivals), 1e-300)  # P(at least one), exact for few arrivals too
     m1 = mean / hit
     spread = np.maximum((var + mean * mean) / hit - m1 * m1, 1e-18)
     shape, scale = m1 * m1 / spread, np.maximum(spread / np.maximum(m1, 1e-18), 1e-18)
-    return np.where(allowed < 0, 1.0, (1.0 - p_none) * gammaincc(shape, np.maximum(allowed, 0.0) / scale))
+    with np.errstate(invalid="ignore"):  # gammaincc(0, 0) where the total is 0: no stall, masked below
+        tail = hit * gammaincc(shape, np.maximum(allowed, 0.0) / scale)
+    return np.where(allowed < 0, 1.0, np.where(mean > 0, tail, 0.0))
 
 
 def _beta_tail(arrivals: np.ndarray, mean: np.ndarray, var: np.ndarray, limit: float) -> np.ndarray:
@@ -395,12 +396,11 @@ def _beta_tail(arrivals: np.ndarray, mean: np.ndarray, var: np.ndarray, limit: f
     else beta with the share's first two moments given that something did."""
     if limit >= 1:
         return np.zeros_like(mean)
-    p_none = np.exp(-arrivals)
-    hit = np.maximum(1.0 - p_none, 1e-12)
+    hit = np.maximum(-np.expm1(-arrivals), 1e-300)  # P(at least one), exact for few arrivals too
     m1 = np.clip(mean / hit, 1e-9, 1 - 1e-9)
     spread = np.clip((var + mean * mean) / hit - m1 * m1, 1e-18, m1 * (1 - m1) * 0.999)
     common = m1 * (1 - m1) / spread - 1
-    return (1.0 - p_none) * betaincc(m1 * common, (1 - m1) * common, max(limit, 0.0))
+    return np.where(mean > 0, hit * betaincc(m1 * common, (1 - m1) * common, max(limit, 0.0)), 0.0)
 
 
 def _output_gaps(wl: Workload) -> np.ndarray:

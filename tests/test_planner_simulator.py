@@ -404,3 +404,24 @@ def test_a_colocated_replica_s_tpot_violations_follow_the_prefill_busy_periods(c
             rm, wl, rate, t, slo.tpot_s)
         assert simulated > 0.01
         assert 0.7 * simulated <= point[1] <= 1.4 * simulated, (rate, point[1], simulated)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.0, 200.0), st.one_of(st.just(0.0), st.floats(1e-6, 5.0)), st.floats(0.0, 0.99),
+       st.floats(-1.0, 50.0), st.floats(-0.5, 1.5))
+def test_the_stall_tails_are_probabilities(arrivals: float, job: float, rho: float, allowed: float,
+                                           share_limit: float) -> None:
+    """The colocated TPOT tails stay probabilities (no NaN) at the edges the capacity search reaches: no
+    arrivals, an empty queue, nothing allowed, a busy share near 0 or 1 (jobs of a microsecond or more:
+    a prefill pass, or a prompt's share of a chunk)."""
+    from planner.capacity import _beta_tail, _busy_periods, _gamma_tail
+
+    a = np.array([arrivals])
+    mean, var = _busy_periods(a, (job, 1.5 * job * job), rho)
+    stall = _gamma_tail(a, mean, var, np.array([allowed]))
+    share = np.minimum(mean / 100.0, 0.999)
+    busy = _beta_tail(a, share, var / 1e4 * (1 - share) ** 2, share_limit)
+    for p in (stall, busy):
+        assert np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))
+    if arrivals == 0:
+        assert stall[0] == (1.0 if allowed < 0 else 0.0) and busy[0] == 0.0
