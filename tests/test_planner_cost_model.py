@@ -385,9 +385,9 @@ def test_attention_knobs_scale_only_attention() -> None:
 
 def test_tabulated_batch_fixed_point_matches_the_exact_one() -> None:
     """The capacity search reads the running batch off a step-time table: it must agree with solving
-    Little's law exactly (bisection on the real step time)."""
+    Little's law exactly (bisection on the real step time, in the batch a request sees: ``_seen``)."""
     from planner.bisection import narrow
-    from planner.capacity import StepTable, _decode_batch, _kv_batch, _mean_context
+    from planner.capacity import StepTable, _decode_batch, _kv_batch, _mean_context, _seen
 
     wl = Workload(0.0, Lengths(1024, "lognormal", 0.8, lo=16, hi=8192), Lengths(256, "lognormal", 0.8, lo=4, hi=2048))
     rm = pipeline("llama-2-13b", ["A100-80GB"])
@@ -395,7 +395,7 @@ def test_tabulated_batch_fixed_point_matches_the_exact_one() -> None:
     table = StepTable.build(rm, wl)
     for rate in (0.5, 2.0, 6.0):
         def excess(b: float, rate: float = rate) -> float:
-            return rate * wl.mean_output * rm.decode_step_time(max(b, 1e-9), b * ctx) - b
+            return rate * wl.mean_output * rm.decode_step_time(_seen(b), _seen(b) * ctx) - b
 
         b_mem = _kv_batch(rm, wl)
         exact = narrow(lambda b: excess(b) > 0, 0.0, b_mem, 50)[1] if excess(b_mem) <= 0 else None
