@@ -373,7 +373,7 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
         return ttft + step, 1.0
     # each prompt arriving while the request decodes stalls it for a busy period of the prefill queue
     # (a Poisson count of fixed batch latencies missed both the long prompts and the busy periods: a
-    # 70B replica's TPOT violations were 1-4% where the simulator saw 7-15%)
+    # 70B replica's TPOT violations were 0.8-4% where the simulator saw 6-15%)
     gaps = _output_gaps(wl)
     arrivals = rate * gaps * step
     stall, spread = _busy_periods(arrivals, table.lone_prefill, rho)
