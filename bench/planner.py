@@ -247,7 +247,7 @@ def main() -> None:
         tt.add_row(k, str(v))
     console.print(tt)
     def geo_of(names: list[str]) -> float:
-        return _geomean([r["ratio"] for r in rows if r["scenario"] in names])
+        return geomean([r["ratio"] for r in rows if r["scenario"] in names])
 
     summary = {
         "bench": "planner", "suite": args.suite, "scenarios": len(rows), "time_limit_s": limit, "seeds": args.seeds,
@@ -256,8 +256,8 @@ def main() -> None:
         **({"ratio_geomean_by_cloud": {c: geo_of([sc.name for sc in suite if sc.cloud == c]) for c in CLOUDS}}
            if args.suite == "clouds" else {}),
         "ratio_vs_best_baseline": {r["scenario"]: r["ratio"] for r in rows},
-        "ratio_geomean": _geomean(ratios), "ratio_mean": round(sum(finite) / len(finite), 3) if finite else 0.0,
-        "ratio_at_budget_geomean": _geomean([r["ratio_at_budget"] for r in rows]),
+        "ratio_geomean": geomean(ratios), "ratio_mean": round(sum(finite) / len(finite), 3) if finite else 0.0,
+        "ratio_at_budget_geomean": geomean([r["ratio_at_budget"] for r in rows]),
         "ratio_at_budget": {r["scenario"]: r["ratio_at_budget"] for r in rows},
         "ratio_max": round(max(finite), 3) if finite else 0.0, "ratio_min": round(min(finite), 3) if finite else 0.0,
         "wins": sum(1 for r in ratios if r > 1.01), "ties": sum(1 for r in ratios if 0.99 <= r <= 1.01),
@@ -274,7 +274,7 @@ def main() -> None:
     print(orjson.dumps(summary).decode())
 
 
-def _geomean(values: list[float]) -> float:
+def geomean(values: list[float]) -> float:
     """Geometric mean of the finite positive ratios (a scenario no baseline serves has ratio inf)."""
     vals = [v for v in values if math.isfinite(v) and v > 0]
     return round(statistics.geometric_mean(vals), 3) if vals else 0.0

@@ -388,12 +388,19 @@ def _busy_periods(arrivals: np.ndarray, job: tuple[float, float], rho: float) ->
     return arrivals * job[0] / (1.0 - rho), arrivals * job[1] / (1.0 - rho) ** 3
 
 
+def _given_any(arrivals: np.ndarray, mean: np.ndarray, var: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P(at least one of ``arrivals`` Poisson events), and the first two moments of a total with mean
+    ``mean`` and variance ``var`` given at least one): the stall tails put an atom at "none arrived"."""
+    hit = np.maximum(-np.expm1(-arrivals), 1e-300)  # exact for few arrivals too
+    return hit, mean / hit, (var + mean * mean) / hit
+
+
 def _gamma_tail(arrivals: np.ndarray, mean: np.ndarray, var: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """P(a compound Poisson total over ``arrivals`` events exceeds ``allowed``): none with probability
     exp(-arrivals), else gamma with the total's first two moments given at least one."""
-    hit = np.maximum(-np.expm1(-arrivals), 1e-300)  # P(at least one), exact for few arrivals too
-    m1 = mean / hit
-    spread = np.maximum((var + mean * mean) / hit - m1 * m1, 1e-18)
+    hit, m1, m2 = _given_any(arrivals, mean, var)
+    spread = np.maximum(m2 - m1 * m1, 1e-18)
     shape, scale = m1 * m1 / spread, np.maximum(spread / np.maximum(m1, 1e-18), 1e-18)
     with np.errstate(invalid="ignore"):  # gammaincc(0, 0) where the total is 0: no stall, masked below
         tail = hit * gammaincc(shape, np.maximum(allowed, 0.0) / scale)
@@ -405,9 +412,9 @@ def _beta_tail(arrivals: np.ndarray, mean: np.ndarray, var: np.ndarray, limit: f
     else beta with the share's first two moments given that something did."""
     if limit >= 1:
         return np.zeros_like(mean)
-    hit = np.maximum(-np.expm1(-arrivals), 1e-300)  # P(at least one), exact for few arrivals too
-    m1 = np.clip(mean / hit, 1e-9, 1 - 1e-9)
-    spread = np.clip((var + mean * mean) / hit - m1 * m1, 1e-18, m1 * (1 - m1) * 0.999)
+    hit, m1, m2 = _given_any(arrivals, mean, var)
+    m1 = np.clip(m1, 1e-9, 1 - 1e-9)
+    spread = np.clip(m2 - m1 * m1, 1e-18, m1 * (1 - m1) * 0.999)
     common = m1 * (1 - m1) / spread - 1
     return np.where(mean > 0, hit * betaincc(m1 * common, (1 - m1) * common, max(limit, 0.0)), 0.0)
 
