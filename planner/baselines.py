@@ -25,43 +25,58 @@ from collections.abc import Callable
 
 from planner.cluster import Cluster, Node
 from planner.evaluate import Evaluation, Evaluator, Group
-from planner.offers import Offer, cheapest_per_type
+from planner.offers import Offer, offers_per_shape
 from planner.parallel import SPLIT_SIZES, best_node_split
 from planner.scheduler import Setting, plan_thunderserve
 
 
 def homogeneous_clusters(s: Setting) -> list[Cluster]:
-    """One cluster per instance type: as many instances as the budget buys (or the pool's own)."""
+    """One cluster per instance shape (GPU type and count) and place: as many instances as the budget
+    buys and the provider has (or the pool's own)."""
     if s.pool is not None:
         by_type: dict[str, list[Node]] = {}
         for n in s.pool.nodes:
             by_type.setdefault(n.gpu_type, []).append(n)
         return [Cluster(nodes, s.pool.inter_node_gbps, s.pool.links_gbps) for nodes in by_type.values()]
     assert s.offers is not None and s.budget is not None
+    # Per (GPU type, GPU count), the places that offer it, cheapest first: the cheapest place buys at
+    # least as many of the same instance as any other, so a dearer place gets its own cluster only
+    # while the cheaper ones are capped by what the provider can give (the catalog's Capacity column).
+    by_shape: dict[tuple[str, int], list[tuple[float, str, str, list[tuple[Offer, float, bool]]]]] = {}
+    for (cloud, region, gpu, count), choices in sorted(offers_per_shape(s.offers, s.spot).items()):
+        by_shape.setdefault((gpu, count), []).append((choices[0][1], cloud, region, choices))
     out = []
-    # Offers of one (GPU type, GPU count), cheapest first. The cheapest buys at least as many of the same
-    # instance as any other, so the dearer ones are planned only while the cheaper ones are capped by
-    # what the provider can give (the catalog's optional Capacity column).
-    by_shape: dict[tuple[str, int], list[tuple[float, str, str, Offer, bool]]] = {}
-    for (cloud, region, gpu, count), (offer, price, is_spot) in sorted(cheapest_per_type(s.offers, s.spot).items()):
-        by_shape.setdefault((gpu, count), []).append((price, cloud, region, offer, is_spot))
-    chosen = []
-    for (gpu, count), options in sorted(by_shape.items()):
-        for price, cloud, region, offer, is_spot in sorted(options, key=lambda o: o[0]):
-            chosen.append((gpu, count, price, cloud, region, offer, is_spot))
-            if offer.capacity is None or offer.capacity >= math.floor(s.budget / price + 1e-9):
-                break
-    for gpu, count, price, cloud, region, offer, is_spot in chosen:
-        k = min(math.floor(s.budget / price + 1e-9), max(1, s.max_gpus // count))
+    for (gpu, count), places in sorted(by_shape.items()):
+        for price, _cloud, _region, choices in sorted(places, key=lambda p: p[0]):
+            affordable = math.floor(s.budget / price + 1e-9)
+            nodes = _homogeneous_nodes(s, gpu, count, choices)
+            if nodes:
+                out.append(Cluster(nodes, inter_node_gbps=s.inter_node_gbps))
+            caps = [o.capacity for o, _, _ in choices]
+            if None not in caps and sum(caps) < affordable:  # type: ignore[arg-type]
+                continue  # the provider cannot give all the budget buys here: another place may add to it
+            break
+    return out
+
+
+def _homogeneous_nodes(s: Setting, gpu: str, count: int, choices: list[tuple[Offer, float, bool]]) -> list[Node]:
+    """Instances of one shape at one place, cheapest offer first, each up to its capacity, as many as
+    the budget buys (and, for a demanded rate, no more than it needs)."""
+    assert s.budget is not None
+    want = max(1, s.max_gpus // count)
+    if s.workload.rate > 0:  # like ours: no more instances than the demand needs (with headroom)
+        want = min(want, _instances_for_rate(s, gpu, count, choices[0][1]))
+    nodes: list[Node] = []
+    left = s.budget
+    for offer, price, is_spot in choices:
+        k = min(math.floor(left / price + 1e-9), want - len(nodes))
         if offer.capacity is not None:
             k = min(k, offer.capacity)
-        if s.workload.rate > 0:  # like ours: no more instances than the demand needs (with headroom)
-            k = min(k, _instances_for_rate(s, gpu, count, price))
-        if k < 1:
-            continue
-        nodes = [Node(f"n{i}", gpu, count, price, is_spot, region, "", cloud, offer.instance_type) for i in range(k)]
-        out.append(Cluster(nodes, inter_node_gbps=s.inter_node_gbps))
-    return out
+        for _ in range(max(0, k)):
+            nodes.append(Node(f"n{len(nodes)}", gpu, count, price, is_spot, offer.region, "", offer.cloud,
+                              offer.instance_type))
+        left -= max(0, k) * price
+    return nodes
 
 
 def _instances_for_rate(s: Setting, gpu: str, count: int, price: float) -> int:

@@ -14,7 +14,7 @@ import ast
 import csv
 import io
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner.gpus import GPUS, UnknownGpu, canonical_gpu
@@ -210,14 +210,37 @@ def builtin_offers() -> list[Offer]:
     return offers
 
 
-def cheapest_per_type(offers: Iterable[Offer],
-                      spot: bool) -> dict[tuple[str, str, str, int], tuple[Offer, float, bool]]:
-    """For each (cloud, region, gpu type, gpu count): the cheapest offer, its price and whether spot."""
-    best: dict[tuple[str, str, str, int], tuple[Offer, float, bool]] = {}
+def offers_per_shape(offers: Iterable[Offer],
+                     spot: bool) -> dict[tuple[str, str, str, int], list[tuple[Offer, float, bool]]]:
+    """For each (cloud, region, gpu type, gpu count): the offers worth renting, cheapest first, each
+    with its price and whether spot.
+
+    The cheapest buys at least as many of the same instance as any other, so a dearer one is kept only
+    while the cheaper ones are capped by what the provider can give (the catalog's Capacity column);
+    with no capacities this is the cheapest offer alone. An instance type listed in several zones of a
+    region at one price is one offer whose capacity is the zones' sum (SkyPilot picks the zone)."""
+    merged: dict[tuple, tuple[Offer, float, bool]] = {}
     for o in offers:
         charge("offer")
         price, is_spot = o.hourly(spot)
-        key = (o.cloud, o.region, o.gpu_type, o.gpu_count)
-        if key not in best or price < best[key][1]:
-            best[key] = (o, price, is_spot)
-    return best
+        key = (o.cloud, o.region, o.gpu_type, o.gpu_count, o.instance_type, price, is_spot)
+        if key in merged:
+            first = merged[key][0]
+            if first.capacity is not None:  # an unlimited zone leaves the offer unlimited
+                total = None if o.capacity is None else first.capacity + o.capacity
+                merged[key] = (replace(first, zone="", capacity=total), price, is_spot)
+        else:
+            merged[key] = (o, price, is_spot)
+    by_shape: dict[tuple[str, str, str, int], list[tuple[Offer, float, bool]]] = {}
+    for (cloud, region, gpu, count, *_), choice in merged.items():
+        by_shape.setdefault((cloud, region, gpu, count), []).append(choice)
+    out = {}
+    for key, choices in by_shape.items():
+        choices.sort(key=lambda c: c[1])  # ties: catalog order
+        kept = []
+        for choice in choices:
+            kept.append(choice)
+            if choice[0].capacity is None:
+                break
+        out[key] = kept
+    return out

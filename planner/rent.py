@@ -29,7 +29,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from planner.cluster import DEFAULT_GBPS, Cluster, Node
 from planner.cost_model import KV_FACTOR, auto_kv_mode
-from planner.offers import Offer, cheapest_per_type
+from planner.offers import Offer, offers_per_shape
 from planner.parallel import SPLIT_SIZES, PlanContext, ReplicaConfig, best_node_split, configure_group
 from planner.routing import LINK_UTILISATION, kv_ttft_seconds
 from planner.work import charge
@@ -179,7 +179,8 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     in_node: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
     cheapest_replica = math.inf
     for site, kinds in by_site.items():
-        sig = tuple(sorted((k.offer.gpu_type, k.offer.gpu_count, round(k.price, 4)) for k in kinds))
+        sig = tuple(sorted((k.offer.gpu_type, k.offer.gpu_count, round(k.price, 4),
+                            -1 if k.offer.capacity is None else k.offer.capacity) for k in kinds))
         if sig in solved:
             continue
         solved.add(sig)
@@ -209,10 +210,11 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
 
 
 def offers_by_place(offers: list[Offer], spot: bool) -> dict[tuple[str, str], list[InstanceChoice]]:
-    """The cheapest offer of each instance shape, grouped by place (cloud, region): what one pool may rent."""
+    """The offers of each instance shape worth renting (the cheapest, and dearer ones while the cheaper
+    are capped by their capacity), grouped by place (cloud, region): what one pool may rent."""
     out: dict[tuple[str, str], list[InstanceChoice]] = {}
-    for (cloud, region, _gpu, _count), (offer, price, is_spot) in sorted(cheapest_per_type(offers, spot).items()):
-        out.setdefault((cloud, region), []).append(InstanceChoice(offer, price, is_spot))
+    for (cloud, region, _gpu, _count), choices in sorted(offers_per_shape(offers, spot).items()):
+        out.setdefault((cloud, region), []).extend(InstanceChoice(o, price, is_spot) for o, price, is_spot in choices)
     return out
 
 

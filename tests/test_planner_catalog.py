@@ -192,3 +192,25 @@ def test_capacity_column_limits_what_the_planner_rents(tmp_path: Path) -> None:
     bad.write_text("InstanceType,AcceleratorName,AcceleratorCount,Price,Capacity\nx,L4,1,0.4,1.5\n")
     with pytest.raises(CatalogError, match="Capacity"):
         load_offers([bad])
+
+
+def test_an_instance_type_in_several_zones_is_one_offer_with_their_capacities_summed() -> None:
+    """What a place can rent of one shape: an instance type's zones add up (SkyPilot picks the zone), a
+    dearer offer is listed only while the cheaper ones are capped, and an uncapped zone is uncapped."""
+    from planner.offers import Offer, offers_per_shape
+
+    key = ("c", "r", "L40S", 1)
+    offers = [Offer("c", "1x_L40S", "L40S", 1, 1.0, 0.5, "r", "z1", capacity=1),
+              Offer("c", "1x_L40S", "L40S", 1, 1.0, 0.5, "r", "z2", capacity=2),
+              Offer("c", "1x_L40S_b", "L40S", 1, 1.2, None, "r", "z1", capacity=1),
+              Offer("c", "1x_L40S_c", "L40S", 1, 1.4, None, "r"),  # uncapped: it gives as many as any dearer one
+              Offer("c", "1x_L40S_d", "L40S", 1, 1.6, None, "r"),
+              Offer("c", "1x_L40S", "L40S", 1, 1.0, 0.5, "elsewhere", "z9", capacity=4)]
+    got = offers_per_shape(offers, spot=False)
+    assert [(o.instance_type, o.capacity, price) for o, price, _ in got[key]] == [
+        ("1x_L40S", 3, 1.0), ("1x_L40S_b", 1, 1.2), ("1x_L40S_c", None, 1.4)]
+    assert [(o.capacity, price, spot) for o, price, spot in got[("c", "elsewhere", "L40S", 1)]] == [(4, 1.0, False)]
+    assert offers_per_shape(offers, spot=True)[key][0][1:] == (0.5, True)
+    uncapped_zone = Offer("c", "1x_L40S", "L40S", 1, 1.0, 0.5, "r", "z3")
+    for zones in ([*offers[:2], uncapped_zone], [uncapped_zone, *offers[:2]]):
+        assert [o.capacity for o, _, _ in offers_per_shape(zones, spot=False)[key]] == [None]

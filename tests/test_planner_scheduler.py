@@ -239,6 +239,13 @@ def test_hand_built_baselines_respect_offer_capacity() -> None:
     capped = Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r1", capacity=3)
     sizes = [(c.nodes[0].price_per_hour, len(c.nodes)) for c in homogeneous_clusters(setting([capped, dear]))]
     assert sizes == [(1.0, 3), (2.0, 5)]
+    # one place: the cheap type in three zones (one free in each) and a dearer type there are one cluster
+    # of four (a homogeneous deployment takes every instance of its shape the place has), then the next place
+    zones = [Offer("a", "1x_L40S", "L40S", 1, 1.0, None, "r1", f"z{i}", capacity=1) for i in range(3)]
+    dear_here = Offer("a", "1x_L40S_b", "L40S", 1, 1.5, None, "r1", capacity=1)
+    clusters = homogeneous_clusters(setting([*zones, dear_here, dear]))
+    assert [sorted(n.price_per_hour for n in c.nodes) for c in clusters] == [[1.0, 1.0, 1.0, 1.5], [2.0] * 5]
+    assert sorted(n.instance_type for n in clusters[0].nodes) == ["1x_L40S"] * 3 + ["1x_L40S_b"]
 
 
 def test_finalists_differ_by_routing_and_placement_not_by_ids() -> None:
