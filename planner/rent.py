@@ -161,14 +161,19 @@ class UnitCatalog:
 def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *, phases: tuple[str, ...],
                  inter_node_gbps: float | None, kv_compression: str, max_gpus: int, top: int = 3,
                  bandwidth_aware: bool = True, rate_cap: float = math.inf, in_node_top: int = 1,
-                 group_cache: dict | None = None) -> list[PoolChoice]:
-    """The best ``top`` pools (one per place) by MIP-estimated rate per dollar; raises BudgetTooSmall.
+                 marginal_value: float | None = None, group_cache: dict | None = None) -> list[PoolChoice]:
+    """The best ``top`` pools (one per place) by MIP-estimated rate per dollar (or ``marginal_value``);
+    raises BudgetTooSmall.
 
     ``rate_cap``: no need to rent for more than this rate (the demand with headroom); the cheapest
     mix that reaches it wins, so a small demand does not spend the whole budget.
     ``in_node_top``: also the best pools whose KV never crosses the network (only colocated units and
     instances holding both phases): the MIP's view of KV over the network is coarse (a NIC budget,
-    no TTFT cost), so the search gets that alternative to weigh too."""
+    no TTFT cost), so the search gets that alternative to weigh too.
+    ``marginal_value``: None ranks places by rate per dollar (the aim is a demanded rate at least cost);
+    a number ranks them by rate / cost^marginal_value, the race's own rule when the aim is the most
+    goodput the budget buys (``scheduler._worth``). Per dollar, a place with one cheap good offer and
+    little else (a capped provider) outranks a place whose mix spends the budget on twice the rate."""
     gbps = _site_bandwidth(inter_node_gbps)
     units_cat = UnitCatalog(ctx_factory, phases, gbps, group_cache)
     by_site = offers_by_place(offers, spot)
@@ -194,14 +199,14 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
         rate, cost, picks = solve_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                        rate_cap)
         if rate > 0:
-            results.setdefault(_rental(picks), (rate / cost, site, rate, cost, picks))
+            results.setdefault(_rental(picks), (_worth(rate, cost, marginal_value), site, rate, cost, picks))
         local = [u for u in units if u.role in ("pd", "both")]
         crosses = any(u.role in ("prefill", "decode") for u, _ in picks)  # else the same answer
         if in_node_top and crosses and any(u.role == "pd" for u in local):
             r2, c2, p2 = solve_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                     rate_cap)
             if r2 > 0:
-                in_node.setdefault(_rental(p2), (r2 / c2, site, r2, c2, p2))
+                in_node.setdefault(_rental(p2), (_worth(r2, c2, marginal_value), site, r2, c2, p2))
     if not results:
         what = f"${cheapest_replica:.2f}/h" if math.isfinite(cheapest_replica) else "no offer that holds it"
         raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
@@ -228,8 +233,13 @@ def rate_rows(units: list[Unit], kv: NetworkKv) -> list[dict[int, float]]:
             {n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}}]
 
 
+def _worth(rate: float, cost: float, marginal_value: float | None) -> float:
+    """A mix's rank value: rate per dollar, or rate / cost^marginal_value (``choose_pools``)."""
+    return rate / cost ** (1.0 if marginal_value is None else marginal_value)
+
+
 def _rank(found: tuple) -> tuple:
-    """Best rate per dollar first, then the most rate, then the place's name (a stable order)."""
+    """Most worth first (``_worth``), then the most rate, then the place's name (a stable order)."""
     return -found[0], -found[2], found[1]
 
 

@@ -277,6 +277,7 @@ def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, ta
                              inter_node_gbps=s.inter_node_gbps, kv_compression=s.kv_compression,
                              max_gpus=s.max_gpus, bandwidth_aware=bandwidth_aware,
                              rate_cap=RENT_HEADROOM * s.workload.rate if s.workload.rate > 0 else math.inf,
+                             marginal_value=MARGINAL_VALUE if s.objective == "goodput" else None,
                              group_cache=s.config_cache)
         for pc in pools:
             pc.cluster.inter_node_gbps = s.inter_node_gbps

@@ -248,6 +248,29 @@ def test_hand_built_baselines_respect_offer_capacity() -> None:
     assert sorted(n.instance_type for n in clusters[0].nodes) == ["1x_L40S"] * 3 + ["1x_L40S_b"]
 
 
+def test_places_rank_by_the_race_s_rule_when_the_aim_is_the_most_goodput() -> None:
+    """Per dollar, a place with one cheap instance left (a capped provider) outranks a place that spends the
+    budget on 15x the rate; when the aim is the most goodput the budget buys, places rank by rate /
+    cost^MARGINAL_VALUE, the rule the race picks finalists by, and the place that spends the budget comes first."""
+    from planner.offers import Offer
+    from planner.rent import choose_pools
+    from planner.scheduler import MARGINAL_VALUE
+
+    s = Setting(load_model("llama-2-7b"), CONV, SLO(2.0, 0.1), 10.0, None, None, False, 40.0, "auto", 0, 1.0,
+                64, DEFAULT_EFF)
+    offers = [Offer("a", "1x_L40S", "L40S", 1, 0.5, None, "scarce", capacity=1),
+              Offer("a", "1x_L40S", "L40S", 1, 0.6, None, "plenty")]
+
+    def first_place(marginal_value: float | None) -> tuple[str, int]:
+        pools = choose_pools(offers, 10.0, False, s.context, phases=("prefill", "decode", "both"), inter_node_gbps=40.0,
+                             kv_compression="auto", max_gpus=64, top=1, in_node_top=0, marginal_value=marginal_value)
+        return pools[0].site[1], len(pools[0].cluster.nodes)
+
+    assert first_place(None) == ("scarce", 1)
+    place, instances = first_place(MARGINAL_VALUE)
+    assert place == "plenty" and instances >= 10
+
+
 def test_finalists_differ_by_routing_and_placement_not_by_ids() -> None:
     from dataclasses import replace
 
