@@ -15,7 +15,7 @@ process) and a reschedule after losing a node.
     python bench/planner.py --quick               # 4 scenarios, shorter searches
     python bench/planner.py --suite interactive   # MLPerf's interactive latency targets (4 scenarios)
     python bench/planner.py --suite clouds --jobs 2   # the main suite per cloud account (42, ~17 min)
-    python bench/planner.py --suite scarce --jobs 2   # the main suite when the clouds run short (~7 min)
+    python bench/planner.py --suite scarce --jobs 2   # the main suite when the clouds run short (~5 min)
 Prints a rich table and, last, one JSON line.
 
 Baselines get their best engine setting: a colocated replica (ours or a baseline's) is planned with
