@@ -257,17 +257,19 @@ class StepTable:
         b_mem = _kv_batch(rm, wl)
         b = np.linspace(0.0, max(b_mem, 0.0), TABLE_POINTS)
         ctx = _mean_context(wl)
-        if not chunk:  # decode steps as the prefill-first fixed point sees them (never an empty batch)
+        if not chunk:  # the prefill-first grid starts just above an empty batch
             b[0] = 1e-9
+        seen = b + 1.0  # the batch a request steps in: itself and b others (``_seen``)
+        decode = rm.decode_step_array(seen, seen * ctx)
+        if not chunk:
             prompts = wl.input.points(INPUT_POINTS)
             lone = rm.prefill_array(prompts, prompts * prompts, np.ones_like(prompts))[0]
-            return StepTable(b, rm.decode_step_array(b + 1, (b + 1) * ctx),
-                             lone_prefill=(float(lone.mean()), float((lone * lone).mean())))
+            return StepTable(b, decode, lone_prefill=(float(lone.mean()), float((lone * lone).mean())))
         c = np.maximum(chunk - b, 1.0)
         s2 = wl.mean_input * (1 + wl.input.scv)
-        mixed = rm.mixed_step_array(b + 1, (b + 1) * ctx, c, c * s2, np.maximum(1.0, np.round(c / wl.mean_input)),
+        mixed = rm.mixed_step_array(seen, seen * ctx, c, c * s2, np.maximum(1.0, np.round(c / wl.mean_input)),
                                     np.maximum(0.0, (s2 - c) / 2))
-        return StepTable(b, rm.decode_step_array(b + 1, (b + 1) * ctx), c, mixed)
+        return StepTable(b, decode, c, mixed)
 
     def first_root(self, excess: np.ndarray, exact) -> float | None:
         """The smallest grid-resolved batch where ``excess`` (sampled on the grid; ``exact`` computes it

@@ -199,14 +199,14 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
         rate, cost, picks = solve_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                        rate_cap)
         if rate > 0:
-            results.setdefault(_rental(picks), (_worth(rate, cost, marginal_value), site, rate, cost, picks))
+            results.setdefault(_rental(picks), (worth(rate, cost, marginal_value), site, rate, cost, picks))
         local = [u for u in units if u.role in ("pd", "both")]
         crosses = any(u.role in ("prefill", "decode") for u, _ in picks)  # else the same answer
         if in_node_top and crosses and any(u.role == "pd" for u in local):
             r2, c2, p2 = solve_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                     rate_cap)
             if r2 > 0:
-                in_node.setdefault(_rental(p2), (_worth(r2, c2, marginal_value), site, r2, c2, p2))
+                in_node.setdefault(_rental(p2), (worth(r2, c2, marginal_value), site, r2, c2, p2))
     if not results:
         what = f"${cheapest_replica:.2f}/h" if math.isfinite(cheapest_replica) else "no offer that holds it"
         raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
@@ -233,13 +233,14 @@ def rate_rows(units: list[Unit], kv: NetworkKv) -> list[dict[int, float]]:
             {n + 1: 1.0, **{i: -u.capacity for i, u in enumerate(units) if u.role in ("both", "pd")}}]
 
 
-def _worth(rate: float, cost: float, marginal_value: float | None) -> float:
-    """A mix's rank value: rate per dollar, or rate / cost^marginal_value (``choose_pools``)."""
+def worth(rate: float, cost: float, marginal_value: float | None) -> float:
+    """A plan's rank value: rate per dollar, or rate / cost^marginal_value (the race's rule to first
+    order when the aim is the most goodput; ``choose_pools``, ``scheduler._worth``)."""
     return rate / cost ** (1.0 if marginal_value is None else marginal_value)
 
 
 def _rank(found: tuple) -> tuple:
-    """Most worth first (``_worth``), then the most rate, then the place's name (a stable order)."""
+    """Most worth first (``worth``), then the most rate, then the place's name (a stable order)."""
     return -found[0], -found[2], found[1]
 
 
@@ -330,7 +331,8 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
 
     row({i: u.cost for i, u in enumerate(units)}, -np.inf, budget)
     row({i: u.gpus for i, u in enumerate(units)}, -np.inf, max_gpus)
-    for kind_units in _by_limited_kind(units).values():  # the provider's capacity per instance type
+    limited = _by_limited_kind(units)
+    for kind_units in limited.values():  # the provider's capacity per instance type
         row({i: u.instances for i, u in kind_units}, -np.inf, kind_units[0][1].kind.offer.capacity)
     for coeffs in rate_rows(units, kv):
         row(coeffs, -np.inf, 0.0)
@@ -339,7 +341,7 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
     ub = [min(MAX_UNITS_PER_KIND, math.floor(budget / u.cost + 1e-9)) for u in units] + [np.inf, np.inf]
     # capacity rows make the MIP much harder (a 230-unit RunPod place: 0.02 s uncapped, 1 s capped at 1e-3);
     # the rates it weighs are the capacity model's, which the search and the race refine anyway
-    gap = CAPPED_MIP_GAP if any(u.kind.offer.capacity is not None for u in units) else 1e-3
+    gap = CAPPED_MIP_GAP if limited else 1e-3
     with _stdout_to_stderr():
         res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=[1] * n + [0, 0],
                    bounds=Bounds([0] * (n + 2), ub), options={"time_limit": 5.0, "mip_rel_gap": gap})

@@ -28,7 +28,7 @@ from planner.models import ModelSpec, load_model
 from planner.offers import CatalogError, Offer, builtin_offers, sky_cached_clouds, sky_offers
 from planner.parallel import PlanContext
 from planner.plan import Instance, Plan, ReplicaSpec, Route
-from planner.rent import BudgetTooSmall, choose_pools
+from planner.rent import BudgetTooSmall, choose_pools, worth
 from planner.search import State, TabuSearch, initial_groups, label_phases
 from planner.work import WorkClock
 from planner.workload import SLO, Workload
@@ -462,7 +462,7 @@ def _worth(objective: str, e: Evaluation) -> float:
     estimated 4% over six colocated GH200s ($8.94/h) was kept unraced, and served 11% less per dollar.
     Per dollar (and on an owned pool, which costs nothing by the hour): the score."""
     if objective == "goodput" and e.cost > 0:
-        return e.score / e.cost**MARGINAL_VALUE
+        return worth(e.score, e.cost, MARGINAL_VALUE)
     return e.score
 
 

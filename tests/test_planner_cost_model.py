@@ -247,7 +247,6 @@ def test_finalist_race_weighs_price_against_goodput() -> None:
     assert _rate_to_beat("per_dollar", 100.0, 10.0, 5.0) == pytest.approx(50.5)
 
 
-
 @settings(max_examples=300, deadline=None)
 @given(st.floats(1.0, 1000.0), st.floats(0.5, 50.0), st.floats(1.0, 1000.0), st.floats(0.5, 50.0),
        st.sampled_from(["goodput", "per_dollar"]))
@@ -268,6 +267,7 @@ def test_finalists_are_ranked_by_the_race_s_own_rule(g_a: float, c_a: float, g_b
     # the case above: the cheaper colocated plan ranks first
     assert _worth("goodput", Evaluation(77.31, 8.94, 77.31, [], [], [], None)) > _worth(  # type: ignore[arg-type]
         "goodput", Evaluation(80.69, 10.0, 80.69, [], [], [], None))  # type: ignore[arg-type]
+
 
 def pipeline(model: str, gpus: list[str], tp: int = 1, eff: Efficiency | None = None) -> ReplicaModel:
     """A pipeline over one stage per entry of ``gpus`` (layers split evenly, links of 10 GB/s)."""
