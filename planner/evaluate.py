@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from planner.capacity import LEANS, Targets, shape_key
 from planner.cluster import GpuId
 from planner.cost_model import KV_FACTOR, ReplicaModel, auto_kv_mode, kv_bytes, kv_segments
-from planner.parallel import PlanContext, ReplicaConfig, configure_group
+from planner.parallel import PlanContext, ReplicaConfig, configure_group, role_capacity
 from planner.routing import (
     LINK_UTILISATION,
     LINK_UTILISATION_STEPS,
@@ -46,6 +47,13 @@ class Evaluation:
     configs: list[ReplicaConfig | None]
     routing: RoutingSolution
     compression: dict[tuple[int, int], str] = field(default_factory=dict)  # (prefill idx, decode idx) -> mode
+    targets: Targets | None = None  # the quantiles ``configs``' capacities and the routing are at
+
+    def quantiles(self) -> dict[str, float]:
+        """The TTFT and TPOT quantiles the capacities were checked at, for a plan's ``expected``."""
+        if self.targets is None:
+            return {}
+        return {"ttft_quantile": self.targets.q_ttft, "tpot_quantile": self.targets.q_tpot}
 
     @property
     def used_nodes(self) -> set[str]:
@@ -72,6 +80,10 @@ class Evaluator:
         self._configs: dict[tuple, tuple[ReplicaConfig, tuple[str, ...]] | None] = (
             shared_cache if shared_cache is not None else {})
         self._pairs: dict[tuple, PairTerms] = {}
+        self._leaned: dict[tuple, tuple[float, object]] = {}
+        assert ctx.targets is not None
+        self.targets = {lean: ctx.targets if lean == "even" else
+                        Targets.for_slo(ctx.slo, ctx.targets.max_batch_tokens, lean) for lean in LEANS}
 
     # -- groups --------------------------------------------------------------------------------
     def _class_key(self, group: Group) -> tuple:
@@ -153,11 +165,11 @@ class Evaluator:
             transfer_s(mode)
         return terms[mode]
 
-    def _kv_quantile(self, terms: PairTerms, link_cap: float) -> float:
-        """KV time of a long prompt plus the queueing a link loaded to ``link_cap`` adds."""
+    def _kv_quantile(self, terms: PairTerms, link_cap: float, q_ttft: float) -> float:
+        """KV time of a long prompt (the ``q_ttft`` quantile) plus the queueing a link loaded to ``link_cap`` adds."""
         charge("kv_quantile")
-        wl, q = self.ctx.workload, self.ctx.targets.q
-        scale = wl.input.quantile(q) / wl.mean_input
+        wl = self.ctx.workload
+        scale = wl.input.quantile(q_ttft) / wl.mean_input
         busy = max((b for _, b in terms.link_use), default=0.0)
         return kv_ttft_seconds(terms.kv_time, busy, scale, wl.input.scv, link_cap)
 
@@ -175,8 +187,12 @@ class Evaluator:
               configs: list[ReplicaConfig | None] | None = None) -> float:
         """A fast upper bound on goodput (no links, full TTFT slack) to pre-screen candidates
         (``configs``: the groups' configurations when the caller has them already)."""
+        return self._bound_of(configs if configs is not None else self.configs_for(groups, roles))
+
+    @staticmethod
+    def _bound_of(configs: list[ReplicaConfig | None]) -> float:
         cp = cd = cc = 0.0
-        for cfg in configs if configs is not None else self.configs_for(groups, roles):
+        for cfg in configs:
             if cfg is None:
                 continue
             if cfg.role == "prefill":
@@ -190,26 +206,69 @@ class Evaluator:
     def evaluate(self, groups: list[Group], roles: list[str], node_prices: dict[str, float]) -> Evaluation:
         return self.evaluate_configs(groups, roles, self.configs_for(groups, roles), node_prices)
 
+    def leaned(self, cfg: ReplicaConfig | None, lean: str) -> ReplicaConfig | None:
+        """``cfg`` with its capacity at the quantiles of ``lean`` (``capacity.LEANS``); a colocated replica
+        keeps the even split (its TTFT and TPOT come from one queue, and its model is calibrated there)."""
+        if cfg is None or lean == "even" or cfg.role == "both":
+            return cfg
+        key = (shape_key(cfg.rm), cfg.role, lean)
+        if key not in self._leaned:
+            cap, curve, _ = role_capacity(replace(self.ctx, targets=self.targets[lean]), cfg.rm, cfg.role)
+            self._leaned[key] = (cap, curve)
+        cap, curve = self._leaned[key]
+        return replace(cfg, capacity=cap, curve=curve)  # type: ignore[arg-type]
+
     def evaluate_configs(self, groups: list[Group], roles: list[str], configs: list[ReplicaConfig | None],
                          node_prices: dict[str, float]) -> Evaluation:
         """Route between given replica configurations (rescheduling keeps each replica's parallelism).
 
-        A candidate whose links bind at ``LINK_UTILISATION`` is routed again at the next higher caps
-        of ``LINK_UTILISATION_STEPS`` while that routes more: each pair's TTFT budget reserves the KV
-        queueing of the cap, so the LP's answer is the trade between link and prefill throughput."""
+        Capacities are at the even split of the SLO's miss budget: the search compares candidates
+        there, and ``lean`` re-routes the few it keeps."""
         prob, pair_terms, compression = self._problem(configs)
-        sol = self._route(prob, pair_terms, LINK_UTILISATION)
-        for cap in LINK_UTILISATION_STEPS[1:]:
-            if not sol.links_bind:
-                break
-            higher = self._route(prob, pair_terms, cap)
-            if higher.total <= sol.total * (1 + 1e-9):
-                break
-            sol = higher
+        sol = self._route_steps(prob, pair_terms, self.targets["even"])
         used = {n for g, c in zip(groups, configs, strict=True) if c is not None for n, _ in g}
         cost = sum(node_prices.get(n, 0.0) for n in used)
         return Evaluation(sol.total, cost, self.score_of(sol.total, cost), list(groups), list(roles), configs, sol,
-                          compression)
+                          compression, self.targets["even"])
+
+    def lean(self, e: Evaluation) -> Evaluation:
+        """``e`` routed again with the SLO's miss budget leaning to TTFT (``capacity.Targets.for_slo``) when
+        its decode replicas have room (more prompts may then miss TTFT) and that serves more. For the
+        candidates the search keeps and the plan written down, not for every candidate: it is one more
+        routing LP each. Not where the links are ignored (a hand-built DistServe candidate is ranked by
+        what its links carry, not by that routing)."""
+        even = self.targets["even"]
+        if not self.bandwidth_aware or e.targets != even or all(c is None or c.role != "prefill" for c in e.configs):
+            return e
+        decode = {f"g{i}": c.capacity for i, c in enumerate(e.configs) if c is not None and c.role == "decode"}
+        decoded = sum(f for (_, d), f in e.routing.pairs.items() if d in decode)
+        if decoded >= sum(decode.values()) * (1 - 1e-6):  # the decode side is full: TTFT cannot have more
+            return e
+        lean = "ttft"
+        leaned = [self.leaned(c, lean) for c in e.configs]
+        if self._bound_of(leaned) <= e.goodput * (1 + 1e-9):
+            return e
+        prob, pair_terms, _ = self._problem(leaned)
+        sol = self._route_steps(prob, pair_terms, self.targets[lean])
+        if sol.total <= e.goodput * (1 + 1e-9):
+            return e
+        return replace(e, goodput=sol.total, score=self.score_of(sol.total, e.cost), configs=leaned, routing=sol,
+                       targets=self.targets[lean])
+
+    def _route_steps(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
+                     targets: Targets) -> RoutingSolution:
+        """Route at ``LINK_UTILISATION``, then, while links bind, at the next higher caps of
+        ``LINK_UTILISATION_STEPS`` while that routes more: each pair's TTFT budget reserves the KV
+        queueing of the cap, so the LP's answer is the trade between link and prefill throughput."""
+        sol = self._route(prob, pair_terms, LINK_UTILISATION, targets)
+        for cap in LINK_UTILISATION_STEPS[1:]:
+            if not sol.links_bind:
+                break
+            higher = self._route(prob, pair_terms, cap, targets)
+            if higher.total <= sol.total * (1 + 1e-9):
+                break
+            sol = higher
+        return sol
 
     def _problem(self, configs: list[ReplicaConfig | None]) -> tuple[
             RoutingProblem, dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]], dict[tuple[int, int], str]]:
@@ -251,29 +310,31 @@ class Evaluator:
         if e.routing.total <= 0 or not any(c is not None and c.role != "both" for c in e.configs):
             return e
         prob, pair_terms, _ = self._problem(e.configs)
-        self._cap_links(prob, pair_terms, e.routing.link_cap)
+        self._cap_links(prob, pair_terms, e.routing.link_cap, e.targets or self.targets["even"])
         return replace(e, routing=balance_routing(prob, e.routing))
 
     def _route(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
-               link_cap: float) -> RoutingSolution:
+               link_cap: float, targets: Targets) -> RoutingSolution:
         """Solve the routing LP with links capped at ``link_cap``: each pair's prefill capacity is what its
         TTFT budget allows after the KV transfer and the queueing at that cap."""
-        self._cap_links(prob, pair_terms, link_cap)
+        self._cap_links(prob, pair_terms, link_cap, targets)
         return solve_routing(prob)
 
     def _cap_links(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
-                   link_cap: float) -> None:
+                   link_cap: float, targets: Targets) -> None:
         """Set ``prob``'s link cap and each pair's prefill capacity (and tie-break) at that cap."""
         prob.link_cap = link_cap
         for pd, (pc, terms) in pair_terms.items():
-            prob.pair_cap[pd], kv = self.pair_prefill_capacity(pc, terms, link_cap)
+            prob.pair_cap[pd], kv = self.pair_prefill_capacity(pc, terms, link_cap, targets.q_ttft)
             prob.pair_penalty[pd] = min(0.99, kv / self.ctx.slo.ttft_s)
 
-    def pair_prefill_capacity(self, pc: ReplicaConfig, terms: PairTerms,
-                              link_cap: float = LINK_UTILISATION) -> tuple[float, float]:
+    def pair_prefill_capacity(self, pc: ReplicaConfig, terms: PairTerms, link_cap: float = LINK_UTILISATION,
+                              q_ttft: float | None = None) -> tuple[float, float]:
         """(rate prefill ``pc`` takes when its requests decode over ``terms``' link, the TTFT that link
-        costs): its TTFT budget less the KV transfer of a long prompt, the KV queueing of links loaded to
-        ``link_cap`` and half a TPOT (the wait to join a decode step)."""
+        costs): its TTFT budget less the KV transfer of a long prompt (the ``q_ttft`` quantile, default
+        the even split's, as ``pc``'s curve must be), the KV queueing of links loaded to ``link_cap`` and
+        half a TPOT (the wait to join a decode step)."""
         slo = self.ctx.slo
-        kv = self._kv_quantile(terms, link_cap) if self.bandwidth_aware else 0.0
+        q = self.targets["even"].q_ttft if q_ttft is None else q_ttft
+        kv = self._kv_quantile(terms, link_cap, q) if self.bandwidth_aware else 0.0
         return pc.prefill_capacity(slo.ttft_s - kv - 0.5 * slo.tpot_s), kv

@@ -28,7 +28,8 @@ Plan JSON (``Plan.to_json()``), every field documented here and in the README:
     {"prefill": "r0", "decode": "r1", "weight": 0.6, "kv_compression": "none"}
   ],                                 # a colocated replica r is the pair (r, r)
   "expected": {"goodput_rps": 3.2, "slo_attainment": 0.93, "cost_per_hour": 4.1,
-               "goodput_per_dollar": 0.78},
+               "goodput_per_dollar": 0.78,
+               "ttft_quantile": 0.94, "tpot_quantile": 0.94},  # optional: the quantiles capacities were checked at
   "workload": {...}, "slo": {...},   # what the plan was made for (free-form, from the planner)
   "network": {"inter_node_gbps": 25.0, "links": [["n0", "n1", 5.0]], "zones": {}},  # optional: the
                                      # bandwidths the plan assumed (planner.cluster); {} = defaults

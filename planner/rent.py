@@ -279,7 +279,7 @@ class NetworkKv:
         wl, t = ctx.workload, ctx.targets
         assert t is not None
         return NetworkKv(kv_seconds_per_request(ctx, gbps, mode), ctx.slo.ttft_s, ctx.slo.tpot_s,
-                         wl.input.quantile(t.q) / wl.mean_input, wl.input.scv)
+                         wl.input.quantile(t.q_ttft) / wl.mean_input, wl.input.scv)
 
     def ttft_left(self, nics: int) -> float:
         """The TTFT a prefill replica's queue may use when its KV leaves through ``nics`` NICs at once

@@ -146,7 +146,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
         best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
                               clock, time_limit_s, kept)
 
-    new_plan = _to_plan(plan, instances, specs, ev.balanced(best), ctx, network)
+    new_plan = _to_plan(plan, instances, specs, ev.balanced(ev.lean(best)), ctx, network)
     changes = Changes(sorted(lost), [i.id for i in new_instances], moved, dropped, added)
     old_roles = {r.id: r.role for r in plan.replicas}
     for r in new_plan.replicas:
@@ -268,7 +268,8 @@ def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: Pl
     cost = sum(i.price_per_hour for i in instances)
     expected = {"goodput_rps": round(e.goodput, 4),
                 "goodput_per_dollar": round(e.goodput / cost, 4) if cost > 0 else 0.0,
-                "slo_attainment": float(ctx.slo.attainment if e.goodput >= ctx.workload.rate else 0.0)}
+                "slo_attainment": float(ctx.slo.attainment if e.goodput >= ctx.workload.rate else 0.0),
+                **e.quantiles()}
     new = Plan(model=old.model, instances=instances, replicas=replicas, routing=routing, strategy=old.strategy,
                seed=old.seed, version=old.version, expected=expected, workload=ctx.workload.to_dict(),
                slo=ctx.slo.to_dict(), network=network)

@@ -170,6 +170,10 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     shortlist += homogeneous
     if not shortlist:
         raise PlanningError("no GPU group in the pool can hold the model")
+    # the search compared candidates at the even split of the SLO's miss budget; the kept few are
+    # ranked and raced at the split that serves most (``Evaluator.lean``)
+    leaned = {id(e): (ev, ev.lean(e)) for ev, e in shortlist}
+    shortlist, homogeneous = list(leaned.values()), [leaned[id(e)] for _, e in homogeneous]
     s.stats["search_seconds"] = round(time.perf_counter() - t0, 3)
     if not s.verify or len(shortlist) == 1:
         return max(shortlist, key=lambda c: _worth(s.objective, c[1]))
@@ -488,6 +492,7 @@ def build_plan(s: Setting, ev: Evaluator, e: Evaluation, strategy: str) -> Plan:
     """Write an Evaluation down as a Plan: replicas that carry traffic, the nodes they use, routing
     (ours spread evenly over each phase's replicas at the LP's rate: ``Evaluator.balanced``; the
     baselines keep their LP optimum)."""
+    e = ev.lean(e)
     if strategy not in OWN_ROUTING_BASELINES:
         e = ev.balanced(e)
     cluster = ev.ctx.cluster
@@ -515,6 +520,7 @@ def build_plan(s: Setting, ev: Evaluator, e: Evaluation, strategy: str) -> Plan:
         "goodput_rps": round(e.goodput, 4),
         "goodput_per_dollar": round(e.goodput / cost, 4) if cost > 0 else 0.0,
         "slo_attainment": float(s.slo.attainment if e.goodput >= s.workload.rate else 0.0),
+        **e.quantiles(),
         **s.stats,
     }
     plan = Plan(model=s.model.name if s.model.name else "custom", instances=instances, replicas=replicas,

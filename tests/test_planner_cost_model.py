@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from statistics import NormalDist
 
 import pytest
 from hypothesis import given, settings
@@ -476,3 +477,23 @@ def test_cpu_cost_model_check_runs_against_the_engine() -> None:
     rates = ("matmul_gflops", "gemm_8_rows_gflops", "attention_gflops", "decode_attention_gbs", "stream_gbs")
     assert all(math.isfinite(cal[k]) and cal[k] > 0 for k in rates)
     assert cal["roofline_p"] in (1.0, 1.5, 2.0, 3.0, "max")
+
+
+@pytest.mark.parametrize("attainment", [0.9, 0.95, 0.99])
+def test_the_slo_s_miss_budget_is_split_evenly_or_leans_to_one_phase(attainment: float) -> None:
+    """Requests missing either target are about the larger miss share plus OVERLAP of the smaller: every
+    split keeps that at the SLO's miss budget, the even one is the calibrated 0.6 each, and leaning to
+    TTFT lets more prompts miss TTFT and fewer requests miss TPOT."""
+    from planner.capacity import EVEN_SHARE, LEANS, OVERLAP, Targets
+
+    slo = SLO(2.0, 0.05, attainment)
+    miss = 1 - attainment
+    split = {lean: Targets.for_slo(slo, lean=lean) for lean in LEANS}
+    assert split["even"].q_ttft == split["even"].q_tpot == pytest.approx(1 - EVEN_SHARE * miss)
+    assert split["ttft"].q_ttft < split["even"].q_ttft < split["ttft"].q_tpot
+    for t in split.values():
+        a, b = (1 - t.q_ttft) / miss, (1 - t.q_tpot) / miss
+        assert max(a, b) + OVERLAP * min(a, b) == pytest.approx(1.0)
+        assert t.z == pytest.approx(NormalDist().inv_cdf(t.q_tpot))
+    with pytest.raises(ValueError, match="lean"):
+        Targets.for_slo(slo, lean="decode")

@@ -354,7 +354,7 @@ def test_a_pipelined_prefill_replica_s_ttft_tail_matches_the_simulator() -> None
     for load, want, short in zip(loads, model, first_stage_only, strict=True):
         res = simulate(plan, wl.with_rate(load * top), slo, n_requests=4000, seed=2, overload_factor=1e9)
         assert (res.prefill_s <= res.ttft).all() and (res.prefill_s > 0).all()
-        got = float(np.quantile(res.prefill_s, t.q))
+        got = float(np.quantile(res.prefill_s, t.q_ttft))
         assert want == pytest.approx(got, rel=0.15), (load, want, got)
         assert got - short > abs(got - want), (load, short, want, got)
 
@@ -451,5 +451,44 @@ def test_a_decoding_request_steps_in_a_batch_of_itself_and_the_others() -> None:
         sim.run(arrivals)
         mine = [r for r in sim.finished if r.decode == decoders[0].id and r.total_out > 1]
         served = len(mine) / arrivals[-1].arrival
-        simulated = float(np.quantile([r.latencies()[1] for r in mine], t.q))
+        simulated = float(np.quantile([r.latencies()[1] for r in mine], t.q_tpot))
         assert decode_tpot(rm, long.with_rate(served), served, t) == pytest.approx(simulated, rel=0.03), share
+
+
+def test_a_split_whose_decode_side_has_room_lets_more_prompts_miss_ttft() -> None:
+    """One prefill L40S feeding four decode L40S at a 1 s TTFT: TPOT is met by every request, so the SLO's
+    miss budget can go to TTFT. The plan is promised more than the even split allows (each of TTFT and TPOT
+    at the 94th percentile), the routing verifies at the quantiles it records, and the simulator serves
+    the promise within the SLO."""
+    from planner.cluster import Cluster, Node
+    from planner.cost_model import DEFAULT_EFF
+    from planner.models import load_model
+    from planner.scheduler import Setting, build_plan
+
+    wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+    slo = SLO(1.0, 0.04)
+    s = Setting(load_model("llama-2-7b"), wl, slo, None, None, None, True, 40.0, "auto", 0, 5.0, 64, DEFAULT_EFF)
+    ev = s.evaluator(Cluster([Node("p", "L40S", 1), Node("d", "L40S", 4)], inter_node_gbps=40.0))
+    groups = [(("p", 0),), tuple(("d", g) for g in range(4))]
+    roles = ["prefill", "decode"]
+    even = ev.evaluate_configs(groups, roles, ev.configs_for(groups, roles), {"p": 1.0, "d": 4.0})
+    assert even.targets == ev.targets["even"]
+    e = ev.lean(even)
+    assert e.targets is not None and e.targets.q_ttft < even.targets.q_ttft < e.targets.q_tpot
+    assert e.goodput > 1.05 * even.goodput > 0 and ev.lean(e) is e
+    plan = build_plan(s, ev, e, "thunderserve")
+    assert plan.expected["ttft_quantile"] == e.targets.q_ttft
+    assert routing_violations(plan) == []
+    met = [simulate(plan, wl.with_rate(e.goodput), slo, n_requests=4000, seed=k) for k in (1, 2)]
+    assert np.mean([r.attainment for r in met]) >= slo.attainment
+    tpot_met = np.mean([np.mean(np.array(r.tpot) <= slo.tpot_s) for r in met])
+    assert tpot_met > 0.99
+
+    # two prefill L40S filling one decode L40S: the decode side is full, nothing to lean
+    short = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
+    s = Setting(load_model("llama-2-7b"), short, SLO(2.0, 0.04), None, None, None, True, 40.0, "auto", 0, 5.0, 64,
+                DEFAULT_EFF)
+    ev = s.evaluator(Cluster([Node("p", "L40S", 2), Node("d", "L40S", 1)], inter_node_gbps=40.0))
+    groups, roles = [(("p", 0),), (("p", 1),), (("d", 0),)], ["prefill", "prefill", "decode"]
+    full = ev.evaluate_configs(groups, roles, ev.configs_for(groups, roles), {"p": 1.0, "d": 1.0})
+    assert full.goodput == pytest.approx(full.configs[2].capacity) and ev.lean(full) is full

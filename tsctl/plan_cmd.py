@@ -75,6 +75,8 @@ def print_plan(plan: Any, title: str = "Plan") -> None:
     slo = plan.slo
     if slo:
         head.add_row("SLO", f"TTFT {slo.get('ttft_s')}s, TPOT {slo.get('tpot_s')}s, {slo.get('attainment', 0.9):.0%}")
+    if "ttft_quantile" in e and "tpot_quantile" in e:
+        head.add_row("capacities at", f"TTFT p{100 * e['ttft_quantile']:.1f}, TPOT p{100 * e['tpot_quantile']:.1f}")
     if "plan_seconds" in e:
         head.add_row("planned in", f"{e['plan_seconds']:.2f}s")
     console.print(head)
