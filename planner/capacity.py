@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
-from scipy.special import betaincc, gammaincc
+from scipy.special import betaincc, gammaincc, gammaincinv
 
 from planner import work
 from planner.bisection import narrow
@@ -181,7 +181,8 @@ def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Ta
     return np.maximum(own, lat + w)
 
 
-INPUT_POINTS = 32  # prompt lengths (evenly spread quantiles) a pipelined prefill's TTFT tail is averaged over
+INPUT_POINTS = 16  # prompt lengths (evenly spread quantiles) a pipelined prefill's TTFT tail is averaged over
+MATES_POINTS = 8  # ... and batch-mates' token totals
 
 
 def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarray, b: np.ndarray,
@@ -194,20 +195,41 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     percentile was 1.2 s over the M/G/1 estimate in the simulator). Two independent delays:
 
     * the first stage's queue: ``P(W > w) = rho exp(-w / m)`` (the M/G/1 tail above), added to the
-      request's own latency over the spread of prompt lengths (a long prompt's own pass and a wait
-      are summed, not maxed);
+      request's own latency over the spread of prompt lengths and of its batch-mates' tokens (a long
+      prompt's own pass and a wait are summed, not maxed);
     * batches still in the pipeline: those that entered ``tau`` before with latency ``L`` hold the
       request past ``x`` when ``L + b - tau > x``; Poisson batch arrivals make their count Poisson with
       mean ``rate / k * E[(L + b - x)+]``, so none does with probability ``exp(-that)``.
 
     Within 0.2 s of the simulator's 94th percentile up to ~70% load on PP2-PP8 replicas of 13B-70B
-    (``tests/test_planner_simulator.py``), where the M/G/1 estimate alone was up to 1.5 s short."""
+    with 2k-token prompts, where the M/G/1 estimate alone was up to 1.5 s short, and within 15% with
+    256-token prompts, where batch-mates at their mean count left it 15-90% low
+    (``tests/test_planner_simulator.py``)."""
     work.charge("prefill_tail")
     mean_in = wl.mean_input
+    per_token_sq = mean_in * (1 + wl.input.scv)  # E[len^2] / E[len]
+    # the request's batch-mates: the prompts that arrived while the batch ahead of it held the first
+    # stage, a Poisson count over that batch's time, which varies (each batch's time follows from the
+    # count before it: cv^2 = rho / (k (1 - rho^2))) and is length-biased (a request more likely arrives
+    # during a long one); their tokens a gamma with the count's mean and variance, at MATES_POINTS
+    # quantiles; the batch holds at most max_batch_tokens. With short prompts a batch holds tens of
+    # them and the pipeline carries it through every stage: mates at their mean had PP4 replicas' 94th
+    # percentile up to 2x low.
+    rho_1 = np.minimum(rates * b / k, 0.99)
+    cv2 = rho_1 / (k * (1 - rho_1**2))
+    count = (k - 1) * (1 + cv2)
+    count_var = count + count**2 * cv2
+    tokens_mean = count * mean_in
+    tokens_var = count_var * mean_in**2 + count * wl.input.var
+    shape = np.maximum(tokens_mean**2 / np.maximum(tokens_var, 1e-12), 1e-9)
+    scale = tokens_var / np.maximum(tokens_mean, 1e-12)
+    q = (np.arange(MATES_POINTS) + 0.5) / MATES_POINTS
+    mates = scale[:, None] * gammaincinv(shape[:, None], q[None, :])  # (rates, MATES_POINTS)
     lens = wl.input.points(INPUT_POINTS)
-    tokens = (k - 1)[:, None] * mean_in + lens  # a batch of k: the request and k - 1 mean prompts
-    sum_sq = (k - 1)[:, None] * mean_in**2 + lens**2
-    rows = np.broadcast_to(np.maximum(1.0, np.round(k))[:, None], tokens.shape)
+    mates = np.minimum(mates[:, :, None], np.maximum(t.max_batch_tokens - lens, 0.0)[None, None, :])
+    tokens = (mates + lens).reshape(len(rates), -1)
+    sum_sq = (mates * per_token_sq + lens**2).reshape(len(rates), -1)
+    rows = 1.0 + np.round(mates / mean_in).reshape(len(rates), -1)
     own = rm.prefill_array(tokens.ravel(), sum_sq.ravel(), rows.ravel())[0].reshape(tokens.shape)
     s = b / k
     rho = rates * s
@@ -217,7 +239,7 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     batch_rate = rates / k
     reach = own + b[:, None]
     decay = 1.0 / np.maximum(m, 1e-12)
-    share = np.full(len(lens), 1.0 / len(lens))  # each prompt length point's weight (a mean as a matmul)
+    share = np.full(own.shape[1], 1.0 / own.shape[1])  # each (mates, prompt length) point's weight: a mean as a matmul
 
     def tail(x: np.ndarray) -> np.ndarray:
         late = x[:, None] - own

@@ -37,7 +37,10 @@ COST = {
     "kv_quantile": 47e-6,  # one KV-transfer quantile of a prefill-decode pair (the routing LP's inputs)
     "layer_balance": 1.1e-3,  # one split of a model's layers over pipeline stages (a 60-step bisection)
     "offer": 46e-6,  # one catalog offer scanned for the cheapest of its kind
-    "prefill_tail": 0.7e-3,  # one pipelined prefill's TTFT quantiles at a curve's rates (a 28-step bisection)
+    # one pipelined prefill's TTFT quantiles at a curve's rates (a 28-step bisection); fitted at 0.7e-3, plus
+    # the 0.6 ms a curve took more once the tail was taken over 8 batch-mate x 16 prompt-length points
+    # (1.6 ms a curve, 0.97 ms over 32 prompt lengths alone)
+    "prefill_tail": 1.3e-3,
 }
 WALL_SLACK = 3.0
 WALL_GRACE_S = 1.0  # setup the counts do not see (parsing offers, building contexts) is not a slow machine
