@@ -244,16 +244,15 @@ class Evaluator:
         decoded = sum(f for (_, d), f in e.routing.pairs.items() if d in decode)
         if decoded >= sum(decode.values()) * (1 - 1e-6):  # the decode side is full: TTFT cannot have more
             return e
-        lean = "ttft"
-        leaned = [self.leaned(c, lean) for c in e.configs]
+        leaned = [self.leaned(c, "ttft") for c in e.configs]
         if self._bound_of(leaned) <= e.goodput * (1 + 1e-9):
             return e
         prob, pair_terms, _ = self._problem(leaned)
-        sol = self._route_steps(prob, pair_terms, self.targets[lean])
+        sol = self._route_steps(prob, pair_terms, self.targets["ttft"])
         if sol.total <= e.goodput * (1 + 1e-9):
             return e
         return replace(e, goodput=sol.total, score=self.score_of(sol.total, e.cost), configs=leaned, routing=sol,
-                       targets=self.targets[lean])
+                       targets=self.targets["ttft"])
 
     def _route_steps(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
                      targets: Targets) -> RoutingSolution:
