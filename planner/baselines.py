@@ -42,12 +42,13 @@ def homogeneous_clusters(s: Setting) -> list[Cluster]:
     # Per (GPU type, GPU count), the places that offer it, cheapest first: the cheapest place buys at
     # least as many of the same instance as any other, so a dearer place gets its own cluster only
     # while the cheaper ones are capped by what the provider can give (the catalog's Capacity column).
-    by_shape: dict[tuple[str, int], list[tuple[float, str, str, list[tuple[Offer, float, bool]]]]] = {}
-    for (cloud, region, gpu, count), choices in sorted(offers_per_shape(s.offers, s.spot).items()):
-        by_shape.setdefault((gpu, count), []).append((choices[0][1], cloud, region, choices))
+    by_shape: dict[tuple[str, int], list[list[tuple[Offer, float, bool]]]] = {}
+    for (_cloud, _region, gpu, count), choices in sorted(offers_per_shape(s.offers, s.spot).items()):
+        by_shape.setdefault((gpu, count), []).append(choices)  # places in (cloud, region) order
     out = []
     for (gpu, count), places in sorted(by_shape.items()):
-        for price, _cloud, _region, choices in sorted(places, key=lambda p: p[0]):
+        for choices in sorted(places, key=lambda c: c[0][1]):  # cheapest place first; ties: (cloud, region)
+            price = choices[0][1]
             affordable = math.floor(s.budget / price + 1e-9)
             nodes = _homogeneous_nodes(s, gpu, count, choices)
             if nodes:

@@ -217,7 +217,9 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     # quantiles; the batch holds at most max_batch_tokens. With short prompts a batch holds tens of
     # them and the pipeline carries it through every stage: mates at their mean had PP4 replicas' 94th
     # percentile up to 2x low.
-    rho_1 = np.minimum(rates * b / k, 0.99)
+    s = b / k
+    rho = rates * s
+    rho_1 = np.minimum(rho, 0.99)
     cv2 = rho_1 / (k * (1 - rho_1**2))
     count = (k - 1) * (1 + cv2)
     count_var = count + count**2 * cv2
@@ -233,8 +235,6 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     sum_sq = (mates * per_token_sq + lens**2).reshape(len(rates), -1)
     rows = 1.0 + np.round(mates / mean_in).reshape(len(rates), -1)
     own = rm.prefill_array(tokens.ravel(), sum_sq.ravel(), rows.ravel())[0].reshape(tokens.shape)
-    s = b / k
-    rho = rates * s
     ok = rho < 1
     rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
     m = (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]

@@ -207,13 +207,18 @@ class Evaluator:
         return self.evaluate_configs(groups, roles, self.configs_for(groups, roles), node_prices)
 
     def leaned(self, cfg: ReplicaConfig | None, lean: str) -> ReplicaConfig | None:
-        """``cfg`` with its capacity at the quantiles of ``lean`` (``capacity.LEANS``); a colocated replica
-        keeps the even split (its TTFT and TPOT come from one queue, and its model is calibrated there)."""
-        if cfg is None or lean == "even" or cfg.role == "both":
+        """``cfg`` with its capacity at the quantiles of ``lean`` (``capacity.LEANS``)."""
+        return self.at_targets(cfg, self.targets[lean])
+
+    def at_targets(self, cfg: ReplicaConfig | None, targets: Targets) -> ReplicaConfig | None:
+        """``cfg`` (configured at the even split) with its capacity at ``targets``' quantiles; a colocated
+        replica keeps the even split (its TTFT and TPOT come from one queue, and its model is calibrated
+        there)."""
+        if cfg is None or targets == self.targets["even"] or cfg.role == "both":
             return cfg
-        key = (shape_key(cfg.rm), cfg.role, lean)
+        key = (shape_key(cfg.rm), cfg.role, targets)
         if key not in self._leaned:
-            cap, curve, _ = role_capacity(replace(self.ctx, targets=self.targets[lean]), cfg.rm, cfg.role)
+            cap, curve, _ = role_capacity(replace(self.ctx, targets=targets), cfg.rm, cfg.role)
             self._leaned[key] = (cap, curve)
         cap, curve = self._leaned[key]
         return replace(cfg, capacity=cap, curve=curve)  # type: ignore[arg-type]

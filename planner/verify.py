@@ -7,8 +7,6 @@ link at fault.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from planner.capacity import Targets
 from planner.deployment import materialize
 from planner.evaluate import Evaluator
@@ -49,15 +47,15 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
     ctx = mat.ctx
     ev = Evaluator(ctx, kv_compression="auto")
     # a split plan's capacities may be at a leaning split of the SLO's miss budget (``capacity.Targets``)
-    split = ctx
+    assert ctx.targets is not None
+    targets = ctx.targets
     if slo is None and "ttft_quantile" in plan.expected and "tpot_quantile" in plan.expected:
-        assert ctx.targets is not None
-        split = replace(ctx, targets=Targets(float(plan.expected["ttft_quantile"]),
-                                             float(plan.expected["tpot_quantile"]), ctx.targets.max_batch_tokens))
+        targets = Targets(float(plan.expected["ttft_quantile"]), float(plan.expected["tpot_quantile"]),
+                          ctx.targets.max_batch_tokens)
     roles = {r.id: r.role for r in plan.replicas}
     specs = {r.id: r for r in plan.replicas}
-    cfg = {rid: config_from_spec(ctx if roles[rid] == "both" else split, list(specs[rid].gpus), specs[rid].tp,
-                                 list(specs[rid].layer_split), roles[rid], spec_policy(specs[rid]))
+    cfg = {rid: ev.at_targets(config_from_spec(ctx, list(specs[rid].gpus), specs[rid].tp, list(specs[rid].layer_split),
+                                               roles[rid], spec_policy(specs[rid])), targets)
            for rid in roles}
     p_load: dict[str, float] = {}
     d_load: dict[str, float] = {}
@@ -80,7 +78,7 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
     busiest = max(links.values(), default=0.0)
     cap = next((c for c in LINK_UTILISATION_STEPS if busiest <= c * (1 + tol)), LINK_UTILISATION_STEPS[-1])
     for r, f, p, terms in pairs:
-        pcap, _ = ev.pair_prefill_capacity(p, terms, cap, split.targets.q_ttft)  # type: ignore[union-attr]
+        pcap, _ = ev.pair_prefill_capacity(p, terms, cap, targets.q_ttft)
         if f > 0 and pcap <= 0:
             out.append(f"route {r.prefill}->{r.decode}: KV transfer leaves no TTFT budget")
             continue
