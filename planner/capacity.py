@@ -39,17 +39,17 @@ GRID = 32
 # target are about the larger miss share plus OVERLAP of the smaller (the two overlap: a burst of arrivals
 # slows both phases), so shares (a, b) of the budget with max + OVERLAP * min = 1 keep attainment.
 # The even split, 0.6 each, is the one the capacity model was calibrated at against the simulator; a
-# split plan whose decode side has room can give TTFT more (``LEANS``): scarce 70B long prompts over
-# 5 Gbps, TPOT met by 100% of requests, was promised 21.5 req/s at the even split and served 24.9
-# (TTFT met by 91.6%); leaning to TTFT promises 24.8. Not the other way: a split whose one decode
-# replica was full (7B, one L40S, short prompts) was promised 3.19 req/s at the even split and 3.26
-# leaning to TPOT, where it served ~2.85: its 94th-percentile TPOT is already ~4% over the model's at
-# the even split (the running batch varies more than the Poisson count the model takes, as each step
-# slows with the batch), and a lower TPOT quantile only adds to that.
+# split plan whose decode side has room can give TTFT more, and one whose prefill side has room TPOT
+# (``LEANS``): scarce 70B long prompts over 5 Gbps, TPOT met by 100% of requests, was promised 21.5 req/s
+# at the even split and served 24.9 (TTFT met by 91.6%); leaning to TTFT promises 24.8. Leaning to TPOT
+# waited for the decode model to hold at other quantiles than the even split's: with a Poisson running
+# batch a full decode L40S (7B, short prompts) was promised 3.19 req/s at the even split and 3.26 leaning
+# to TPOT where it served ~2.85; with ``_decode_tail_step`` its TPOT quantiles at 91.3%, 94% and 98% are
+# within 1% of the simulator's over eight sequences.
 OVERLAP = 2.0 / 3.0
 EVEN_SHARE = 0.6  # 1 / (1 + OVERLAP)
-LEAN_SHARE = 0.2  # the share left to TPOT when leaning to TTFT
-LEANS = ("even", "ttft")
+LEAN_SHARE = 0.2  # the share left to the other target when leaning to one
+LEANS = ("even", "ttft", "tpot")
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,10 @@ class Targets:
 
     @staticmethod
     def for_slo(slo: SLO, max_batch_tokens: int = 8192, lean: str = "even") -> Targets:
-        """The SLO's miss budget split evenly, or leaning to ``ttft`` (TTFT gets the larger share)."""
-        shares = {"even": (EVEN_SHARE, EVEN_SHARE), "ttft": (1.0 - OVERLAP * LEAN_SHARE, LEAN_SHARE)}
+        """The SLO's miss budget split evenly, or leaning to ``ttft`` or ``tpot`` (that target gets the
+        larger share)."""
+        leaning = 1.0 - OVERLAP * LEAN_SHARE
+        shares = {"even": (EVEN_SHARE, EVEN_SHARE), "ttft": (leaning, LEAN_SHARE), "tpot": (LEAN_SHARE, leaning)}
         if lean not in shares:
             raise ValueError(f"lean must be one of {LEANS}, not {lean!r}")
         miss = 1.0 - slo.attainment
@@ -76,13 +78,23 @@ class Targets:
         return Targets(1.0 - a * miss, 1.0 - b * miss, max_batch_tokens)
 
 
+def _decode_steps(wl: Workload) -> float:
+    """Decode steps a request spends in a running batch: one per output token but the first, which its
+    prefill pass emits (the simulator's and SGLang's). Little's law takes this, not the output length:
+    with 128-token outputs the 1-token difference moved a decode replica's batch by up to ~4%."""
+    return max(wl.mean_output - 1.0, 1e-3)
+
+
 def _running_output(wl: Workload) -> tuple[float, float]:
-    """(E[out^2] / E[out], E[out^3] / E[out]): the mean and mean square output length of a sequence in a
-    running decode batch. A sequence stays in the batch for as many steps as it has output tokens, so
-    the batch holds long outputs more often than they arrive (length-biased sampling): with lognormal
-    outputs of cv 0.8 a running sequence has 1.6x the mean output."""
+    """(mean, mean square) output length of a sequence in a running decode batch. A sequence stays in
+    the batch for ``out - 1`` steps (``_decode_steps``), so the batch holds long outputs more often than
+    they arrive (length-biased sampling): with lognormal outputs of cv 0.8 a running sequence has 1.6x
+    the mean output."""
     pts = wl.output.points(RUNNING_POINTS)
-    return float((pts**2).sum() / pts.sum()), float((pts**3).sum() / pts.sum())
+    stay = np.maximum(pts - 1.0, 0.0)
+    if stay.sum() <= 0:
+        return float(pts.mean()), float((pts**2).mean())
+    return float((stay * pts).sum() / stay.sum()), float((stay * pts**2).sum() / stay.sum())
 
 
 RUNNING_POINTS = 64  # output-length quantiles the running batch's length-biased moments are taken over
@@ -103,7 +115,7 @@ def _kv_batch(rm: ReplicaModel, wl: Workload) -> float:
 
 def _mean_context(wl: Workload) -> float:
     """Mean context of a decoding sequence: its prompt and half its output, length-biased."""
-    return wl.mean_input + _running_output(wl)[0] / 2
+    return _context_spread(wl)[0]
 
 
 def _seen(b: float, z: float = 0.0) -> float:
@@ -112,6 +124,44 @@ def _seen(b: float, z: float = 0.0) -> float:
     so ``b + 1 + z sqrt(b)``. The batch of ``b`` alone left decode replicas' 94th-percentile TPOT 5% low
     and their capacity ~8% high against the simulator (``tests/test_planner_simulator.py``)."""
     return b + 1.0 + z * math.sqrt(max(b, 0.0))
+
+
+MAX_ELASTICITY = 0.8  # a step that slows almost in proportion to the batch has no stable batch; cap it
+
+
+def _context_spread(wl: Workload) -> tuple[float, float]:
+    """(mean, root mean square) context of a sequence in a running decode batch: its prompt and the
+    part of its (length-biased) output decoded so far, a uniform share of it."""
+    m1, m2 = _running_output(wl)
+    mean_in = wl.mean_input
+    return mean_in + m1 / 2, math.sqrt(wl.input.var + mean_in * mean_in + mean_in * m1 + m2 / 3.0)
+
+
+def _decode_tail_step(rm: ReplicaModel, b: float, z: float, context: tuple[float, float]) -> float:
+    """Decode step time a request on a decode replica with mean running batch ``b`` (others) steps at,
+    ``z`` standard deviations up (``context``: ``_context_spread``). Two spreads beyond ``_seen``'s
+    Poisson count of sequences of the mean context, both measured:
+
+    - the count: a larger batch steps slower, so its sequences stay longer and it stays large (Little's
+      law with a step of elasticity ``e = d log step / d log batch``). An Ornstein-Uhlenbeck
+      approximation of the batch around ``b`` has variance ``b / (1 - e)``, not ``b``; at ``e`` = 0.3-0.4
+      (7B on an L40S and 13B on an RTX 5090, ``tests/test_planner_simulator.py``) the simulator's
+      running batch spread ~1.3-1.5x Poisson;
+    - the context: each sequence brings its own (its prompt and the output so far), so the context sum
+      spreads with the root mean square context, not the mean (lognormal prompts: ~1.2-1.5x the mean).
+
+    With ``_seen``'s batch alone, decode replicas' 94th-percentile TPOT was 3-6% under the simulator's
+    over eight sequences, and their capacity ~10% over what they served within the target.
+    """
+    ctx, rms_ctx = context
+    n = b + 1.0
+    step = rm.decode_step_time(n, n * ctx)
+    if z <= 0 or b <= 0:
+        return step
+    up = rm.decode_step_time(n + 1.0, (n + 1.0) * ctx)
+    e = min(max(n * (up - step) / step, 0.0), MAX_ELASTICITY)
+    spread = z * math.sqrt(b / (1.0 - e))
+    return rm.decode_step_time(n + spread, n * ctx + spread * rms_ctx)
 
 
 def _wait_quantile(rho: float, s: float, scv_sum: float, q: float) -> float:
@@ -339,7 +389,7 @@ def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, stretch: float = 
                   table: StepTable | None = None) -> float | None:
     """Running batch at ``rate`` (Little's law fixed point), or None if it would exceed memory."""
     b_mem = _kv_batch(rm, wl)
-    out = wl.mean_output
+    out = _decode_steps(wl)
     ctx = _mean_context(wl)
 
     def excess(b: float) -> float:
@@ -354,20 +404,20 @@ def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, stretch: float = 
     return table.first_root(ex, excess)
 
 
-def _kv_fits(rm: ReplicaModel, wl: Workload, b: float, z: float) -> bool:
-    """The KV cache holds a running batch of mean size ``b`` at full length, with a z-sigma margin."""
-    per, sq = _reserved(wl)
+def _kv_fits(rm: ReplicaModel, wl: Workload, b: float, z: float,
+             reserved: tuple[float, float] | None = None) -> bool:
+    """The KV cache holds a running batch of mean size ``b`` at full length, with a z-sigma margin
+    (``reserved``: ``_reserved(wl)`` when the caller has it)."""
+    per, sq = reserved or _reserved(wl)
     return b * per + z * math.sqrt(max(b, 1e-9) * sq) <= rm.kv_tokens
 
 
 def decode_tpot(rm: ReplicaModel, wl: Workload, rate: float, t: Targets) -> float:
     """TPOT quantile of a decode replica at ``rate`` (inf when memory or compute cannot keep up)."""
-    ctx = _mean_context(wl)
     b = _decode_batch(rm, wl, rate)
     if b is None or not _kv_fits(rm, wl, b, t.z):
         return math.inf
-    bq = _seen(b, t.z)
-    return rm.decode_step_time(bq, bq * ctx)
+    return _decode_tail_step(rm, b, t.z, _context_spread(wl))
 
 
 def _bisect_rate(ok, hi: float, iters: int = 16) -> float:
@@ -382,21 +432,22 @@ def _bisect_rate(ok, hi: float, iters: int = 16) -> float:
 def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
     """Highest rate (req/s) a decode replica takes with its TPOT quantile within the target.
 
-    The largest mean running batch ``b`` whose quantile batch as a request sees it (``_seen``: itself
-    plus ``b + z sqrt(b)``) steps within the TPOT target, and whose sequences fit in the KV cache,
-    gives the rate by Little's law: ``rate = b / (output_len * step(b + 1))``.
+    The largest mean running batch ``b`` whose quantile step as a request sees it (``_decode_tail_step``:
+    itself and the others, ``b`` on average, spread wider than Poisson) is within the TPOT target, and
+    whose sequences fit in the KV cache, gives the rate by Little's law: ``rate = b / (decode_steps *
+    step(b + 1))`` (``_decode_steps``: the output length less the token the prefill pass emits).
     """
-    ctx = _mean_context(wl)
+    context, reserved = _context_spread(wl), _reserved(wl)
+    ctx = context[0]
 
     def ok(b: float) -> bool:
-        bq = _seen(b, t.z)
-        return _kv_fits(rm, wl, b, t.z) and rm.decode_step_time(bq, bq * ctx) <= slo.tpot_s
+        return _kv_fits(rm, wl, b, t.z, reserved) and _decode_tail_step(rm, b, t.z, context) <= slo.tpot_s
 
     if not ok(0.05):
         return 0.0
     lo, hi = 0.05, max(1.0, _kv_batch(rm, wl))
     lo = hi if ok(hi) else narrow(ok, lo, hi, 40)[0]
-    return lo / (max(wl.mean_output, 1.0) * rm.decode_step_time(_seen(lo), _seen(lo) * ctx))
+    return lo / (_decode_steps(wl) * rm.decode_step_time(_seen(lo), _seen(lo) * ctx))
 
 
 def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpot_target: float,
@@ -480,7 +531,7 @@ def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) ->
     b_mem = _kv_batch(rm, wl)
     if b_mem < 1:
         return 0.0
-    hi = min(prefill_max_rate(rm, wl, t), b_mem / (max(wl.mean_output, 1.0) * rm.decode_step_time(b_mem, b_mem * ctx)))
+    hi = min(prefill_max_rate(rm, wl, t), b_mem / (_decode_steps(wl) * rm.decode_step_time(b_mem, b_mem * ctx)))
 
     table = StepTable.build(rm, wl)
 
@@ -545,7 +596,7 @@ def _mixed_batch(rm: ReplicaModel, wl: Workload, rate: float, chunk: int, table:
     the mean TPOT (past it a bigger batch leaves less of the chunk to prompts, so the excess is not
     monotone): the first batch on the grid that keeps up, refined below it. None: none keeps up."""
     assert table.chunk is not None and table.mixed is not None
-    out = max(wl.mean_output, 1.0)
+    out = _decode_steps(wl)
 
     def excess(b: float) -> float:
         tp, _ = _mixed_tpot(rm, wl, rate, b, chunk)

@@ -237,27 +237,36 @@ class Evaluator:
                           compression, self.targets["even"])
 
     def lean(self, e: Evaluation) -> Evaluation:
-        """``e`` routed again with the SLO's miss budget leaning to TTFT (``capacity.Targets.for_slo``) when
-        its decode replicas have room (more prompts may then miss TTFT) and that serves more. For the
-        candidates the search keeps and the plan written down, not for every candidate: it is one more
-        routing LP each. Not where the links are ignored (a hand-built DistServe candidate is ranked by
-        what its links carry, not by that routing)."""
+        """``e`` routed again with the SLO's miss budget leaning to one target (``capacity.Targets.for_slo``)
+        when that serves more: to TTFT when its decode replicas have room (more prompts may then miss
+        TTFT), to TPOT when its prefill replicas have room. For the candidates the search keeps and the
+        plan written down, not for every candidate: it is one or two more routing LPs each. Not where
+        the links are ignored (a hand-built DistServe candidate is ranked by what its links carry, not
+        by that routing)."""
         even = self.targets["even"]
         if not self.bandwidth_aware or e.targets != even or all(c is None or c.role != "prefill" for c in e.configs):
             return e
-        decode = {f"g{i}": c.capacity for i, c in enumerate(e.configs) if c is not None and c.role == "decode"}
-        decoded = sum(f for (_, d), f in e.routing.pairs.items() if d in decode)
-        if decoded >= sum(decode.values()) * (1 - 1e-6):  # the decode side is full: TTFT cannot have more
-            return e
-        leaned = [self.leaned(c, "ttft") for c in e.configs]
-        if self._bound_of(leaned) <= e.goodput * (1 + 1e-9):
-            return e
-        prob, pair_terms, _ = self._problem(leaned)
-        sol = self._route_steps(prob, pair_terms, self.targets["ttft"])
-        if sol.total <= e.goodput * (1 + 1e-9):
-            return e
-        return replace(e, goodput=sol.total, score=self.score_of(sol.total, e.cost), configs=leaned, routing=sol,
-                       targets=self.targets["ttft"])
+        best = e
+        for lean, side in (("ttft", "decode"), ("tpot", "prefill")):
+            if self._full(e, side):  # the other side cannot take more: leaning away from it cannot help
+                continue
+            leaned = [self.leaned(c, lean) for c in e.configs]
+            if self._bound_of(leaned) <= best.goodput * (1 + 1e-9):
+                continue
+            prob, pair_terms, _ = self._problem(leaned)
+            sol = self._route_steps(prob, pair_terms, self.targets[lean])
+            if sol.total > best.goodput * (1 + 1e-9):
+                best = replace(e, goodput=sol.total, score=self.score_of(sol.total, e.cost), configs=leaned,
+                               routing=sol, targets=self.targets[lean])
+        return best
+
+    @staticmethod
+    def _full(e: Evaluation, role: str) -> bool:
+        """The routing fills the capacity of ``e``'s replicas of ``role`` (prefill or decode)."""
+        caps = {f"g{i}": c.capacity for i, c in enumerate(e.configs) if c is not None and c.role == role}
+        side = 0 if role == "prefill" else 1
+        routed = sum(f for pair, f in e.routing.pairs.items() if pair[side] in caps)
+        return routed >= sum(caps.values()) * (1 - 1e-6)
 
     def _route_steps(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
                      targets: Targets) -> RoutingSolution:

@@ -9,11 +9,14 @@ through the chosen arrival process at the chosen rate, as the ThunderServe paper
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+DEFAULT_LO, DEFAULT_HI = 1, 1 << 20  # lengths are drawn clipped to these unless a workload says otherwise
 
 
 class WorkloadError(ValueError):
@@ -50,8 +53,8 @@ class Lengths:
     kind: str = "fixed"  # fixed | lognormal | empirical
     cv: float = 0.0  # coefficient of variation for lognormal
     values: tuple[int, ...] = ()
-    lo: int = 1
-    hi: int = 1 << 20
+    lo: int = DEFAULT_LO
+    hi: int = DEFAULT_HI
 
     @staticmethod
     def fixed(n: int) -> Lengths:
@@ -77,13 +80,50 @@ class Lengths:
         return np.clip(np.rint(out), self.lo, self.hi).astype(np.int64)
 
     @property
-    def scv(self) -> float:
-        """Squared coefficient of variation (0 for fixed lengths)."""
-        return 0.0 if self.kind == "fixed" else self.cv**2
+    def expected(self) -> float:
+        """Mean of the lengths drawn (``sample`` clips to [lo, hi]); the estimators' mean. A lognormal of
+        mean 2048 and cv 0.7 clipped at 8192 draws 2036 on average (0.6% less): small, but a decode
+        replica whose step slows almost in step with its batch moves its batch several times that."""
+        return self._moments()[0]
 
     @property
     def var(self) -> float:
-        return 0.0 if self.kind == "fixed" else (self.cv * self.mean) ** 2
+        """Variance of the lengths drawn (clipped like ``expected``)."""
+        m1, m2 = self._moments()
+        return max(m2 - m1 * m1, 0.0)
+
+    @property
+    def scv(self) -> float:
+        """Squared coefficient of variation of the lengths drawn (0 for fixed lengths)."""
+        m1 = self.expected
+        return self.var / (m1 * m1) if m1 > 0 else 0.0
+
+    def _moments(self) -> tuple[float, float]:
+        """(E[len], E[len^2]) of the clipped distribution; memoised like ``quantile``."""
+        if "_moment_cache" not in self.__dict__:
+            self.__dict__["_moment_cache"] = self._clipped_moments()
+        return self.__dict__["_moment_cache"]
+
+    def _clipped_moments(self) -> tuple[float, float]:
+        lo, hi = float(self.lo), float(self.hi)
+        if self.kind == "fixed":
+            x = min(max(self.mean, lo), hi)
+            return x, x * x
+        if self.kind == "empirical":
+            vals = np.clip(np.asarray(self.values, dtype=float), lo, hi)
+            return float(vals.mean()), float((vals * vals).mean())
+        from statistics import NormalDist
+
+        # lognormal exp(mu + sigma Z): E[X^k; a < X < b] = exp(k mu + k^2 sigma^2 / 2) (Phi(beta - k sigma)
+        # - Phi(alpha - k sigma)) with alpha, beta the standardised log bounds; the tails sit at lo and hi
+        phi = NormalDist().cdf
+        sigma = float(np.sqrt(np.log1p(self.cv**2)))
+        mu = float(np.log(self.mean)) - sigma * sigma / 2
+        a, b = (math.log(max(lo, 1e-300)) - mu) / sigma, (math.log(hi) - mu) / sigma
+        below, above = phi(a), 1.0 - phi(b)
+        m = [math.exp(k * mu + k * k * sigma * sigma / 2) * (phi(b - k * sigma) - phi(a - k * sigma)) + below * lo**k
+             + above * hi**k for k in (1, 2)]
+        return m[0], m[1]
 
     def quantile(self, q: float) -> float:
         """The q-quantile of the distribution (tokens); memoised, the estimators ask often."""
@@ -126,13 +166,18 @@ class Lengths:
             d["cv"] = self.cv
         if self.kind == "empirical":
             d["values"] = list(self.values)
+        if self.lo != DEFAULT_LO:  # the clip changes the mean the estimators take (``expected``)
+            d["lo"] = self.lo
+        if self.hi != DEFAULT_HI:
+            d["hi"] = self.hi
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Lengths:
+        clip = {"lo": int(d.get("lo", DEFAULT_LO)), "hi": int(d.get("hi", DEFAULT_HI))}
         if d.get("kind") == "empirical":
-            return cls.empirical(d["values"])
-        return cls(float(d["mean"]), d.get("kind", "fixed"), float(d.get("cv", 0.0)))
+            return replace(cls.empirical(d["values"]), **clip)
+        return cls(float(d["mean"]), d.get("kind", "fixed"), float(d.get("cv", 0.0)), **clip)
 
 
 @dataclass(frozen=True)
@@ -156,11 +201,13 @@ class Workload:
 
     @property
     def mean_input(self) -> float:
-        return self.input.mean
+        """Mean prompt length as drawn (``Lengths.expected``)."""
+        return self.input.expected
 
     @property
     def mean_output(self) -> float:
-        return self.output.mean
+        """Mean output length as drawn (``Lengths.expected``)."""
+        return self.output.expected
 
     @property
     def arrival_scv(self) -> float:

@@ -141,6 +141,21 @@ def test_workload_arrivals_and_lengths() -> None:
     assert Workload.from_dict(wl.to_dict()).input.cv == 0.8
 
 
+@pytest.mark.parametrize("lengths", [Lengths(2048, "lognormal", 0.7, lo=64, hi=8192),
+                                     Lengths(128, "lognormal", 0.8, lo=2, hi=1024),
+                                     Lengths(300, "lognormal", 1.5, lo=50, hi=600), Lengths.fixed(700),
+                                     Lengths(900, "fixed", hi=512), Lengths.empirical([3, 10, 10, 4000])])
+def test_a_length_distribution_s_moments_are_those_of_the_lengths_drawn(lengths: Lengths) -> None:
+    """The estimators take the mean and variance of what ``sample`` draws, clipped to [lo, hi], not the
+    nominal ones (a lognormal of mean 2048 clipped at 8192 draws 2036 on average), and a plan's recorded
+    workload keeps the clip, so what it is verified against is what it was planned for."""
+    drawn = lengths.sample(np.random.default_rng(3), 400_000).astype(float)
+    assert lengths.expected == pytest.approx(drawn.mean(), rel=0.005)
+    assert lengths.var == pytest.approx(drawn.var(), rel=0.02, abs=1.0)
+    again = Lengths.from_dict(lengths.to_dict())
+    assert (again.expected, again.var, again.lo, again.hi) == (lengths.expected, lengths.var, lengths.lo, lengths.hi)
+
+
 def test_azure_trace_format(tmp_path: Path) -> None:
     trace = tmp_path / "AzureLLMInferenceTrace_conv.csv"
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n"

@@ -482,8 +482,8 @@ def test_cpu_cost_model_check_runs_against_the_engine() -> None:
 @pytest.mark.parametrize("attainment", [0.9, 0.95, 0.99])
 def test_the_slo_s_miss_budget_is_split_evenly_or_leans_to_one_phase(attainment: float) -> None:
     """Requests missing either target are about the larger miss share plus OVERLAP of the smaller: every
-    split keeps that at the SLO's miss budget, the even one is the calibrated 0.6 each, and leaning to
-    TTFT lets more prompts miss TTFT and fewer requests miss TPOT."""
+    split keeps that at the SLO's miss budget, the even one is the calibrated 0.6 each, leaning to TTFT
+    lets more prompts miss TTFT and fewer requests miss TPOT, and leaning to TPOT is its mirror."""
     from planner.capacity import EVEN_SHARE, LEANS, OVERLAP, Targets
 
     slo = SLO(2.0, 0.05, attainment)

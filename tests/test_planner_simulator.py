@@ -454,32 +454,58 @@ def test_the_stall_tails_are_probabilities(arrivals: float, job: float, rho: flo
         assert stall[0] == (1.0 if allowed < 0 else 0.0) and busy[0] == 0.0
 
 
-def test_a_decoding_request_steps_in_a_batch_of_itself_and_the_others() -> None:
-    """A request in a decode batch steps with itself and the others, Poisson with mean ``b`` as it sees
-    them, so the batch of its steps is ``b + 1 + z sqrt(b)`` (``capacity._seen``), not ``b + z sqrt(b)``.
-    A 13B decode replica fed by an H100 prefill replica at a 25 ms TPOT target: the model's 94th
-    percentile TPOT is within 3% of the simulated one at 75-105% of its capacity (with the batch of
-    ``b`` alone it was ~5% low, and the capacity ~8% high: 3.87 req/s, where 19% missed the target)."""
-    from planner.capacity import Targets, decode_capacity, decode_tpot
-    from planner.deployment import materialize
+def _decode_side_cases():
+    """Two decode replicas the capacity model was measured on: a 13B RTX 5090 or H100 replica fed by an
+    H100 prefill replica (2k-token prompts, 128-token outputs, 25 ms TPOT), and a 7B L40S fed by an
+    8x H100 prefill replica (256-token prompts and outputs, 40 ms TPOT)."""
+    from planner.plan import Plan, ReplicaSpec, Route
 
     long = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
     slo = SLO(4.0, 0.025)
     plan = plan_deployment("llama-2-13b", long, slo, pool="2xH100,2xRTX5090", disaggregate=True, time_limit_s=1.0,
                            inter_node_gbps=40)
-    decoders = [r for r in plan.replicas if r.role == "decode"]
-    rm = materialize(plan, workload=long, slo=slo).models[decoders[0].id]
+    yield plan, long, slo, [r.id for r in plan.replicas if r.role == "decode"]
+    short = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
+    nodes = [Instance("n0", "8xH100", "H100", 8, False, 8.0), Instance("n1", "1xL40S", "L40S", 1, False, 1.0)]
+    plan = Plan("llama-2-7b", nodes,
+                [ReplicaSpec("p", ["n0"], [("n0", g) for g in range(8)], 8, 1, "prefill", [32]),
+                 ReplicaSpec("d", ["n1"], [("n1", 0)], 1, 1, "decode", [32])],
+                [Route("p", "d", 1.0)], network={"inter_node_gbps": 100.0, "links": [], "zones": {}})
+    yield plan, short, SLO(2.0, 0.04), ["d"]
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["13b-long-prompts", "7b-L40S-short"])
+def test_a_decoding_request_steps_in_a_batch_wider_than_poisson(case: int) -> None:
+    """A request in a decode batch steps with itself and the others (``b`` on average). Their number
+    spreads wider than Poisson, since a larger batch steps slower and so stays large, and their context
+    sum spreads with each sequence's own context (``capacity._decode_tail_step``). The model's 94th
+    percentile TPOT is within 3% of the simulated one (the mean over four sequences) at 75-105% of the
+    replica's capacity, and at its capacity the TPOT target is met by at least 90% of requests (the
+    target is 94%). With a Poisson batch of mean context the TPOT was 3-6% under the simulator's and
+    at the capacity then promised 82-84% met the target."""
+    from planner.capacity import Targets, decode_capacity, decode_tpot
+    from planner.deployment import materialize
+
+    plan, wl, slo, decoders = list(_decode_side_cases())[case]
+    rm = materialize(plan, workload=wl, slo=slo).models[decoders[0]]
     t = Targets.for_slo(slo)
-    cap = decode_capacity(rm, long, slo, t)
-    for share in (0.75, 0.9, 1.05):
+    cap = decode_capacity(rm, wl, slo, t)
+    for share in (0.75, 0.9, 1.0, 1.05):
         rate = cap * share * len(decoders)
-        sim = Simulator(plan, slo, workload=long.with_rate(rate), seed=1)
-        arrivals = long.with_rate(rate).requests(None, n=4000, seed=1)
-        sim.run(arrivals)
-        mine = [r for r in sim.finished if r.decode == decoders[0].id and r.total_out > 1]
-        served = len(mine) / arrivals[-1].arrival
-        simulated = float(np.quantile([r.latencies()[1] for r in mine], t.q_tpot))
-        assert decode_tpot(rm, long.with_rate(served), served, t) == pytest.approx(simulated, rel=0.03), share
+        served, simulated, met = [], [], []
+        for seed in (1, 2, 3, 4):
+            sim = Simulator(plan, slo, workload=wl.with_rate(rate), seed=seed)
+            arrivals = wl.with_rate(rate).requests(None, n=4000, seed=seed)
+            sim.run(arrivals)
+            tpot = np.array([r.latencies()[1] for r in sim.finished if r.decode == decoders[0] and r.total_out > 1])
+            served.append(len(tpot) / arrivals[-1].arrival)
+            simulated.append(float(np.quantile(tpot, t.q_tpot)))
+            met.append(float(np.mean(tpot <= slo.tpot_s)))
+        mean_rate = float(np.mean(served))
+        modelled = decode_tpot(rm, wl.with_rate(mean_rate), mean_rate, t)
+        assert modelled == pytest.approx(np.mean(simulated), rel=0.03), share
+        if share == 1.0:
+            assert np.mean(met) >= 0.90, met
 
 
 def test_a_split_whose_decode_side_has_room_lets_more_prompts_miss_ttft() -> None:
@@ -511,11 +537,28 @@ def test_a_split_whose_decode_side_has_room_lets_more_prompts_miss_ttft() -> Non
     tpot_met = np.mean([np.mean(np.array(r.tpot) <= slo.tpot_s) for r in met])
     assert tpot_met > 0.99
 
-    # two prefill L40S filling one decode L40S: the decode side is full, nothing to lean
+
+def test_a_split_whose_prefill_side_has_room_lets_more_requests_miss_tpot() -> None:
+    """Two prefill L40S filling one decode L40S (7B, short prompts): every prompt meets TTFT, so the SLO's
+    miss budget can go to TPOT. The plan is promised more than the even split allows, verifies at the
+    quantiles it records, and the simulator's goodput (six sequences) is the promise within 3%."""
+    from planner.cluster import Cluster, Node
+    from planner.cost_model import DEFAULT_EFF
+    from planner.models import load_model
+    from planner.scheduler import Setting, build_plan
+
     short = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
-    s = Setting(load_model("llama-2-7b"), short, SLO(2.0, 0.04), None, None, None, True, 40.0, "auto", 0, 5.0, 64,
-                DEFAULT_EFF)
+    slo = SLO(2.0, 0.04)
+    s = Setting(load_model("llama-2-7b"), short, slo, None, None, None, True, 40.0, "auto", 0, 5.0, 64, DEFAULT_EFF)
     ev = s.evaluator(Cluster([Node("p", "L40S", 2), Node("d", "L40S", 1)], inter_node_gbps=40.0))
     groups, roles = [(("p", 0),), (("p", 1),), (("d", 0),)], ["prefill", "prefill", "decode"]
     full = ev.evaluate_configs(groups, roles, ev.configs_for(groups, roles), {"p": 1.0, "d": 1.0})
-    assert full.goodput == pytest.approx(full.configs[2].capacity) and ev.lean(full) is full
+    assert full.goodput == pytest.approx(full.configs[2].capacity)
+    e = ev.lean(full)
+    assert e.targets is not None and e.targets.q_tpot < full.targets.q_tpot < e.targets.q_ttft
+    assert e.goodput > full.goodput and ev.lean(e) is e
+    plan = build_plan(s, ev, e, "thunderserve")
+    assert plan.expected["tpot_quantile"] == e.targets.q_tpot
+    assert routing_violations(plan) == []
+    served = np.mean([goodput(plan, short, slo, iters=6, seed=k) for k in range(1, 7)])
+    assert served == pytest.approx(e.goodput, rel=0.03)
