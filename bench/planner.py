@@ -71,7 +71,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.capacity import Targets
+from planner.capacity import LEANS, Targets
 from planner.offers import load_offers
 from planner.reschedule import reschedule
 from planner.scheduler import PlanningError, plan_deployment, plan_summary
@@ -221,14 +221,17 @@ def summarize(sc: Scenario, res: dict, strategies, table: Table, console: Consol
     console.print(f"[dim]{sc.name}: {ratio:.2f}x[/dim]")
     return {"scenario": sc.name, "ratio": round(ratio, 3), "ratio_at_budget": round(at_budget, 3), "results": res,
             "best_baseline": max(BASELINES, key=lambda b: res[b]["gpd"]),
-            "leaned": _lean_of(ts, Targets.for_slo(sc.slo()))}
+            "leaned": _lean_of(ts, sc.slo())}
 
 
-def _lean_of(result: dict, even: Targets) -> str | None:
-    """Which target a plan's routing leant the SLO's miss budget to (None: the even split)."""
-    for lean, key in (("ttft", "ttft_quantile"), ("tpot", "tpot_quantile")):
-        if result.get(key, 1.0) < even.q_ttft - 1e-9:
-            return lean
+def _lean_of(result: dict, slo) -> str | None:
+    """Which target a plan's routing leant the SLO's miss budget to (``capacity.LEANS``; None: the even
+    split), from the quantiles it recorded (rounded to 4 places here)."""
+    got = (result.get("ttft_quantile", 0.0), result.get("tpot_quantile", 0.0))
+    for lean in LEANS:
+        t = Targets.for_slo(slo, lean=lean)
+        if abs(got[0] - t.q_ttft) < 1e-4 and abs(got[1] - t.q_tpot) < 1e-4:
+            return None if lean == "even" else lean
     return None
 
 

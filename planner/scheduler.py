@@ -171,7 +171,7 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     if not shortlist:
         raise PlanningError("no GPU group in the pool can hold the model")
     # the search compared candidates at the even split of the SLO's miss budget; the kept few are
-    # ranked and raced leaning to TTFT where that serves more (``Evaluator.lean``)
+    # ranked and raced leaning to TTFT or TPOT where that serves more (``Evaluator.lean``)
     leaned = {id(e): (ev, ev.lean(e)) for ev, e in shortlist}
     shortlist, homogeneous = list(leaned.values()), [leaned[id(e)] for _, e in homogeneous]
     s.stats["search_seconds"] = round(time.perf_counter() - t0, 3)

@@ -17,6 +17,11 @@ from planner.verify import routing_violations
 from planner.workload import SLO, Lengths, Workload
 
 WL = Workload(4.0, Lengths(512, "lognormal", 0.8, lo=8, hi=4096), Lengths(128, "lognormal", 0.8, lo=1, hi=1024))
+# the two prompt shapes of bench/planner.py (Azure conversation and code traces), at no rate yet
+LONG_PROMPTS = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192),
+                        Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+SHORT_PROMPTS = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096),
+                         Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
 SLO_ = SLO(2.0, 0.1)
 PD_POOL = "2*1xL40S,2*1xRTX3090,1xA100-80GB"
 _PLANS: dict[str, object] = {}
@@ -339,7 +344,7 @@ def test_a_pipelined_prefill_replica_s_ttft_tail_matches_the_simulator() -> None
     from planner.deployment import materialize
     from planner.plan import Plan, ReplicaSpec, Route
 
-    wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+    wl = LONG_PROMPTS
     slo = SLO(30.0, 1.0, 0.9)  # loose: every request finishes; the TTFT distribution is what is compared
     plan = Plan("llama-2-13b", [Instance("n0", "8xL40S", "L40S", 8, False, 8.0)],
                 [ReplicaSpec("r0", ["n0"], [("n0", g) for g in range(4)], 1, 4, "prefill", [10, 10, 10, 10]),
@@ -368,7 +373,7 @@ def test_a_pipelined_prefill_replica_s_batch_mates_vary_and_it_carries_them_thro
     from planner.deployment import materialize
     from planner.plan import Plan, ReplicaSpec, Route
 
-    wl = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
+    wl = SHORT_PROMPTS
     slo = SLO(30.0, 1.0, 0.9)  # loose: every request finishes; the TTFT distribution is what is compared
     plan = Plan("llama-2-13b", [Instance("n0", "8xL40S", "L40S", 8, False, 8.0),
                                 Instance("n1", "8xH100", "H100", 8, False, 8.0)],
@@ -394,7 +399,7 @@ def test_a_running_batch_holds_long_outputs_more_often_than_they_arrive() -> Non
     15% over: 90 req/s promised on six replicas, 79 served, the cache full)."""
     from planner.capacity import _running_output
 
-    short = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
+    short = SHORT_PROMPTS
     mean_running, _ = _running_output(short)
     assert mean_running == pytest.approx(256 * 1.64, rel=0.05)
     assert _running_output(Workload(0.0, Lengths.fixed(256), Lengths.fixed(64)))[0] == 64
@@ -417,7 +422,7 @@ def test_a_colocated_replica_s_tpot_violations_follow_the_prefill_busy_periods(c
     from planner.capacity import Targets, colocated_mixed_point, colocated_point
     from planner.deployment import materialize
 
-    long = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+    long = LONG_PROMPTS
     slo = SLO(0.45, 0.04)
     base = plan_deployment("llama-2-70b", long, slo, pool="4xB200", strategy="colocated", time_limit_s=1.0)
     replica = replace(base.replicas[0], prefill_chunk=chunk, mixed_chunk=chunk > 0)
@@ -454,28 +459,29 @@ def test_the_stall_tails_are_probabilities(arrivals: float, job: float, rho: flo
         assert stall[0] == (1.0 if allowed < 0 else 0.0) and busy[0] == 0.0
 
 
-def _decode_side_cases():
-    """Two decode replicas the capacity model was measured on: a 13B RTX 5090 or H100 replica fed by an
-    H100 prefill replica (2k-token prompts, 128-token outputs, 25 ms TPOT), and a 7B L40S fed by an
-    8x H100 prefill replica (256-token prompts and outputs, 40 ms TPOT)."""
+def _decode_case_13b():
+    """A 13B RTX 5090 or H100 decode replica fed by an H100 prefill replica (2k-token prompts, 128-token
+    outputs, 25 ms TPOT)."""
+    slo = SLO(4.0, 0.025)
+    plan = plan_deployment("llama-2-13b", LONG_PROMPTS, slo, pool="2xH100,2xRTX5090", disaggregate=True,
+                           time_limit_s=1.0, inter_node_gbps=40)
+    return plan, LONG_PROMPTS, slo, [r.id for r in plan.replicas if r.role == "decode"]
+
+
+def _decode_case_7b_l40s():
+    """A 7B L40S decode replica fed by an 8x H100 prefill replica (256-token prompts and outputs, 40 ms)."""
     from planner.plan import Plan, ReplicaSpec, Route
 
-    long = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
-    slo = SLO(4.0, 0.025)
-    plan = plan_deployment("llama-2-13b", long, slo, pool="2xH100,2xRTX5090", disaggregate=True, time_limit_s=1.0,
-                           inter_node_gbps=40)
-    yield plan, long, slo, [r.id for r in plan.replicas if r.role == "decode"]
-    short = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
     nodes = [Instance("n0", "8xH100", "H100", 8, False, 8.0), Instance("n1", "1xL40S", "L40S", 1, False, 1.0)]
     plan = Plan("llama-2-7b", nodes,
                 [ReplicaSpec("p", ["n0"], [("n0", g) for g in range(8)], 8, 1, "prefill", [32]),
                  ReplicaSpec("d", ["n1"], [("n1", 0)], 1, 1, "decode", [32])],
                 [Route("p", "d", 1.0)], network={"inter_node_gbps": 100.0, "links": [], "zones": {}})
-    yield plan, short, SLO(2.0, 0.04), ["d"]
+    return plan, SHORT_PROMPTS, SLO(2.0, 0.04), ["d"]
 
 
-@pytest.mark.parametrize("case", [0, 1], ids=["13b-long-prompts", "7b-L40S-short"])
-def test_a_decoding_request_steps_in_a_batch_wider_than_poisson(case: int) -> None:
+@pytest.mark.parametrize("case", [_decode_case_13b, _decode_case_7b_l40s], ids=["13b-long-prompts", "7b-L40S-short"])
+def test_a_decoding_request_steps_in_a_batch_wider_than_poisson(case) -> None:
     """A request in a decode batch steps with itself and the others (``b`` on average). Their number
     spreads wider than Poisson, since a larger batch steps slower and so stays large, and their context
     sum spreads with each sequence's own context (``capacity._decode_tail_step``). The model's 94th
@@ -486,7 +492,7 @@ def test_a_decoding_request_steps_in_a_batch_wider_than_poisson(case: int) -> No
     from planner.capacity import Targets, decode_capacity, decode_tpot
     from planner.deployment import materialize
 
-    plan, wl, slo, decoders = list(_decode_side_cases())[case]
+    plan, wl, slo, decoders = case()
     rm = materialize(plan, workload=wl, slo=slo).models[decoders[0]]
     t = Targets.for_slo(slo)
     cap = decode_capacity(rm, wl, slo, t)
@@ -508,20 +514,27 @@ def test_a_decoding_request_steps_in_a_batch_wider_than_poisson(case: int) -> No
             assert np.mean(met) >= 0.90, met
 
 
+def _owned_7b(wl: Workload, slo: SLO, l40s: dict[str, int]):
+    """(planning setting, evaluator) for Llama-2-7B on owned nodes of L40S GPUs (node id -> count) over 40 Gbps."""
+    from planner.cluster import Cluster, Node
+    from planner.cost_model import DEFAULT_EFF
+    from planner.models import load_model
+    from planner.scheduler import Setting
+
+    s = Setting(load_model("llama-2-7b"), wl, slo, None, None, None, True, 40.0, "auto", 0, 5.0, 64, DEFAULT_EFF)
+    return s, s.evaluator(Cluster([Node(n, "L40S", c) for n, c in l40s.items()], inter_node_gbps=40.0))
+
+
 def test_a_split_whose_decode_side_has_room_lets_more_prompts_miss_ttft() -> None:
     """One prefill L40S feeding four decode L40S at a 1 s TTFT: TPOT is met by every request, so the SLO's
     miss budget can go to TTFT. The plan is promised more than the even split allows (each of TTFT and TPOT
     at the 94th percentile), the routing verifies at the quantiles it records, and the simulator serves
     the promise within the SLO."""
-    from planner.cluster import Cluster, Node
-    from planner.cost_model import DEFAULT_EFF
-    from planner.models import load_model
-    from planner.scheduler import Setting, build_plan
+    from planner.scheduler import build_plan
 
-    wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
+    wl = LONG_PROMPTS
     slo = SLO(1.0, 0.04)
-    s = Setting(load_model("llama-2-7b"), wl, slo, None, None, None, True, 40.0, "auto", 0, 5.0, 64, DEFAULT_EFF)
-    ev = s.evaluator(Cluster([Node("p", "L40S", 1), Node("d", "L40S", 4)], inter_node_gbps=40.0))
+    s, ev = _owned_7b(wl, slo, {"p": 1, "d": 4})
     groups = [(("p", 0),), tuple(("d", g) for g in range(4))]
     roles = ["prefill", "decode"]
     even = ev.evaluate_configs(groups, roles, ev.configs_for(groups, roles), {"p": 1.0, "d": 4.0})
@@ -542,15 +555,11 @@ def test_a_split_whose_prefill_side_has_room_lets_more_requests_miss_tpot() -> N
     """Two prefill L40S filling one decode L40S (7B, short prompts): every prompt meets TTFT, so the SLO's
     miss budget can go to TPOT. The plan is promised more than the even split allows, verifies at the
     quantiles it records, and the simulator's goodput (six sequences) is the promise within 3%."""
-    from planner.cluster import Cluster, Node
-    from planner.cost_model import DEFAULT_EFF
-    from planner.models import load_model
-    from planner.scheduler import Setting, build_plan
+    from planner.scheduler import build_plan
 
-    short = Workload(0.0, Lengths(256, "lognormal", 0.8, lo=8, hi=4096), Lengths(256, "lognormal", 0.8, lo=2, hi=2048))
+    short = SHORT_PROMPTS
     slo = SLO(2.0, 0.04)
-    s = Setting(load_model("llama-2-7b"), short, slo, None, None, None, True, 40.0, "auto", 0, 5.0, 64, DEFAULT_EFF)
-    ev = s.evaluator(Cluster([Node("p", "L40S", 2), Node("d", "L40S", 1)], inter_node_gbps=40.0))
+    s, ev = _owned_7b(short, slo, {"p": 2, "d": 1})
     groups, roles = [(("p", 0),), (("p", 1),), (("d", 0),)], ["prefill", "prefill", "decode"]
     full = ev.evaluate_configs(groups, roles, ev.configs_for(groups, roles), {"p": 1.0, "d": 1.0})
     assert full.goodput == pytest.approx(full.configs[2].capacity)
