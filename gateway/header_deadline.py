@@ -13,6 +13,11 @@ the timer fires with no request in hand, a client that sent part of a head gets 
 error shape and the connection is closed; one that never sent a byte is closed without an answer (a
 408 there could be read as the answer to a request sent at that moment). With a request in hand the
 timer looks again later: a 408 is never written over a response.
+
+After a 408 the connection lingers (as Apache's and nginx's lingering close do): the gateway shuts its
+side for writing and reads and drops what the client still sends, until the client closes or
+``LINGER_S`` passes. Closing a socket with unread input makes the kernel send a reset, which can
+destroy the 408 in the client's buffers before it is read (seen with a client still sending headers).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway.errors import ApiError
+
+LINGER_S = 2.0  # after a 408: the client's further bytes are read and dropped for at most this long
 
 
 class HeaderDeadline(asyncio.Protocol):
@@ -38,6 +45,7 @@ class HeaderDeadline(asyncio.Protocol):
         self._running = False
         self._payload: object | None = None  # aiohttp's StreamReader of the body; None: no request in hand
         self._spoke = False  # bytes of a next head have arrived
+        self._linger: asyncio.TimerHandle | None = None  # set once a 408 is out: input is dropped until close
 
     # -- asyncio.Protocol, forwarded ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -46,6 +54,8 @@ class HeaderDeadline(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            return  # after the 408: read, so that closing sends no reset, and dropped
         if self._payload is None or self._payload.is_eof():  # type: ignore[attr-defined]
             self._spoke = True  # not the body of the request in hand: a next head
             if self._timer is None:
@@ -60,6 +70,8 @@ class HeaderDeadline(asyncio.Protocol):
         return True
 
     def eof_received(self) -> bool | None:
+        if self._linger is not None:
+            return False  # the client is done after our 408: the transport closes
         return self._inner.eof_received()
 
     def pause_writing(self) -> None:
@@ -70,6 +82,8 @@ class HeaderDeadline(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._linger is not None:
+            self._linger.cancel()
         self._payload = None
         self._inner.connection_lost(exc)
 
@@ -114,7 +128,11 @@ class HeaderDeadline(asyncio.Protocol):
         body = err.to_bytes()
         t.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        t.close()
+        if not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()  # sent once the 408 is: the client reads it, then the end of the stream
+        self._linger = self._loop.call_later(LINGER_S, t.close)
 
 
 def watch(request: web.BaseRequest) -> HeaderDeadline | None:

@@ -63,23 +63,25 @@ async def slow_body(url: str) -> tuple[int, float]:
     return int(status_line.split()[1]), time.perf_counter() - t0
 
 
-async def slow_headers(url: str) -> tuple[int, float, dict]:
-    """Send a request line, then trickle a header line every 0.2 s (slowloris); return (status, seconds,
-    JSON body) once the server has answered and closed the connection."""
+async def slow_headers(url: str, every_s: float = 0.2, read_after_s: float = 0.0) -> tuple[int, float, dict]:
+    """Send a request line, then trickle a header's value a byte every ``every_s`` (slowloris), reading
+    from ``read_after_s`` on; return (status, seconds, JSON body) once the server has answered and
+    closed the connection."""
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     t0 = time.perf_counter()
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     await writer.drain()
 
     async def trickle() -> None:
-        for i in range(100):
-            await asyncio.sleep(0.2)
-            writer.write(b"X-Slow-%d: y\r\n" % i)
+        for _ in range(round(5 / every_s)):
+            await asyncio.sleep(every_s)
+            writer.write(b"y")
             await writer.drain()
 
     task = asyncio.create_task(trickle())
     try:
+        await asyncio.sleep(read_after_s)
         status_line = await asyncio.wait_for(reader.readline(), 10)
         seconds = time.perf_counter() - t0
         rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed it
@@ -224,3 +226,13 @@ async def test_a_connection_that_never_speaks_is_closed_without_an_answer(gatewa
     data = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert data == b"" and 0.9 < time.perf_counter() - t0 < 4
+
+
+async def test_a_head_still_streaming_in_when_its_deadline_fires_reads_the_whole_408(gateway: GatewayProcess) -> None:
+    """The 408 reaches a client that is still sending header bytes when the deadline fires and reads its
+    answer only later: closing a socket with unread input makes the kernel send a reset, which destroys
+    an answer not read yet, so the gateway stops writing, drops what still comes in, and closes when the
+    client does (or ``LINGER_S`` later)."""
+    results = await asyncio.gather(*(slow_headers(gateway.url, every_s=0.005, read_after_s=1.6) for _ in range(10)))
+    assert [status for status, *_ in results] == [408] * 10
+    assert all(b["error"]["code"] == "header_timeout" for *_, b in results)
