@@ -309,8 +309,11 @@ CAPPED_MIP_GAP = 1e-2  # relative optimality gap of the rent MIP when some offer
 
 
 def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps: float, kv_mode: str,
-               bandwidth_aware: bool, rate_cap: float = math.inf) -> tuple[float, float, list[tuple[Unit, int]]]:
-    """MIP over unit counts; variables [x_u..., rate_pd, rate_c]."""
+               bandwidth_aware: bool, rate_cap: float = math.inf, relax: bool = False
+               ) -> tuple[float, float, list[tuple[Unit, int]]]:
+    """MIP over unit counts; variables [x_u..., rate_pd, rate_c]. ``relax``: its LP relaxation (fractional
+    unit counts: an upper bound on the rate of any mix, for ``bench/planner_bound.py``; its picks and
+    cost are then the rounded counts', not the relaxation's)."""
     n = len(units)
     ctx = ctx_factory(Cluster([Node("x", units[0].kind.offer.gpu_type, 1)], inter_node_gbps=gbps))
     kv = NetworkKv.of(ctx, gbps, kv_mode) if bandwidth_aware else NetworkKv(0.0)
@@ -343,7 +346,7 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
     # the rates it weighs are the capacity model's, which the search and the race refine anyway
     gap = CAPPED_MIP_GAP if limited else 1e-3
     with _stdout_to_stderr():
-        res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=[1] * n + [0, 0],
+        res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=[int(not relax)] * n + [0, 0],
                    bounds=Bounds([0] * (n + 2), ub), options={"time_limit": 5.0, "mip_rel_gap": gap})
     charge("mip")
     if res.x is None:

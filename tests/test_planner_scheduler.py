@@ -456,6 +456,35 @@ def test_the_per_dollar_bound_covers_every_family_and_the_rent_mip(index: int) -
     assert 1.0 <= row["bound_vs_homogeneous"] <= row["bound_ratio"] + 1e-3
 
 
+def test_the_at_budget_bound_of_a_capped_catalog_covers_the_baselines_and_the_rent_mip() -> None:
+    """``bench/planner_bound.py --suite scarce``: at each place of a catalog with one instance per offer, the
+    rent MIP's LP relaxation at the budget is at least its integer optimum, which is at least the baselines'
+    (colocated units of any types; one GPU type's units) up to the MIP's gap; lifting the caps only adds plans."""
+    import sys
+    from dataclasses import replace
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))
+    from _suite import bench_module, planner_suite
+
+    from planner.rent import CAPPED_MIP_GAP
+
+    bound, suite = bench_module("planner_bound"), planner_suite()
+    sc = suite.SCARCE_SUITE[13]  # 70B tight TPOT: ours 1.6x the best baseline at the budget in the suite
+    places = bound.at_budget_by_place(sc, suite)
+    assert any(figures[bound.ANY] > 0 for figures in places.values())
+    for figures in places.values():
+        assert figures[bound.ANY] >= figures[bound.MIP] * (1 - 1e-6)
+        assert figures[bound.MIP] >= max(figures[bound.HEXGEN], figures[bound.ONE_TYPE]) * (1 - CAPPED_MIP_GAP - 1e-3)
+    assert any(figures[bound.ANY] > figures[bound.MIP] * 1.01 for figures in places.values())  # relaxed: fractions
+    uncapped = bound.at_budget_by_place(replace(sc, capacity=None), suite)
+    assert all(uncapped[place][bound.ANY] >= figures[bound.ANY] * (1 - 1e-6) for place, figures in places.items())
+    assert any(uncapped[place][bound.ANY] > figures[bound.ANY] * 1.01 for place, figures in places.items())  # caps bind
+    row = bound.bound_at_budget(sc, suite, places)
+    assert row["mip_ratio"] <= row["bound_vs_homogeneous"] + 1e-3 and row["bound_vs_homogeneous"] >= 1.0 - 1e-3
+
+
 @pytest.mark.parametrize("split_first", [True, False])
 def test_after_a_split_the_planner_also_searches_the_pool_a_split_only_rent_step_picks(
         monkeypatch: pytest.MonkeyPatch, split_first: bool) -> None:
