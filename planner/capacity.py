@@ -454,9 +454,10 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
                     table: StepTable | None = None) -> tuple[float, float]:
     """(TTFT quantile, share of requests over the TPOT target) of a replica doing both phases.
 
-    Prefill runs first, so each prompt arriving during a request's decode stalls it for a busy period
-    of the prefill queue (``_busy_periods``); short outputs suffer most, so the TPOT violation share is
-    averaged over the output-length distribution.
+    Prefill runs first, so the prompts queued behind a request when it starts decoding, and each
+    prompt arriving during its decode, stall it for a busy period of the prefill queue
+    (``_busy_periods``); short outputs suffer most, so the TPOT violation share is averaged over the
+    output-length distribution.
     """
     ttft, rho, _ = _prefill_point(rm, wl, rate, t)
     if rho >= 0.98:
@@ -479,7 +480,13 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
     gaps = _output_gaps(wl)
     arrivals = rate * gaps * step
     stall, spread = _busy_periods(arrivals, table.lone_prefill, rho)
-    viol = np.where(gaps >= 1, _gamma_tail(arrivals, stall, spread, (tpot_target - step) * gaps), 0.0)
+    # ... and the prompts that arrived during its own mean TTFT (M/G/1 wait and prefill) are prefilled
+    # before its first decode step (``colocated_mixed_point``: the same, in mixed steps)
+    lone, lone_sq = table.lone_prefill
+    queued = rate * (lone + rate * lone_sq / (2 * (1 - rho)))
+    first, first_spread = _busy_periods(np.array(queued), table.lone_prefill, rho)
+    viol = np.where(gaps >= 1, _gamma_tail(arrivals + queued, stall + first, spread + first_spread,
+                                           (tpot_target - step) * gaps), 0.0)
     return ttft + step, float(viol.mean())
 
 
@@ -615,8 +622,9 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
     """(TTFT quantile, share of requests over the TPOT target) of a colocated replica with mixed chunks.
 
     The running batch ``b`` solves Little's law with the mean TPOT; a request whose decode spans
-    ``G`` iterations shares ``N`` of them with prefill chunks, the busy periods of the prompt queue
-    that start while it decodes alone (a beta share of ``G``); its TPOT is
+    ``G`` iterations shares ``N`` of them with prefill chunks: the busy period of the prompts queued
+    behind it when it starts decoding, and those of the prompt queue that start while it decodes alone
+    (a beta share of ``G``); its TPOT is
     ``(N * mixed step + (G - N) * decode step) / G``. TTFT: FIFO queue of prompts served ``chunk``
     tokens per mixed step (M/G/1 tail) plus the long prompt's own steps.
     """
@@ -648,9 +656,16 @@ def colocated_mixed_point(rm: ReplicaModel, wl: Workload, rate: float, t: Target
     arrivals = rate * gaps * tpot_mean * (1 - u)
     busy, spread = _busy_periods(arrivals, work, u)
     g = np.maximum(gaps, 1.0)
-    share = np.minimum(busy / g, 0.999)
+    # the prompts that arrived while the request waited and prefilled (its mean TTFT: M/G/1 wait and
+    # its own steps) are queued behind it when it starts decoding: it first decodes through the busy
+    # period they make, once (not renewed: its whole variance counts)
+    queued = rate * s_req * (1 + u * (wl.arrival_scv + wl.input.scv) / (2 * (1 - u)))
+    first, first_spread = _busy_periods(np.array(queued), work, u)
+    renewed = np.minimum(busy / g, 0.999)
+    share = np.minimum((busy + first) / g, 0.999)
+    variance = spread * ((1 - renewed) / g) ** 2 + first_spread / g**2
     allowed = (tpot_target - td) / max(tm - td, 1e-9)  # the busy share a request's TPOT allows
-    viol = np.where(gaps >= 1, _beta_tail(arrivals, share, spread * ((1 - share) / g) ** 2, allowed), 0.0)
+    viol = np.where(gaps >= 1, _beta_tail(arrivals + queued, share, variance, allowed), 0.0)
     return ttft, float(viol.mean())
 
 

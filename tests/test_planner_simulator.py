@@ -414,11 +414,15 @@ def test_a_running_batch_holds_long_outputs_more_often_than_they_arrive() -> Non
 def test_a_colocated_replica_s_tpot_violations_follow_the_prefill_busy_periods(chunk: int) -> None:
     """A prompt arriving while a request decodes on a colocated replica holds it up for a whole busy
     period of the prefill queue (its own pass plus the prompts arriving meanwhile), and long prompts
-    make long ones. A 4xB200 Llama-2-70B replica on long prompts at MLPerf's interactive TPOT (40 ms),
-    prefill-first (chunk 0) and with 2048-token mixed chunks: the model's share of requests over the
-    TPOT target is within 0.7-1.4x of the simulated one at 5.8 and 6.5 req/s. The earlier models (a
-    Poisson count of fixed-length stalls; a normal count of mixed steps over the lifetime) put it at
-    0.1-0.2x (prefill-first) and under 0.2x (mixed), and promised this replica 21% more than it served."""
+    make long ones; so do the prompts that arrived while the request itself waited and prefilled,
+    queued behind it when it starts decoding. A 4xB200 Llama-2-70B replica on long prompts at MLPerf's
+    interactive TPOT (40 ms), prefill-first (chunk 0) and with 2048-token mixed chunks: the model's
+    share of requests over the TPOT target is within 0.75-1.4x of the simulated one (the mean over four
+    sequences, past their first 1000 requests) at 5.8 and 6.5 req/s. The earlier models (a Poisson
+    count of fixed-length stalls; a normal count of mixed steps over the lifetime) put it at 0.1-0.2x
+    (prefill-first) and under 0.2x (mixed), and promised this replica 21% more than it served; without
+    the prompts queued at the start, 0.66-0.71x and 0.59-0.72x (it passed on one sequence, the luckiest
+    of the four, from an empty replica)."""
     from planner.capacity import Targets, colocated_mixed_point, colocated_point
     from planner.deployment import materialize
 
@@ -431,11 +435,12 @@ def test_a_colocated_replica_s_tpot_violations_follow_the_prefill_busy_periods(c
     t = Targets.for_slo(slo)
     for rate in (5.8, 6.5):
         wl = long.with_rate(rate)
-        simulated = float((simulate(plan, wl, slo, n_requests=3000, seed=1).tpot > slo.tpot_s).mean())
+        simulated = float(np.mean([(simulate(plan, wl, slo, n_requests=5000, seed=k).tpot[1000:] > slo.tpot_s).mean()
+                                   for k in (1, 2, 3, 4)]))
         point = colocated_mixed_point(rm, wl, rate, t, slo.tpot_s, chunk) if chunk else colocated_point(
             rm, wl, rate, t, slo.tpot_s)
         assert simulated > 0.01
-        assert 0.7 * simulated <= point[1] <= 1.4 * simulated, (rate, point[1], simulated)
+        assert 0.75 * simulated <= point[1] <= 1.4 * simulated, (rate, point[1], simulated)
 
 
 @settings(max_examples=200, deadline=None)
