@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -197,16 +198,11 @@ def main() -> None:
     if capped:
         print_at_budget(args.suite, scenarios, suite, measured, console)
         return
-    rows = []
-    for sc in scenarios:
-        rows.append({"scenario": sc.name, **bound(sc, suite)})
-        if sc.name in measured:
-            rows[-1]["measured_ratio"] = measured[sc.name]
-    table = Table(title="The most any plan gains per dollar over homogeneous colocated serving "
-                        "(planner's capacity model; req/s per $/h)")
-    for col in ("scenario", *FAMILIES, ANY, "bound: any plan / colocated",
-                "any plan / best of one type", "best single family", "rent MIP / colocated", "suite measured"):
-        table.add_column(col, justify="left" if col == "scenario" else "right")
+    rows = _rows(scenarios, lambda sc: bound(sc, suite), measured)
+    table = _table("The most any plan gains per dollar over homogeneous colocated serving (planner's capacity "
+                   "model; req/s per $/h)", ("scenario", *FAMILIES, ANY, "bound: any plan / colocated",
+                                              "any plan / best of one type", "best single family",
+                                              "rent MIP / colocated", "suite measured"))
     for r in rows:
         table.add_row(r["scenario"], *(f"{r[f]:.3f}" for f in (*FAMILIES, ANY)),
                       f"{r['bound_ratio']:.3f}x", f"{r['bound_vs_homogeneous']:.3f}x", r["best_single_family"],
@@ -224,20 +220,31 @@ def main() -> None:
     print(orjson.dumps(summary).decode())
 
 
+def _rows(scenarios: list, figures: Callable[[object], dict], measured: dict[str, float]) -> list[dict]:
+    """One row per scenario: its figures, and the suite's measured ratio where the results have it."""
+    rows = []
+    for sc in scenarios:
+        rows.append({"scenario": sc.name, **figures(sc)})
+        if sc.name in measured:
+            rows[-1]["measured_ratio"] = measured[sc.name]
+    return rows
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "scenario" else "right")
+    return table
+
+
 def print_at_budget(name: str, scenarios: list, suite, measured: dict[str, float], console: Console) -> None:
     """The capped suite's table and JSON line: what ours could serve at the budget over the baselines' best.
     Per dollar the caps do not bind the relaxation (a sliver of the best units is as good per dollar as
     many), so a capped catalog is judged at the budget, as the suite's ``ratio_at_budget``."""
-    rows = []
-    for sc in scenarios:
-        rows.append({"scenario": sc.name, **bound_at_budget(sc, suite)})
-        if sc.name in measured:
-            rows[-1]["measured_ratio"] = measured[sc.name]
-    table = Table(title="The most any plan serves at the budget over the best baseline, offers capped "
-                        "(planner's capacity model; req/s)")
-    for col in ("scenario", ANY, MIP, HEXGEN, ONE_TYPE, "any plan / best baseline", "rent MIP / best baseline",
-                "best baseline", "suite measured"):
-        table.add_column(col, justify="left" if col == "scenario" else "right")
+    rows = _rows(scenarios, lambda sc: bound_at_budget(sc, suite), measured)
+    table = _table("The most any plan serves at the budget over the best baseline, offers capped (planner's "
+                   "capacity model; req/s)", ("scenario", ANY, MIP, HEXGEN, ONE_TYPE, "any plan / best baseline",
+                                              "rent MIP / best baseline", "best baseline", "suite measured"))
     for r in rows:
         table.add_row(r["scenario"], *(f"{r[f]:.2f}" for f in (ANY, MIP, HEXGEN, ONE_TYPE)),
                       f"{r['bound_vs_homogeneous']:.3f}x", f"{r['mip_ratio']:.3f}x", r["best_baseline"],
