@@ -186,19 +186,6 @@ def _prefill_queue(rm: ReplicaModel, wl: Workload, rate: float, t: Targets) -> t
     return k, b / k, rate * b / k
 
 
-def _prefill_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets) -> tuple[float, float, float]:
-    """(TTFT quantile, utilisation, batch latency) of a prefill queue at ``rate``."""
-    mean_in = wl.mean_input
-    sq = mean_in * mean_in * (1 + wl.input.scv)
-    k, s, rho = _prefill_queue(rm, wl, rate, t)
-    lat = rm.prefill_time(k * mean_in, k * sq, max(1, round(k)))
-    w = _wait_quantile(rho, s, wl.arrival_scv + wl.input.scv, t.q_ttft)
-    # a long prompt (the input-length quantile) in an otherwise average batch
-    long_in = wl.input.quantile(t.q_ttft)
-    own = rm.prefill_time((k - 1) * mean_in + long_in, (k - 1) * mean_in**2 + long_in**2, max(1, round(k)))
-    return max(own, lat + w), rho, lat
-
-
 def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets) -> float:
     mean_in = wl.mean_input
     kmax = max(1.0, t.max_batch_tokens / mean_in)
@@ -208,11 +195,10 @@ def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets) -> float:
 
 def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Targets,
                         pipelined: bool = False) -> np.ndarray:
-    """``_prefill_point``'s TTFT quantile at many rates at once (the same fixed point and tail; a test
-    holds them equal), or with ``pipelined``, a pipelined prefill replica's (``_pipelined_ttft``).
-    Two copies on purpose: the scalar one is the per-probe hot path of every capacity search (a
-    colocated replica prefills stage after stage, unpipelined), where numpy's per-call cost would
-    double the time of a one-rate evaluation."""
+    """TTFT quantile of an unpipelined prefill queue at many rates at once: the batch fixed point of
+    ``_prefill_queue`` (vectorised), then ``max(a long prompt's pass in an average batch, the mean pass + the M/G/1
+    wait quantile)`` (a test holds it equal to a scalar restatement); or with ``pipelined``, a
+    pipelined prefill replica's (``_pipelined_ttft``)."""
     mean_in = wl.mean_input
     sq = mean_in * mean_in * (1 + wl.input.scv)
     kmax = max(1.0, t.max_batch_tokens / mean_in)

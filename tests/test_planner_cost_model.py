@@ -440,18 +440,28 @@ def test_tabulated_mixed_fixed_point_matches_the_exact_one() -> None:
 
 
 def test_vectorised_prefill_curve_equals_the_per_rate_queue_model() -> None:
-    """The prefill curve is computed for all rates at once; the per-rate model (the capacity probes'
-    hot path) is a second copy of the same formulas: they must agree exactly."""
+    """The prefill curve is computed for all rates at once: it must agree exactly with the queue model
+    written out one rate at a time (the batch fixed point of ``_prefill_queue``; a long prompt's pass in
+    an average batch, or the mean pass plus the M/G/1 wait quantile, whichever is longer)."""
     import numpy as np
 
-    from planner.capacity import Targets, _prefill_point, _prefill_ttft_array, prefill_max_rate
+    from planner.capacity import Targets, _prefill_queue, _prefill_ttft_array, _wait_quantile, prefill_max_rate
+
+    def per_rate(rm, wl: Workload, rate: float, t: Targets) -> float:
+        mean_in, scv = wl.mean_input, wl.input.scv
+        k, s, rho = _prefill_queue(rm, wl, rate, t)
+        batch = max(1, round(k))
+        lat = rm.prefill_time(k * mean_in, k * mean_in**2 * (1 + scv), batch)
+        long_in = wl.input.quantile(t.q_ttft)
+        own = rm.prefill_time((k - 1) * mean_in + long_in, (k - 1) * mean_in**2 + long_in**2, batch)
+        return max(own, lat + _wait_quantile(rho, s, wl.arrival_scv + scv, t.q_ttft))
 
     wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "lognormal", 0.8, lo=2, hi=1024))
     t = Targets.for_slo(SLO(2.0, 0.05, 0.9))
     for gpus in (["H100"], ["L40S"] * 4):
         rm = pipeline("llama-2-13b", gpus)
         rates = np.linspace(0.0, prefill_max_rate(rm, wl, t), 17)[1:] * 0.999
-        want = [_prefill_point(rm, wl, float(r), t)[0] for r in rates]
+        want = [per_rate(rm, wl, float(r), t) for r in rates]
         assert list(_prefill_ttft_array(rm, wl, rates, t)) == pytest.approx(want, rel=1e-9)
 
 
