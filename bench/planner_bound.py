@@ -75,17 +75,23 @@ HEXGEN = "colocated, any types"  # at the budget of a capped catalog (``--suite 
 ONE_TYPE = "best one type"
 
 
+def units_by_place(sc, suite, capacity: int | None = None) -> tuple[Setting, dict[tuple[str, str], list[Unit]]]:
+    """The scenario's planning setting and, per place (cloud, region) of its catalog (each offer capped
+    at ``capacity`` instances when given), the rent step's units within the budget."""
+    s = Setting(load_model(sc.model), suite.PROMPTS[sc.prompts], sc.slo(), sc.budget,
+                suite.offers_for(sc.cloud, capacity), None, True, sc.gbps, "auto", 0, math.inf, 64, DEFAULT_EFF)
+    catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
+    return s, {place: units for place, kinds in offers_by_place(s.offers, True).items()
+               if (units := [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0])}
+
+
 def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
     """Req/s per $/h of each family at each place of the scenario's catalog (0 where it has no unit),
     and of the rent MIP's own integer mix at the budget (``MIP``)."""
-    s = Setting(load_model(sc.model), suite.PROMPTS[sc.prompts], sc.slo(), sc.budget, suite.offers_for(sc.cloud),
-                None, True, sc.gbps, "auto", 0, math.inf, 64, DEFAULT_EFF)
-    catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
+    s, places = units_by_place(sc, suite)
     # a prefill instance's NIC carries its prompts' KV (auto compression) to the decode side, at most
     # LINK_UTILISATION busy, and the trip takes TTFT: the rent MIP's own network terms
     kv = NetworkKv.of(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)), sc.gbps, "auto")
-    places = {place: units for place, kinds in offers_by_place(s.offers, True).items()
-              if (units := [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0])}
     out = {}
     for place, units in places.items():
         top = {role: 0.0 for role in ("both", "prefill", "decode", "pd")}
@@ -110,14 +116,9 @@ def at_budget_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
     ``HEXGEN`` colocated units of any types (a heterogeneous colocated mix: once the best type is
     capped, its weighted mean of colocated units is no longer the best type's), ``ONE_TYPE`` the best
     single GPU type with any of its units (colocated, split over the network, in-node split)."""
-    s = Setting(load_model(sc.model), suite.PROMPTS[sc.prompts], sc.slo(), sc.budget,
-                suite.offers_for(sc.cloud, sc.capacity), None, True, sc.gbps, "auto", 0, math.inf, 64, DEFAULT_EFF)
-    catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
+    s, places = units_by_place(sc, suite, sc.capacity)
     out = {}
-    for place, kinds in offers_by_place(s.offers, True).items():
-        units = [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0]
-        if not units:
-            continue
+    for place, units in places.items():
 
         def rate(chosen: list[Unit], relax: bool = False) -> float:
             return solve_mix(chosen, sc.budget, 64, s.context, sc.gbps, "auto", True, relax=relax)[0] if chosen else 0.0

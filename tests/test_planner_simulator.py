@@ -410,6 +410,18 @@ def test_a_running_batch_holds_long_outputs_more_often_than_they_arrive() -> Non
     assert plan.expected["goodput_rps"] == pytest.approx(served, rel=0.06)
 
 
+def _one_colocated_replica(model: str, pool: str, wl: Workload, slo: SLO, chunk: int):
+    """(plan, replica model) of the colocated baseline's first replica on ``pool`` alone, taking all the
+    traffic, prefill first (``chunk`` 0) or with mixed chunks of ``chunk`` tokens."""
+    from planner.deployment import materialize
+
+    base = plan_deployment(model, wl, slo, pool=pool, strategy="colocated", time_limit_s=1.0)
+    replica = replace(base.replicas[0], prefill_chunk=chunk, mixed_chunk=chunk > 0)
+    routes = [replace(r, weight=1.0) for r in base.routing if r.prefill == replica.id][:1]
+    plan = replace(base, replicas=[replica], routing=routes)
+    return plan, materialize(plan, workload=wl, slo=slo).models[replica.id]
+
+
 @pytest.mark.parametrize("chunk", [0, 2048])
 def test_a_colocated_replica_s_tpot_violations_follow_the_prefill_busy_periods(chunk: int) -> None:
     """A prompt arriving while a request decodes on a colocated replica holds it up for a whole busy
@@ -424,14 +436,10 @@ def test_a_colocated_replica_s_tpot_violations_follow_the_prefill_busy_periods(c
     the prompts queued at the start, 0.66-0.71x and 0.59-0.72x (it passed on one sequence, the luckiest
     of the four, from an empty replica)."""
     from planner.capacity import Targets, colocated_mixed_point, colocated_point
-    from planner.deployment import materialize
 
     long = LONG_PROMPTS
     slo = SLO(0.45, 0.04)
-    base = plan_deployment("llama-2-70b", long, slo, pool="4xB200", strategy="colocated", time_limit_s=1.0)
-    replica = replace(base.replicas[0], prefill_chunk=chunk, mixed_chunk=chunk > 0)
-    plan = replace(base, replicas=[replica])
-    rm = materialize(plan, workload=long, slo=slo).models[replica.id]
+    plan, rm = _one_colocated_replica("llama-2-70b", "4xB200", long, slo, chunk)
     t = Targets.for_slo(slo)
     for rate in (5.8, 6.5):
         wl = long.with_rate(rate)
@@ -454,14 +462,9 @@ def test_a_prefill_first_colocated_replica_s_ttft_adds_its_wait_and_its_own_pass
     ``max(own pass, mean pass + wait)`` plus a whole decode step was 6-16% low on the 70B replica at
     MLPerf's interactive TTFT (0.45 s), which was promised 30% more than it served."""
     from planner.capacity import Targets, _colocated_capacity, colocated_point
-    from planner.deployment import materialize
 
     slo = SLO(ttft, 0.04 if "70b" in model else 0.05)
-    base = plan_deployment(model, LONG_PROMPTS, slo, pool=pool, strategy="colocated", time_limit_s=1.0)
-    replica = replace(base.replicas[0], prefill_chunk=0, mixed_chunk=False)
-    routes = [replace(r, weight=1.0) for r in base.routing if r.prefill == replica.id][:1]
-    plan = replace(base, replicas=[replica], routing=routes)
-    rm = materialize(plan, workload=LONG_PROMPTS, slo=slo).models[replica.id]
+    plan, rm = _one_colocated_replica(model, pool, LONG_PROMPTS, slo, chunk=0)
     t = Targets.for_slo(slo)
     top = _colocated_capacity(rm, LONG_PROMPTS, slo, t)
     assert top > 0
