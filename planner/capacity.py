@@ -158,10 +158,18 @@ def _decode_tail_step(rm: ReplicaModel, b: float, z: float, context: tuple[float
     step = rm.decode_step_time(n, n * ctx)
     if z <= 0 or b <= 0:
         return step
-    up = rm.decode_step_time(n + 1.0, (n + 1.0) * ctx)
-    e = min(max(n * (up - step) / step, 0.0), MAX_ELASTICITY)
-    spread = z * math.sqrt(b / (1.0 - e))
+    spread = z * math.sqrt(b / (1.0 - _elasticity(rm, b, ctx, step)))
     return rm.decode_step_time(n + spread, n * ctx + spread * rms_ctx)
+
+
+def _elasticity(rm: ReplicaModel, b: float, ctx: float, step: float | None = None) -> float:
+    """``d log step / d log batch`` of the decode step a request sees in a running batch of ``b``
+    others of mean context ``ctx`` (``step``: that step, when the caller has it), capped at
+    ``MAX_ELASTICITY``: how much wider than Poisson the running batch spreads (``_decode_tail_step``)."""
+    n = b + 1.0
+    step = rm.decode_step_time(n, n * ctx) if step is None else step
+    up = rm.decode_step_time(n + 1.0, (n + 1.0) * ctx)
+    return min(max(n * (up - step) / step, 0.0), MAX_ELASTICITY)
 
 
 def _wait_quantile(rho: float, s: float, scv_sum: float, q: float) -> float:
@@ -172,25 +180,33 @@ def _wait_quantile(rho: float, s: float, scv_sum: float, q: float) -> float:
     return s * scv_sum / (2 * (1 - rho)) * math.log(rho / (1 - q))
 
 
-def _prefill_queue(rm: ReplicaModel, wl: Workload, rate: float, t: Targets) -> tuple[float, float, float]:
+def _prefill_queue(rm: ReplicaModel, wl: Workload, rate: float, t: Targets,
+                   colocated: bool = False) -> tuple[float, float, float]:
     """(prompts per batch, service time per prompt, utilisation) of a prefill queue at ``rate``: the
-    batch holds the prompts that arrive during the batch ahead (a fixed point), within the token budget."""
+    batch holds the prompts that arrive during the batch ahead (a fixed point), within the token budget.
+    A prefill replica's stages pipeline its batches (service: the slowest stage); a ``colocated`` one
+    runs each pass through all its stages between two decode steps (service: the whole pass). With the
+    slowest stage a pipelined (PP2) colocated 30B replica's prefill share of the time was half the
+    simulator's, its running batch 20% short, and it was promised 7% more than it served."""
     mean_in = wl.mean_input
     sq = mean_in * mean_in * (1 + wl.input.scv)
     kmax = max(1.0, t.max_batch_tokens / mean_in)
+    service = rm.prefill_time if colocated else rm.prefill_bottleneck
     k = 1.0
     for _ in range(4):
-        b = rm.prefill_bottleneck(k * mean_in, k * sq, max(1, round(k)))
+        b = service(k * mean_in, k * sq, max(1, round(k)))
         k = min(kmax, 1.0 + rate * b)
-    b = rm.prefill_bottleneck(k * mean_in, k * sq, max(1, round(k)))
+    b = service(k * mean_in, k * sq, max(1, round(k)))
     return k, b / k, rate * b / k
 
 
-def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets) -> float:
+def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets, colocated: bool = False) -> float:
+    """Prompts/s a replica prefills at full batches (``colocated``: as in ``_prefill_queue``)."""
     mean_in = wl.mean_input
     kmax = max(1.0, t.max_batch_tokens / mean_in)
     sq = mean_in * mean_in * (1 + wl.input.scv)
-    return kmax / rm.prefill_bottleneck(kmax * mean_in, kmax * sq, max(1, round(kmax)))
+    service = rm.prefill_time if colocated else rm.prefill_bottleneck
+    return kmax / service(kmax * mean_in, kmax * sq, max(1, round(kmax)))
 
 
 def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Targets,
@@ -398,11 +414,19 @@ def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, stretch: float = 
 
 
 def _kv_fits(rm: ReplicaModel, wl: Workload, b: float, z: float,
-             reserved: tuple[float, float] | None = None) -> bool:
-    """The KV cache holds a running batch of mean size ``b`` at full length, with a z-sigma margin
-    (``reserved``: ``_reserved(wl)`` when the caller has it)."""
+             reserved: tuple[float, float] | None = None, ctx: float | None = None) -> bool:
+    """The KV cache holds a running batch of mean size ``b`` at full length (what admission reserves),
+    with a z-sigma margin (``reserved``: ``_reserved(wl)`` when the caller has it; ``ctx``:
+    ``_mean_context(wl)``). The sequences' count spreads ``1 / (1 - e)`` times wider than Poisson
+    (``_elasticity``: a larger batch steps slower and stays large, as in ``_decode_tail_step``), each
+    sequence's reservation by its own lengths: ``b Var(X) + b / (1 - e) E[X]^2``. With a Poisson count a
+    prefill-first 13B replica on a GH200 (short prompts, 0.5 s / 50 ms) was promised 11.8 req/s and
+    served 11.5: past ~90% of that its reservations reached the cache a third of the time, and prompts
+    queued for admission."""
     per, sq = reserved or _reserved(wl)
-    return b * per + z * math.sqrt(max(b, 1e-9) * sq) <= rm.kv_tokens
+    b = max(b, 1e-9)
+    e = _elasticity(rm, b, _mean_context(wl) if ctx is None else ctx)
+    return b * per + z * math.sqrt(b * (sq - per * per) + b / (1.0 - e) * per * per) <= rm.kv_tokens
 
 
 def decode_tpot(rm: ReplicaModel, wl: Workload, rate: float, t: Targets) -> float:
@@ -434,7 +458,7 @@ def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> flo
     ctx = context[0]
 
     def ok(b: float) -> bool:
-        return _kv_fits(rm, wl, b, t.z, reserved) and _decode_tail_step(rm, b, t.z, context) <= slo.tpot_s
+        return _kv_fits(rm, wl, b, t.z, reserved, ctx) and _decode_tail_step(rm, b, t.z, context) <= slo.tpot_s
 
     if not ok(0.05):
         return 0.0
@@ -456,7 +480,7 @@ def _colocated_ttft(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, ste
     percentile 6-16% low at a tight TTFT with long prompts (70B on 4x H100, 0.45 s: the wait and a
     long prompt's pass add up) and 21-29% high with short ones (70B, 0.5 s); this sum is within 3% of
     the simulator there and on 7B long prompts on an L40S, and up to 13% high on 70B short prompts."""
-    k, s, rho = _prefill_queue(rm, wl, rate, t)
+    k, s, rho = _prefill_queue(rm, wl, rate, t, colocated=True)
     if rho >= 1:
         return math.inf
     mean_in = wl.mean_input
@@ -488,7 +512,7 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
     (``_busy_periods``); short outputs suffer most, so the TPOT violation share is averaged over the
     output-length distribution.
     """
-    _, _, rho = _prefill_queue(rm, wl, rate, t)
+    _, _, rho = _prefill_queue(rm, wl, rate, t, colocated=True)
     if rho >= 0.98:
         return math.inf, 1.0
     stretch = 1.0 / (1.0 - rho)
@@ -497,7 +521,7 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
     b = _decode_batch(rm, wl, rate, stretch, table)
     if b is None:
         return math.inf, 1.0
-    if not _kv_fits(rm, wl, b, t.z):
+    if not _kv_fits(rm, wl, b, t.z, ctx=ctx):
         return math.inf, 1.0
     ttft = _colocated_ttft(rm, wl, rate, t, rm.decode_step_time(b + 1.0, (b + 1.0) * ctx))
     bq = _seen(b, t.z)
@@ -568,7 +592,8 @@ def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) ->
     b_mem = _kv_batch(rm, wl)
     if b_mem < 1:
         return 0.0
-    hi = min(prefill_max_rate(rm, wl, t), b_mem / (_decode_steps(wl) * rm.decode_step_time(b_mem, b_mem * ctx)))
+    full = b_mem / (_decode_steps(wl) * rm.decode_step_time(b_mem, b_mem * ctx))  # the cache full
+    hi = min(prefill_max_rate(rm, wl, t, colocated=True), full)
 
     table = StepTable.build(rm, wl)
 
