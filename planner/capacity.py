@@ -137,7 +137,8 @@ def _context_spread(wl: Workload) -> tuple[float, float]:
     return mean_in + m1 / 2, math.sqrt(wl.input.var + mean_in * mean_in + mean_in * m1 + m2 / 3.0)
 
 
-def _decode_tail_step(rm: ReplicaModel, b: float, z: float, context: tuple[float, float]) -> float:
+def _decode_tail_step(rm: ReplicaModel, b: float, z: float, context: tuple[float, float],
+                      e: float | None = None) -> float:
     """Decode step time a request on a decode replica with mean running batch ``b`` (others) steps at,
     ``z`` standard deviations up (``context``: ``_context_spread``). Two spreads beyond ``_seen``'s
     Poisson count of sequences of the mean context, both measured:
@@ -152,22 +153,22 @@ def _decode_tail_step(rm: ReplicaModel, b: float, z: float, context: tuple[float
 
     With ``_seen``'s batch alone, decode replicas' 94th-percentile TPOT was 3-6% under the simulator's
     over eight sequences, and their capacity ~10% over what they served within the target.
+    (``e``: ``_elasticity``, when the caller has it.)
     """
     ctx, rms_ctx = context
     n = b + 1.0
-    step = rm.decode_step_time(n, n * ctx)
     if z <= 0 or b <= 0:
-        return step
-    spread = z * math.sqrt(b / (1.0 - _elasticity(rm, b, ctx, step)))
+        return rm.decode_step_time(n, n * ctx)
+    spread = z * math.sqrt(b / (1.0 - (_elasticity(rm, b, ctx) if e is None else e)))
     return rm.decode_step_time(n + spread, n * ctx + spread * rms_ctx)
 
 
-def _elasticity(rm: ReplicaModel, b: float, ctx: float, step: float | None = None) -> float:
+def _elasticity(rm: ReplicaModel, b: float, ctx: float) -> float:
     """``d log step / d log batch`` of the decode step a request sees in a running batch of ``b``
-    others of mean context ``ctx`` (``step``: that step, when the caller has it), capped at
-    ``MAX_ELASTICITY``: how much wider than Poisson the running batch spreads (``_decode_tail_step``)."""
+    others of mean context ``ctx``, capped at ``MAX_ELASTICITY``: how much wider than Poisson the
+    running batch spreads (``_decode_tail_step``, ``_kv_fits``)."""
     n = b + 1.0
-    step = rm.decode_step_time(n, n * ctx) if step is None else step
+    step = rm.decode_step_time(n, n * ctx)
     up = rm.decode_step_time(n + 1.0, (n + 1.0) * ctx)
     return min(max(n * (up - step) / step, 0.0), MAX_ELASTICITY)
 
@@ -414,27 +415,31 @@ def _decode_batch(rm: ReplicaModel, wl: Workload, rate: float, stretch: float = 
 
 
 def _kv_fits(rm: ReplicaModel, wl: Workload, b: float, z: float,
-             reserved: tuple[float, float] | None = None, ctx: float | None = None) -> bool:
+             reserved: tuple[float, float] | None = None, e: float | None = None) -> bool:
     """The KV cache holds a running batch of mean size ``b`` at full length (what admission reserves),
-    with a z-sigma margin (``reserved``: ``_reserved(wl)`` when the caller has it; ``ctx``:
-    ``_mean_context(wl)``). The sequences' count spreads ``1 / (1 - e)`` times wider than Poisson
-    (``_elasticity``: a larger batch steps slower and stays large, as in ``_decode_tail_step``), each
-    sequence's reservation by its own lengths: ``b Var(X) + b / (1 - e) E[X]^2``. With a Poisson count a
-    prefill-first 13B replica on a GH200 (short prompts, 0.5 s / 50 ms) was promised 11.8 req/s and
-    served 11.5: past ~90% of that its reservations reached the cache a third of the time, and prompts
-    queued for admission."""
+    with a z-sigma margin (``reserved``: ``_reserved(wl)``, ``e``: ``_elasticity``, when the caller has
+    them). The sequences' count spreads ``1 / (1 - e)`` times wider than Poisson (``_elasticity``: a
+    larger batch steps slower and stays large, as in ``_decode_tail_step``), each sequence's
+    reservation by its own lengths: ``b Var(X) + b / (1 - e) E[X]^2``. When the reservations reach the
+    cache, prompts queue for admission and TTFT falls off a cliff: with a Poisson count a cache-bound
+    13B replica on a GH200 (short prompts, 0.5 s / 50 ms, 256-token mixed chunks) was promised 12.8
+    req/s and served 12.2 (the mean of eight sequences); now 12.6."""
     per, sq = reserved or _reserved(wl)
     b = max(b, 1e-9)
-    e = _elasticity(rm, b, _mean_context(wl) if ctx is None else ctx)
+    e = _elasticity(rm, b, _mean_context(wl)) if e is None else e
     return b * per + z * math.sqrt(b * (sq - per * per) + b / (1.0 - e) * per * per) <= rm.kv_tokens
 
 
 def decode_tpot(rm: ReplicaModel, wl: Workload, rate: float, t: Targets) -> float:
     """TPOT quantile of a decode replica at ``rate`` (inf when memory or compute cannot keep up)."""
     b = _decode_batch(rm, wl, rate)
-    if b is None or not _kv_fits(rm, wl, b, t.z):
+    if b is None:
         return math.inf
-    return _decode_tail_step(rm, b, t.z, _context_spread(wl))
+    context = _context_spread(wl)
+    e = _elasticity(rm, b, context[0])
+    if not _kv_fits(rm, wl, b, t.z, e=e):
+        return math.inf
+    return _decode_tail_step(rm, b, t.z, context, e)
 
 
 def _bisect_rate(ok, hi: float, iters: int = 16) -> float:
@@ -458,7 +463,8 @@ def decode_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> flo
     ctx = context[0]
 
     def ok(b: float) -> bool:
-        return _kv_fits(rm, wl, b, t.z, reserved, ctx) and _decode_tail_step(rm, b, t.z, context) <= slo.tpot_s
+        e = _elasticity(rm, b, ctx)
+        return _kv_fits(rm, wl, b, t.z, reserved, e) and _decode_tail_step(rm, b, t.z, context, e) <= slo.tpot_s
 
     if not ok(0.05):
         return 0.0
@@ -521,7 +527,7 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
     b = _decode_batch(rm, wl, rate, stretch, table)
     if b is None:
         return math.inf, 1.0
-    if not _kv_fits(rm, wl, b, t.z, ctx=ctx):
+    if not _kv_fits(rm, wl, b, t.z, e=_elasticity(rm, b, ctx)):
         return math.inf, 1.0
     ttft = _colocated_ttft(rm, wl, rate, t, rm.decode_step_time(b + 1.0, (b + 1.0) * ctx))
     bq = _seen(b, t.z)
