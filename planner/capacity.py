@@ -163,12 +163,13 @@ def _decode_tail_step(rm: ReplicaModel, b: float, z: float, context: tuple[float
     return rm.decode_step_time(n + spread, n * ctx + spread * rms_ctx)
 
 
-def _elasticity(rm: ReplicaModel, b: float, ctx: float) -> float:
+def _elasticity(rm: ReplicaModel, b: float, ctx: float, step: float | None = None) -> float:
     """``d log step / d log batch`` of the decode step a request sees in a running batch of ``b``
-    others of mean context ``ctx``, capped at ``MAX_ELASTICITY``: how much wider than Poisson the
-    running batch spreads (``_decode_tail_step``, ``_kv_fits``)."""
+    others of mean context ``ctx`` (``step``: that step, when the caller has it), capped at
+    ``MAX_ELASTICITY``: how much wider than Poisson the running batch spreads (``_decode_tail_step``,
+    ``_kv_fits``)."""
     n = b + 1.0
-    step = rm.decode_step_time(n, n * ctx)
+    step = rm.decode_step_time(n, n * ctx) if step is None else step
     up = rm.decode_step_time(n + 1.0, (n + 1.0) * ctx)
     return min(max(n * (up - step) / step, 0.0), MAX_ELASTICITY)
 
@@ -192,7 +193,7 @@ def _prefill_queue(rm: ReplicaModel, wl: Workload, rate: float, t: Targets,
     mean_in = wl.mean_input
     sq = mean_in * mean_in * (1 + wl.input.scv)
     kmax = max(1.0, t.max_batch_tokens / mean_in)
-    service = rm.prefill_time if colocated else rm.prefill_bottleneck
+    service = _prefill_service(rm, colocated)
     k = 1.0
     for _ in range(4):
         b = service(k * mean_in, k * sq, max(1, round(k)))
@@ -201,13 +202,18 @@ def _prefill_queue(rm: ReplicaModel, wl: Workload, rate: float, t: Targets,
     return k, b / k, rate * b / k
 
 
+def _prefill_service(rm: ReplicaModel, colocated: bool):
+    """How long a prefill batch holds the replica (``_prefill_queue``): its slowest stage on a prefill
+    replica, whose stages pipeline batches; its whole pass on a ``colocated`` one."""
+    return rm.prefill_time if colocated else rm.prefill_bottleneck
+
+
 def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets, colocated: bool = False) -> float:
     """Prompts/s a replica prefills at full batches (``colocated``: as in ``_prefill_queue``)."""
     mean_in = wl.mean_input
     kmax = max(1.0, t.max_batch_tokens / mean_in)
     sq = mean_in * mean_in * (1 + wl.input.scv)
-    service = rm.prefill_time if colocated else rm.prefill_bottleneck
-    return kmax / service(kmax * mean_in, kmax * sq, max(1, round(kmax)))
+    return kmax / _prefill_service(rm, colocated)(kmax * mean_in, kmax * sq, max(1, round(kmax)))
 
 
 def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Targets,
@@ -527,9 +533,10 @@ def colocated_point(rm: ReplicaModel, wl: Workload, rate: float, t: Targets, tpo
     b = _decode_batch(rm, wl, rate, stretch, table)
     if b is None:
         return math.inf, 1.0
-    if not _kv_fits(rm, wl, b, t.z, e=_elasticity(rm, b, ctx)):
+    own_step = rm.decode_step_time(b + 1.0, (b + 1.0) * ctx)  # a step of the mean batch and the request
+    if not _kv_fits(rm, wl, b, t.z, e=_elasticity(rm, b, ctx, own_step)):
         return math.inf, 1.0
-    ttft = _colocated_ttft(rm, wl, rate, t, rm.decode_step_time(b + 1.0, (b + 1.0) * ctx))
+    ttft = _colocated_ttft(rm, wl, rate, t, own_step)
     bq = _seen(b, t.z)
     step = rm.decode_step_time(bq, bq * ctx)
     if step >= tpot_target:
