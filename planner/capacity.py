@@ -217,11 +217,12 @@ def prefill_max_rate(rm: ReplicaModel, wl: Workload, t: Targets, colocated: bool
 
 
 def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Targets,
-                        pipelined: bool = False) -> np.ndarray:
+                        pipelined: bool = False, link: KvLink | None = None) -> np.ndarray:
     """TTFT quantile of an unpipelined prefill queue at many rates at once: the batch fixed point of
     ``_prefill_queue`` (vectorised), then ``max(a long prompt's pass in an average batch, the mean pass + the M/G/1
     wait quantile)`` (a test holds it equal to a scalar restatement); or with ``pipelined``, a
-    pipelined prefill replica's (``_pipelined_ttft``)."""
+    pipelined prefill replica's (``_pipelined_ttft``). With a ``link``, the quantile of the prefill's
+    TTFT plus the KV trip to the decode replica (``_linked_ttft``)."""
     mean_in = wl.mean_input
     sq = mean_in * mean_in * (1 + wl.input.scv)
     kmax = max(1.0, t.max_batch_tokens / mean_in)
@@ -235,7 +236,9 @@ def _prefill_ttft_array(rm: ReplicaModel, wl: Workload, rates: np.ndarray, t: Ta
         k = np.minimum(kmax, 1.0 + rates * b)
     lat, b = passes(k, k * mean_in, k * sq)
     if pipelined:
-        return _pipelined_ttft(rm, wl, rates, k, b, t)
+        return _pipelined_ttft(rm, wl, rates, k, b, t, link)
+    if link is not None:
+        return _linked_ttft(rm, wl, rates, k, b, t, link)
     s = b / k
     rho = rates * s
     scv_sum = wl.arrival_scv + wl.input.scv
@@ -253,8 +256,41 @@ INPUT_POINTS = 16  # prompt lengths (evenly spread quantiles) a pipelined prefil
 MATES_POINTS = 8  # ... and batch-mates' token totals
 
 
+def _own_passes(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarray, b: np.ndarray, t: Targets
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(a prompt's own prefill pass, over the spread of its length and of its batch-mates' tokens:
+    ``(rates, MATES_POINTS * INPUT_POINTS)``; the prompt's length at each point).
+
+    The batch-mates: the prompts that arrived while the batch ahead of it held the first stage, a
+    Poisson count over that batch's time, which varies (each batch's time follows from the count
+    before it: cv^2 = rho / (k (1 - rho^2))) and is length-biased (a request more likely arrives during
+    a long one); their tokens a gamma with the count's mean and variance, at MATES_POINTS quantiles;
+    the batch holds at most max_batch_tokens. With short prompts a batch holds tens of them and a
+    pipeline carries it through every stage: mates at their mean had PP4 replicas' 94th percentile up
+    to 2x low."""
+    mean_in = wl.mean_input
+    per_token_sq = mean_in * (1 + wl.input.scv)  # E[len^2] / E[len]
+    rho_1 = np.minimum(rates * b / k, 0.99)
+    cv2 = rho_1 / (k * (1 - rho_1**2))
+    count = (k - 1) * (1 + cv2)
+    count_var = count + count**2 * cv2
+    tokens_mean = count * mean_in
+    tokens_var = count_var * mean_in**2 + count * wl.input.var
+    shape = np.maximum(tokens_mean**2 / np.maximum(tokens_var, 1e-12), 1e-9)
+    scale = tokens_var / np.maximum(tokens_mean, 1e-12)
+    q = (np.arange(MATES_POINTS) + 0.5) / MATES_POINTS
+    mates = scale[:, None] * gammaincinv(shape[:, None], q[None, :])  # (rates, MATES_POINTS)
+    lens = wl.input.points(INPUT_POINTS)
+    mates = np.minimum(mates[:, :, None], np.maximum(t.max_batch_tokens - lens, 0.0)[None, None, :])
+    tokens = (mates + lens).reshape(len(rates), -1)
+    sum_sq = (mates * per_token_sq + lens**2).reshape(len(rates), -1)
+    rows = 1.0 + np.round(mates / mean_in).reshape(len(rates), -1)
+    own = rm.prefill_array(tokens.ravel(), sum_sq.ravel(), rows.ravel())[0].reshape(tokens.shape)
+    return own, np.tile(lens, MATES_POINTS)
+
+
 def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarray, b: np.ndarray,
-                    t: Targets) -> np.ndarray:
+                    t: Targets, link: KvLink | None = None) -> np.ndarray:
     """TTFT quantile of a prefill replica whose stages pipeline successive batches (PP > 1).
 
     Batches keep their order through the stages, so a batch leaves the last stage no earlier than the
@@ -272,35 +308,17 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     Within 0.2 s of the simulator's 94th percentile up to ~70% load on PP2-PP8 replicas of 13B-70B
     with 2k-token prompts, where the M/G/1 estimate alone was up to 1.5 s short, and within 15% with
     256-token prompts, where batch-mates at their mean count left it 15-90% low
-    (``tests/test_planner_simulator.py``)."""
-    work.charge("prefill_tail")
-    mean_in = wl.mean_input
-    per_token_sq = mean_in * (1 + wl.input.scv)  # E[len^2] / E[len]
-    # the request's batch-mates: the prompts that arrived while the batch ahead of it held the first
-    # stage, a Poisson count over that batch's time, which varies (each batch's time follows from the
-    # count before it: cv^2 = rho / (k (1 - rho^2))) and is length-biased (a request more likely arrives
-    # during a long one); their tokens a gamma with the count's mean and variance, at MATES_POINTS
-    # quantiles; the batch holds at most max_batch_tokens. With short prompts a batch holds tens of
-    # them and the pipeline carries it through every stage: mates at their mean had PP4 replicas' 94th
-    # percentile up to 2x low.
+    (``tests/test_planner_simulator.py``).
+
+    With a ``link``, a prompt's KV trip follows its last stage (``KvLink``): its transfer adds to its
+    own latency, and the link's wait to the first stage's (``_two_wait_tail``) and, over a few of its
+    quantiles, to the batches still in the pipeline."""
+    work.charge("prefill_tail", 1 if link is None else 3)  # a link's wait shifts the pipeline term 4 more times
+    own, lens = _own_passes(rm, wl, rates, k, b, t)
+    if link is not None:
+        own = own + link.transfer(lens, wl.mean_input)[None, :]
     s = b / k
     rho = rates * s
-    rho_1 = np.minimum(rho, 0.99)
-    cv2 = rho_1 / (k * (1 - rho_1**2))
-    count = (k - 1) * (1 + cv2)
-    count_var = count + count**2 * cv2
-    tokens_mean = count * mean_in
-    tokens_var = count_var * mean_in**2 + count * wl.input.var
-    shape = np.maximum(tokens_mean**2 / np.maximum(tokens_var, 1e-12), 1e-9)
-    scale = tokens_var / np.maximum(tokens_mean, 1e-12)
-    q = (np.arange(MATES_POINTS) + 0.5) / MATES_POINTS
-    mates = scale[:, None] * gammaincinv(shape[:, None], q[None, :])  # (rates, MATES_POINTS)
-    lens = wl.input.points(INPUT_POINTS)
-    mates = np.minimum(mates[:, :, None], np.maximum(t.max_batch_tokens - lens, 0.0)[None, None, :])
-    tokens = (mates + lens).reshape(len(rates), -1)
-    sum_sq = (mates * per_token_sq + lens**2).reshape(len(rates), -1)
-    rows = 1.0 + np.round(mates / mean_in).reshape(len(rates), -1)
-    own = rm.prefill_array(tokens.ravel(), sum_sq.ravel(), rows.ravel())[0].reshape(tokens.shape)
     ok = rho < 1
     rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
     m = (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]
@@ -309,34 +327,124 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     decay = 1.0 / np.maximum(m, 1e-12)
     share = np.full(own.shape[1], 1.0 / own.shape[1])  # each (mates, prompt length) point's weight: a mean as a matmul
 
+    def free(x: np.ndarray) -> np.ndarray:  # no batch ahead still in the pipeline at x
+        return np.exp(-batch_rate * (np.maximum(reach - x[:, None], 0.0) @ share))
+
     def tail(x: np.ndarray) -> np.ndarray:
         late = x[:, None] - own
-        waited = np.where(late < 0, 1.0, rho_c * np.exp(-late * decay)) @ share
-        held = batch_rate * (np.maximum(reach - x[:, None], 0.0) @ share)
-        return 1.0 - (1.0 - waited) * np.exp(-held)
+        if link is None:
+            waited = np.where(late < 0, 1.0, rho_c * np.exp(-late * decay)) @ share
+            return 1.0 - (1.0 - waited) * free(x)
+        waited = _two_wait_tail(late, rho_c, m, link.utilisation, link.wait_scale) @ share
+        shifted = sum(free(x - link.wait_scale * e) for e in LINK_WAIT_POINTS) / len(LINK_WAIT_POINTS)
+        return 1.0 - (1.0 - waited) * ((1 - link.utilisation) * free(x) + link.utilisation * shifted)
 
-    lo = np.zeros_like(rates)
     hi = own.max(axis=1) + b + m[:, 0] * (math.log(1.0 / (1 - t.q_ttft)) + 1) + 1.0
+    return _tail_quantile(tail, ok, hi, t.q_ttft)
+
+
+# Quantiles of an exponential (in units of its mean) that stand for a KV link's wait where a closed form
+# is out of reach (``_pipelined_ttft``'s batches ahead in the pipeline).
+LINK_WAIT_POINTS = tuple(-math.log(1.0 - (j + 0.5) / 4) for j in range(4))
+
+
+@dataclass(frozen=True)
+class KvLink:
+    """The trip a prompt's KV takes from its prefill replica to its decode replica: ``mean_s`` for a
+    mean prompt (a prompt's length scales it), over a link busy ``busy_s`` per mean prompt and loaded to
+    ``utilisation`` (the routing's link cap). The link is an M/G/1 queue (the simulator's NIC: FIFO,
+    one transfer at a time): no wait with probability ``1 - utilisation``, else an exponential of mean
+    ``wait_scale``. Its tail, not its mean, is what a TTFT quantile sees: 13B over 5 Gbps with 2k-token
+    prompts, the link at 55-70%, waited 1.5-1.9x its mean at the 91st percentile, and plans that
+    reserved the mean were promised up to 1.27x what they served."""
+
+    mean_s: float
+    busy_s: float
+    utilisation: float
+    scv: float  # of the link's service: the prompts' lengths
+
+    @property
+    def wait_scale(self) -> float:
+        return self.busy_s * (1.0 + self.scv) / (2.0 * (1.0 - self.utilisation))
+
+    def transfer(self, lengths: np.ndarray, mean_length: float) -> np.ndarray:
+        return self.mean_s * lengths / mean_length
+
+
+def _two_wait_tail(y: np.ndarray, a: np.ndarray | float, m1: np.ndarray | float, b: float, m2: float
+                   ) -> np.ndarray:
+    """``P(W1 + W2 > y)`` for independent waits that are exponential of mean ``m1`` (``m2``) with
+    probability ``a`` (``b``) and none otherwise: the prefill queue's and the KV link's."""
+    y = np.asarray(y, dtype=float)
+    pos = np.maximum(y, 0.0)
+    e1 = np.exp(-pos / m1)
+    e2 = np.exp(-pos / m2)
+    diff = m1 - m2
+    near = np.abs(diff) < 1e-9 * np.maximum(m1, m2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        both = np.where(near, (1.0 + pos / m1) * e1, (m1 * e1 - m2 * e2) / np.where(near, 1.0, diff))
+    tail = a * (1 - b) * e1 + (1 - a) * b * e2 + a * b * both
+    return np.where(y < 0, 1.0, tail)
+
+
+def _tail_quantile(tail, ok: np.ndarray, hi: np.ndarray, q: float) -> np.ndarray:
+    """Per rate, the ``q`` quantile of a delay whose survival function (vectorised over rates) is
+    ``tail``: the bracket ``[0, hi]`` grown until its top passes, then bisected (inf where not ``ok``)."""
+    lo = np.zeros_like(hi)
     for _ in range(60):  # the bracket's top must pass (a saturated rate is inf anyway)
-        grow = ok & (tail(hi) > 1 - t.q_ttft)
+        grow = ok & (tail(hi) > 1 - q)
         if not grow.any():
             break
         hi = np.where(grow, hi * 2, hi)
     for _ in range(28):  # to ~1e-8 of the bracket
         mid = (lo + hi) / 2
-        above = tail(mid) > 1 - t.q_ttft
+        above = tail(mid) > 1 - q
         lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
     return np.where(ok, hi, np.inf)
 
 
-def prefill_curve(rm: ReplicaModel, wl: Workload, t: Targets) -> tuple[np.ndarray, np.ndarray]:
+def _linked_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarray, b: np.ndarray, t: Targets,
+                 link: KvLink) -> np.ndarray:
+    """TTFT quantile of an unpipelined prefill replica's prompts when each then takes ``link`` to its
+    decode replica: over the spread of prompt lengths, a prompt's pass in an average batch plus its
+    transfer, plus the prefill queue's wait and the link's (``_two_wait_tail``). Adding the parts'
+    quantiles instead would count two unlikely waits at once; adding the link's mean wait missed its
+    tail where the link dominates."""
+    work.charge("prefill_tail")
+    mean_in = wl.mean_input
+    own, lens = _own_passes(rm, wl, rates, k, b, t)
+    trip = own + link.transfer(lens, mean_in)[None, :]
+    s = b / k
+    rho = rates * s
+    ok = rho < 1
+    rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
+    m = (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]
+    share = np.full(own.shape[1], 1.0 / own.shape[1])
+
+    def tail(x: np.ndarray) -> np.ndarray:
+        return _two_wait_tail(x[:, None] - trip, rho_c, m, link.utilisation, link.wait_scale) @ share
+
+    miss = math.log(1.0 / (1 - t.q_ttft)) + 1
+    hi = trip.max(axis=1) + (m[:, 0] + link.wait_scale) * miss + 1.0
+    return _tail_quantile(tail, ok, hi, t.q_ttft)
+
+
+def prefill_curve(rm: ReplicaModel, wl: Workload, t: Targets, link: KvLink | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Rates (req/s) and the TTFT quantile at each, for a prefill-only replica (pipelined when it has
-    more than one stage): a monotone table to read capacities from."""
+    more than one stage): a monotone table to read capacities from. With a ``link``: the TTFT of its
+    prompts once their KV has crossed it."""
     hi = prefill_max_rate(rm, wl, t)
     rates = np.linspace(0.0, hi, GRID + 1)[1:] * 0.995
-    ttft = _prefill_ttft_array(rm, wl, rates, t, pipelined=len(rm.stages) > 1)
+    ttft = _prefill_ttft_array(rm, wl, rates, t, pipelined=len(rm.stages) > 1, link=link)
     ttft = np.maximum.accumulate(np.where(np.isfinite(ttft), ttft, 1e9))
     return rates, ttft
+
+
+def linked_prefill_curve(rm: ReplicaModel, wl: Workload, t: Targets, link: KvLink
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """``prefill_curve`` through ``link``, memoised: a search routes many pairs over identical links."""
+    return _memo(("linked", shape_key(rm), wl, t, link), lambda: prefill_curve(rm, wl, t, link))
 
 
 def rate_for_slack(rates: np.ndarray, ttft: np.ndarray, slack: float) -> float:
@@ -801,7 +909,7 @@ def shape_key(rm: ReplicaModel) -> tuple:
             tuple((round(b, 3), round(lat, 9)) for b, lat in rm.pp_links))
 
 
-def _memo(key: tuple, compute) -> float:
+def _memo(key: tuple, compute):
     try:
         hit = _MEMO.get(key)
     except TypeError:  # an unhashable workload (e.g. lengths from a trace as arrays): no memo

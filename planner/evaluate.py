@@ -8,24 +8,27 @@ on each, the role), so the tabu search pays for each distinct group once.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 
-from planner.capacity import LEANS, Targets, shape_key
+from planner.capacity import LEANS, KvLink, Targets, linked_prefill_curve, rate_for_slack, shape_key
 from planner.cluster import GpuId
 from planner.cost_model import KV_FACTOR, ReplicaModel, auto_kv_mode, kv_bytes, kv_segments
 from planner.parallel import PlanContext, ReplicaConfig, configure_group, role_capacity
 from planner.routing import (
+    LINK_CAPS,
     LINK_UTILISATION,
-    LINK_UTILISATION_STEPS,
     RoutingProblem,
     RoutingSolution,
     balance_routing,
     kv_ttft_seconds,
+    link_loads,
     solve_routing,
 )
 from planner.work import charge
 
 Group = tuple[GpuId, ...]
+LINK_CAP_REFINES = 2  # re-routings with links lowered to the caps over what they carry (``_route_steps``)
 
 
 @dataclass
@@ -33,6 +36,11 @@ class PairTerms:
     kv_time: float  # seconds to move one mean prompt's KV, compress + transfer + decompress
     compression: str
     link_use: list[tuple[tuple[str, str], float]]  # (link key, busy seconds per request)
+
+
+def busiest_link(terms: PairTerms) -> Hashable | None:
+    """The link a pair's KV is busiest on: the one whose wait its TTFT budget reserves."""
+    return max(terms.link_use, key=lambda use: use[1])[0] if terms.link_use else None
 
 
 @dataclass
@@ -270,18 +278,53 @@ class Evaluator:
 
     def _route_steps(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
                      targets: Targets) -> RoutingSolution:
-        """Route at ``LINK_UTILISATION``, then, while links bind, at the next higher caps of
-        ``LINK_UTILISATION_STEPS`` while that routes more: each pair's TTFT budget reserves the KV
-        queueing of the cap, so the LP's answer is the trade between link and prefill throughput."""
-        sol = self._route(prob, pair_terms, LINK_UTILISATION, targets)
-        for cap in LINK_UTILISATION_STEPS[1:]:
-            if not sol.links_bind:
+        """Route with each link capped where it carries what its prefill replicas take (``_link_caps``),
+        then, while that routes more, again with each link that has room capped at the lowest cap over
+        what it carries: its prefills may send part of their load over other links (a decode replica on
+        their own node), and a link kept idler leaves its pairs more TTFT (the first routing stays
+        feasible, so this only adds)."""
+        caps = self._link_caps(prob, pair_terms, targets)
+        sol = self._route(prob, pair_terms, caps, targets)
+        for _ in range(LINK_CAP_REFINES):
+            loads = link_loads(prob, sol)
+            lower = {link: next(c for c in LINK_CAPS if c >= load * (1 - 1e-9) or c == LINK_CAPS[-1])
+                     for link, load in loads.items()}
+            lower = {link: min(c, caps[link]) for link, c in lower.items()}
+            if lower == caps:
                 break
-            higher = self._route(prob, pair_terms, cap, targets)
-            if higher.total <= sol.total * (1 + 1e-9):
+            other = self._route(prob, pair_terms, lower, targets)
+            if other.total <= sol.total * (1 + 1e-9):
                 break
-            sol = higher
+            caps, sol = lower, other
         return sol
+
+    def _link_caps(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
+                   targets: Targets) -> dict[Hashable, float]:
+        """Per link, the cap of ``LINK_CAPS`` that lets the most through it: the lower of what it carries
+        at the cap and what the prefill replicas sending over it take when their TTFT budgets reserve
+        its wait at that cap (each at its best decode pair). The first rises with the cap, the second
+        falls, so the best cap is at their crossing, found by bisection. A link the prefills cannot
+        fill at the lowest cap is kept there; when decode replicas bind instead, the links carry less
+        than their caps and their waits are overcounted (conservative)."""
+        caps: dict[Hashable, float] = {}
+        for link, use in prob.link_use.items():
+            busy = max(use.values())
+            pairs = [(pd, pair_terms[pd]) for pd in use]
+
+            lo, hi = 0, len(LINK_CAPS)  # the first cap whose link carries all the prefills take: in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if LINK_CAPS[mid] / busy >= self._prefill_rate(pairs, LINK_CAPS[mid], targets):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo == len(LINK_CAPS):
+                caps[link] = LINK_CAPS[-1]
+            elif lo == 0 or LINK_CAPS[lo - 1] / busy < self._prefill_rate(pairs, LINK_CAPS[lo], targets):
+                caps[link] = LINK_CAPS[lo]
+            else:
+                caps[link] = LINK_CAPS[lo - 1]
+        return caps
 
     def _problem(self, configs: list[ReplicaConfig | None]) -> tuple[
             RoutingProblem, dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]], dict[tuple[int, int], str]]:
@@ -323,31 +366,50 @@ class Evaluator:
         if e.routing.total <= 0 or not any(c is not None and c.role != "both" for c in e.configs):
             return e
         prob, pair_terms, _ = self._problem(e.configs)
-        self._cap_links(prob, pair_terms, e.routing.link_cap, e.targets or self.targets["even"])
+        self._cap_links(prob, pair_terms, e.routing.link_caps, e.targets or self.targets["even"])
         return replace(e, routing=balance_routing(prob, e.routing))
 
+    def _prefill_rate(self, pairs: list[tuple[tuple[str, str], tuple[ReplicaConfig, PairTerms]]], link_cap: float,
+                      targets: Targets) -> float:
+        """What the prefill replicas of ``pairs`` take, each at its best pair, with their links at ``link_cap``."""
+        best: dict[str, float] = {}
+        for (p, _), (pc, terms) in pairs:
+            best[p] = max(best.get(p, 0.0), self.pair_prefill_capacity(pc, terms, link_cap, targets)[0])
+        return sum(best.values())
+
     def _route(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
-               link_cap: float, targets: Targets) -> RoutingSolution:
-        """Solve the routing LP with links capped at ``link_cap``: each pair's prefill capacity is what its
-        TTFT budget allows after the KV transfer and the queueing at that cap."""
-        self._cap_links(prob, pair_terms, link_cap, targets)
+               link_caps: dict[Hashable, float], targets: Targets) -> RoutingSolution:
+        """Solve the routing LP with each link capped at ``link_caps``: each pair's prefill capacity is
+        what its TTFT budget allows after the KV transfer and its link's wait at that cap."""
+        self._cap_links(prob, pair_terms, link_caps, targets)
         return solve_routing(prob)
 
     def _cap_links(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
-                   link_cap: float, targets: Targets) -> None:
-        """Set ``prob``'s link cap and each pair's prefill capacity (and tie-break) at that cap."""
-        prob.link_cap = link_cap
+                   link_caps: dict[Hashable, float], targets: Targets) -> None:
+        """Set ``prob``'s link caps and each pair's prefill capacity (and tie-break) at the cap of its
+        busiest link."""
+        prob.link_caps = dict(link_caps)
         for pd, (pc, terms) in pair_terms.items():
-            prob.pair_cap[pd], kv = self.pair_prefill_capacity(pc, terms, link_cap, targets.q_ttft)
+            cap = prob.cap_of(busiest_link(terms))
+            prob.pair_cap[pd], kv = self.pair_prefill_capacity(pc, terms, cap, targets)
             prob.pair_penalty[pd] = min(0.99, kv / self.ctx.slo.ttft_s)
 
     def pair_prefill_capacity(self, pc: ReplicaConfig, terms: PairTerms, link_cap: float = LINK_UTILISATION,
-                              q_ttft: float | None = None) -> tuple[float, float]:
+                              targets: Targets | None = None) -> tuple[float, float]:
         """(rate prefill ``pc`` takes when its requests decode over ``terms``' link, the TTFT that link
-        costs): its TTFT budget less the KV transfer of a long prompt (the ``q_ttft`` quantile, default
-        the even split's, as ``pc``'s curve must be), the KV queueing of links loaded to ``link_cap`` and
-        half a TPOT (the wait to join a decode step)."""
+        costs on average): the rate whose TTFT quantile (``targets``', default the even split's, as
+        ``pc``'s curve must be), with each prompt's KV transfer and the wait of links loaded to
+        ``link_cap`` (``capacity.KvLink``), fits its TTFT budget less half a TPOT (the wait to join a
+        decode step). Ignoring bandwidth, its own curve's."""
         slo = self.ctx.slo
-        q = self.targets["even"].q_ttft if q_ttft is None else q_ttft
-        kv = self._kv_quantile(terms, link_cap, q) if self.bandwidth_aware else 0.0
-        return pc.prefill_capacity(slo.ttft_s - kv - 0.5 * slo.tpot_s), kv
+        t = self.targets["even"] if targets is None else targets
+        slack = slo.ttft_s - 0.5 * slo.tpot_s
+        if not self.bandwidth_aware:
+            return pc.prefill_capacity(slack), 0.0
+        wl = self.ctx.workload
+        link = KvLink(terms.kv_time, max((b for _, b in terms.link_use), default=0.0), link_cap, wl.input.scv)
+        kv = self._kv_quantile(terms, link_cap, t.q_ttft)
+        if pc.curve is None:
+            return 0.0, kv
+        rates, ttft = linked_prefill_curve(pc.rm, wl, t, link)
+        return rate_for_slack(rates, ttft, slack), kv

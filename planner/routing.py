@@ -32,14 +32,18 @@ LINK_UTILISATION = 0.7  # keep links below this; the TTFT budget reserves the qu
 
 
 def kv_ttft_seconds(kv_s: float, busy_s: float, long_scale: float, scv: float, link_cap: float) -> float:
-    """TTFT a long prompt's KV trip takes: its transfer (``kv_s`` for a mean prompt, times ``long_scale``)
-    plus the mean M/G/1 wait of a link loaded to ``link_cap`` with ``busy_s`` per mean prompt (quantiles
-    of the parts do not add up). The routing LP charges a pair this; the rent MIP a prefill unit."""
+    """TTFT a long prompt's KV trip takes on average: its transfer (``kv_s`` for a mean prompt, times
+    ``long_scale``) plus the mean M/G/1 wait of a link loaded to ``link_cap`` with ``busy_s`` per mean
+    prompt. The rent MIP charges a prefill unit this (a quick estimate, before any routing); the routing
+    LP takes the quantile of the whole trip (``capacity.KvLink``) and ranks pairs by this."""
     return kv_s * long_scale + link_cap * busy_s * (1.0 + scv) / (2 * (1 - link_cap))
-# Caps a link-bound candidate is also routed at (``Evaluator.evaluate_configs``): a busier link queues
-# KV longer, which the TTFT budget of each pair then reserves, so a generous TTFT buys link throughput
-# (13B, 2k-token prompts, TTFT 4 s over 40 Gbps: the simulator runs NICs at 93% within the SLO).
-LINK_UTILISATION_STEPS = (LINK_UTILISATION, 0.8, 0.9, 0.95)
+# The caps a link may be kept under (``Evaluator._link_caps``): each link gets the one where what it carries
+# meets what the prefill replicas sending over it take within their TTFT budgets, which reserve the wait
+# of a link loaded to its cap (``capacity.KvLink``): a generous TTFT buys link throughput (13B GH200s,
+# 2k-token prompts over 40 Gbps, TTFT 4 s: the simulator serves the split with its NIC at ~77%), a slow
+# link feeding a slow prefill is kept idler (13B over 5 Gbps, TTFT 4 s: at 70% the link's wait alone
+# takes the budget; the simulator serves it with the links at 55%).
+LINK_CAPS = tuple(round(0.2 + 0.05 * i, 2) for i in range(16))
 
 
 @dataclass
@@ -52,14 +56,18 @@ class RoutingProblem:
     colocated_cap: dict[str, float] = field(default_factory=dict)
     link_use: dict[Hashable, dict[tuple[str, str], float]] = field(default_factory=dict)  # link -> pair -> s/req
     pair_penalty: dict[tuple[str, str], float] = field(default_factory=dict)  # tie-break, in [0, 1)
-    link_cap: float = LINK_UTILISATION  # busy share every link is kept under
+    link_cap: float = LINK_UTILISATION  # busy share a link is kept under ...
+    link_caps: dict[Hashable, float] = field(default_factory=dict)  # ... unless it has its own
+
+    def cap_of(self, link: Hashable) -> float:
+        return self.link_caps.get(link, self.link_cap)
 
 
 @dataclass
 class RoutingSolution:
     total: float  # requests/s
     pairs: dict[tuple[str, str], float]  # (prefill, decode) -> req/s; colocated c as (c, c)
-    link_cap: float = LINK_UTILISATION  # the problem's link cap
+    link_caps: dict[Hashable, float] = field(default_factory=dict)  # each link's cap in the problem
     links_bind: bool = False  # some link is at its cap: a higher cap could route more
 
     def weights(self) -> dict[tuple[str, str], float]:
@@ -114,10 +122,10 @@ def _rows(prob: RoutingProblem) -> _Rows:
         if js:  # as a share of the decode's capacity, like the prefill rows
             lp.add([(j, 1.0 / prob.decode_cap[d]) for j in js], 1.0, "decode")
     index = {pd: j for j, pd in enumerate(pairs)}
-    for use in prob.link_use.values():
+    for link, use in prob.link_use.items():
         entries = [(index[pd], s) for pd, s in use.items() if pd in index and s > 0]
         if entries:
-            lp.add(entries, prob.link_cap, "link")
+            lp.add(entries, prob.cap_of(link), "link")
     return lp
 
 
@@ -127,8 +135,17 @@ def _solution(prob: RoutingProblem, lp: _Rows, x: np.ndarray, a) -> RoutingSolut
     flows = {pd: float(x[j]) for j, pd in enumerate(pairs) if x[j] > 1e-12}
     flows.update({(c, c): float(x[len(pairs) + k]) for k, c in enumerate(cols) if x[len(pairs) + k] > 1e-12})
     link_rows = [r for r, k in enumerate(lp.kinds) if k == "link"]
-    binds = bool(link_rows) and bool(np.any(a[link_rows] @ x >= prob.link_cap * (1 - 1e-6)))
-    return RoutingSolution(float(x.sum()), flows, prob.link_cap, binds)
+    binds = bool(link_rows) and bool(np.any(a[link_rows] @ x >= np.array(lp.ub)[link_rows] * (1 - 1e-6)))
+    return RoutingSolution(float(x.sum()), flows, _caps(prob), binds)
+
+
+def link_loads(prob: RoutingProblem, sol: RoutingSolution) -> dict[Hashable, float]:
+    """Busy share of each link under ``sol``'s routing."""
+    return {link: sum(sol.pairs.get(pd, 0.0) * s for pd, s in use.items()) for link, use in prob.link_use.items()}
+
+
+def _caps(prob: RoutingProblem) -> dict[Hashable, float]:
+    return {link: prob.cap_of(link) for link in prob.link_use}
 
 
 def _linprog(cost: np.ndarray, a, ub: np.ndarray | None, bounds: list) -> Any:
@@ -151,7 +168,7 @@ def solve_routing(prob: RoutingProblem) -> RoutingSolution:
     a = lp.matrix() if lp.ub else None
     res = _linprog(cost, a, np.array(lp.ub) if lp.ub else None, bounds)
     if res.status != 0 or res.x is None:
-        return RoutingSolution(0.0, {}, prob.link_cap)
+        return RoutingSolution(0.0, {}, _caps(prob))
     return _solution(prob, lp, res.x, a)
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from planner.capacity import Targets
 from planner.deployment import materialize
-from planner.evaluate import Evaluator
+from planner.evaluate import Evaluator, busiest_link
 from planner.parallel import config_from_spec, spec_policy
 from planner.plan import Plan
-from planner.routing import LINK_UTILISATION_STEPS
+from planner.routing import LINK_CAPS
 from planner.workload import SLO, Workload
 
 
@@ -32,8 +32,8 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
                        slo: SLO | None = None, tol: float = 1e-3) -> list[str]:
     """Check the routing at ``rate`` (default: the plan's expected goodput) against each prefill's
     capacity (per-pair TTFT slack), each decode's capacity, each colocated replica's capacity, and
-    every link's utilisation cap (the lowest of ``LINK_UTILISATION_STEPS`` its links fit under); also
-    that weights form a distribution."""
+    every link's utilisation cap (the lowest of ``LINK_CAPS`` its load fits under); also that weights
+    form a distribution."""
     out = []
     total = sum(r.weight for r in plan.routing)
     if plan.routing and abs(total - 1) > 1e-6:
@@ -73,12 +73,11 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
         pairs.append((r, f, p, terms))
         for link, busy in terms.link_use:
             links[link] = links.get(link, 0.0) + f * busy
-    # the plan's link cap: the lowest step its links fit under (the planner routes at the lowest that
-    # pays); every pair's TTFT budget then reserves the KV queueing of that cap
-    busiest = max(links.values(), default=0.0)
-    cap = next((c for c in LINK_UTILISATION_STEPS if busiest <= c * (1 + tol)), LINK_UTILISATION_STEPS[-1])
+    # each link's cap: the lowest of LINK_CAPS its load fits under; every pair's TTFT budget then
+    # reserves the KV queueing of its busiest link at that cap
+    caps = {link: next((c for c in LINK_CAPS if busy <= c * (1 + tol)), LINK_CAPS[-1]) for link, busy in links.items()}
     for r, f, p, terms in pairs:
-        pcap, _ = ev.pair_prefill_capacity(p, terms, cap, targets.q_ttft)
+        pcap, _ = ev.pair_prefill_capacity(p, terms, caps.get(busiest_link(terms), LINK_CAPS[-1]), targets)
         if f > 0 and pcap <= 0:
             out.append(f"route {r.prefill}->{r.decode}: KV transfer leaves no TTFT budget")
             continue
@@ -92,6 +91,6 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
         if f > cap_d * (1 + tol) + 1e-9:
             out.append(f"{roles[rid]} {rid}: {f:.3f} req/s over its capacity {cap_d:.3f}")
     for link, busy in links.items():
-        if busy > cap * (1 + tol):
-            out.append(f"link {link}: busy {busy:.3f} of the time, over {cap}")
+        if busy > caps[link] * (1 + tol):
+            out.append(f"link {link}: busy {busy:.3f} of the time, over {caps[link]}")
     return out

@@ -303,7 +303,7 @@ def test_a_plan_routed_over_a_busier_link_verifies_at_its_own_cap(monkeypatch) -
     assert routing_violations(plan, rate=goodput * 2)
     import planner.verify
 
-    monkeypatch.setattr(planner.verify, "LINK_UTILISATION_STEPS", (LINK_UTILISATION,))
+    monkeypatch.setattr(planner.verify, "LINK_CAPS", (LINK_UTILISATION,))
     assert any("link" in v for v in routing_violations(plan))  # the plan's link is busier than LINK_UTILISATION
 
 
