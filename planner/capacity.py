@@ -315,10 +315,11 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     quantiles, to the batches still in the pipeline."""
     work.charge("prefill_tail", 1 if link is None else 3)  # a link's wait shifts the pipeline term 4 more times
     own, lens = _own_passes(rm, wl, rates, k, b, t)
-    if link is not None:
-        own = own + link.transfer(lens, wl.mean_input)[None, :]
     s = b / k
     rho = rates * s
+    if link is not None:
+        ahead, link_m = link.batch_terms(k, rho)
+        own = own + link.transfer(lens, wl.mean_input)[None, :] + ahead[:, None]
     ok = rho < 1
     rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
     m = (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]
@@ -335,8 +336,8 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
         if link is None:
             waited = np.where(late < 0, 1.0, rho_c * np.exp(-late * decay)) @ share
             return 1.0 - (1.0 - waited) * free(x)
-        waited = _two_wait_tail(late, rho_c, m, link.utilisation, link.wait_scale) @ share
-        shifted = sum(free(x - link.wait_scale * e) for e in LINK_WAIT_POINTS) / len(LINK_WAIT_POINTS)
+        waited = _two_wait_tail(late, rho_c, m, link.utilisation, link_m[:, None]) @ share
+        shifted = sum(free(x - link_m * e) for e in LINK_WAIT_POINTS) / len(LINK_WAIT_POINTS)
         return 1.0 - (1.0 - waited) * ((1 - link.utilisation) * free(x) + link.utilisation * shifted)
 
     hi = own.max(axis=1) + b + m[:, 0] * (math.log(1.0 / (1 - t.q_ttft)) + 1) + 1.0
@@ -352,26 +353,34 @@ LINK_WAIT_POINTS = tuple(-math.log(1.0 - (j + 0.5) / 4) for j in range(4))
 class KvLink:
     """The trip a prompt's KV takes from its prefill replica to its decode replica: ``mean_s`` for a
     mean prompt (a prompt's length scales it), over a link busy ``busy_s`` per mean prompt and loaded to
-    ``utilisation`` (the routing's link cap). The link is an M/G/1 queue (the simulator's NIC: FIFO,
-    one transfer at a time): no wait with probability ``1 - utilisation``, else an exponential of mean
-    ``wait_scale``. Its tail, not its mean, is what a TTFT quantile sees: 13B over 5 Gbps with 2k-token
-    prompts, the link at 55-70%, waited 1.5-1.9x its mean at the 91st percentile, and plans that
-    reserved the mean were promised up to 1.27x what they served."""
+    ``utilisation`` (its cap in the routing). The link is a FIFO queue (the simulator's NIC, one transfer
+    at a time) that a prefill batch's prompts join together (``batch_terms``). Its wait's tail, not its
+    mean, is what a TTFT quantile sees: 13B over 5 Gbps with 2k-token prompts, the link at 55-70%,
+    waited 1.5-1.9x its mean at the 91st percentile, and plans that reserved the mean were promised up
+    to 1.27x what they served."""
 
     mean_s: float
     busy_s: float
     utilisation: float
     scv: float  # of the link's service: the prompts' lengths
 
-    @property
-    def wait_scale(self) -> float:
-        return self.busy_s * (1.0 + self.scv) / (2.0 * (1.0 - self.utilisation))
+    def batch_terms(self, k: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the mean wait behind its batch-mates' transfers, the mean of the link's wait when there is
+        one) for prompts that finish their prefill in batches, ``k`` at a time when it is busy (a share
+        ``rho`` of batches; the others start from an idle queue with one prompt): a batch queues as one
+        job of its transfers (M/G/1 with batch service: none with probability ``utilisation``, else
+        exponential of mean ``busy (k + scv) / (2 (1 - utilisation))``), and a prompt then waits for the
+        ``(k - 1) / 2`` mates ahead of it on average. With one prompt per batch, the M/G/1 wait of
+        single transfers."""
+        k = 1.0 + np.minimum(rho, 1.0) * (k - 1.0)
+        ahead = (k - 1.0) / 2.0 * self.busy_s
+        return ahead, self.busy_s * (k + self.scv) / (2.0 * (1.0 - self.utilisation))
 
     def transfer(self, lengths: np.ndarray, mean_length: float) -> np.ndarray:
         return self.mean_s * lengths / mean_length
 
 
-def _two_wait_tail(y: np.ndarray, a: np.ndarray | float, m1: np.ndarray | float, b: float, m2: float
+def _two_wait_tail(y: np.ndarray, a: np.ndarray | float, m1: np.ndarray | float, b: float, m2: np.ndarray | float
                    ) -> np.ndarray:
     """``P(W1 + W2 > y)`` for independent waits that are exponential of mean ``m1`` (``m2``) with
     probability ``a`` (``b``) and none otherwise: the prefill queue's and the KV link's."""
@@ -413,19 +422,20 @@ def _linked_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarra
     work.charge("prefill_tail")
     mean_in = wl.mean_input
     own, lens = _own_passes(rm, wl, rates, k, b, t)
-    trip = own + link.transfer(lens, mean_in)[None, :]
     s = b / k
     rho = rates * s
+    ahead, link_m = link.batch_terms(k, rho)
+    trip = own + link.transfer(lens, mean_in)[None, :] + ahead[:, None]
     ok = rho < 1
     rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
     m = (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]
     share = np.full(own.shape[1], 1.0 / own.shape[1])
 
     def tail(x: np.ndarray) -> np.ndarray:
-        return _two_wait_tail(x[:, None] - trip, rho_c, m, link.utilisation, link.wait_scale) @ share
+        return _two_wait_tail(x[:, None] - trip, rho_c, m, link.utilisation, link_m[:, None]) @ share
 
     miss = math.log(1.0 / (1 - t.q_ttft)) + 1
-    hi = trip.max(axis=1) + (m[:, 0] + link.wait_scale) * miss + 1.0
+    hi = trip.max(axis=1) + (m[:, 0] + link_m) * miss + 1.0
     return _tail_quantile(tail, ok, hi, t.q_ttft)
 
 

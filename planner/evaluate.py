@@ -309,6 +309,9 @@ class Evaluator:
         caps: dict[Hashable, float] = {}
         for link, use in prob.link_use.items():
             busy = max(use.values())
+            if busy <= 0:  # carries nothing: its wait is none at any cap
+                caps[link] = LINK_CAPS[0]
+                continue
             pairs = [(pd, pair_terms[pd]) for pd in use]
 
             lo, hi = 0, len(LINK_CAPS)  # the first cap whose link carries all the prefills take: in [lo, hi]
