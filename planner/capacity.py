@@ -372,9 +372,10 @@ class KvLink:
         exponential of mean ``busy (k + scv) / (2 (1 - utilisation))``), and a prompt then waits for the
         ``(k - 1) / 2`` mates ahead of it on average. With one prompt per batch, the M/G/1 wait of
         single transfers."""
-        k = 1.0 + np.minimum(rho, 1.0) * (k - 1.0)
+        busy = np.minimum(rho, 1.0)
+        k = 1.0 + busy * (k - 1.0)
         ahead = (k - 1.0) / 2.0 * self.busy_s
-        return ahead, self.busy_s * (k + self.scv) / (2.0 * (1.0 - self.utilisation))
+        return ahead, self.busy_s * (k * (1.0 - busy**2) + self.scv) / (2.0 * (1.0 - self.utilisation))
 
     def transfer(self, lengths: np.ndarray, mean_length: float) -> np.ndarray:
         return self.mean_s * lengths / mean_length
@@ -386,6 +387,7 @@ def _two_wait_tail(y: np.ndarray, a: np.ndarray | float, m1: np.ndarray | float,
     probability ``a`` (``b``) and none otherwise: the prefill queue's and the KV link's."""
     y = np.asarray(y, dtype=float)
     pos = np.maximum(y, 0.0)
+    m1, m2 = np.maximum(m1, 1e-12), np.maximum(m2, 1e-12)  # a link that carries nothing: no wait
     e1 = np.exp(-pos / m1)
     e2 = np.exp(-pos / m2)
     diff = m1 - m2
