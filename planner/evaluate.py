@@ -89,6 +89,7 @@ class Evaluator:
             shared_cache if shared_cache is not None else {})
         self._pairs: dict[tuple, PairTerms] = {}
         self._leaned: dict[tuple, tuple[float, object]] = {}
+        self._pair_rates: dict[tuple, float] = {}
         assert ctx.targets is not None
         self.targets = {lean: ctx.targets if lean == "even" else
                         Targets.for_slo(ctx.slo, ctx.targets.max_batch_tokens, lean) for lean in LEANS}
@@ -377,7 +378,7 @@ class Evaluator:
         """What the prefill replicas of ``pairs`` take, each at its best pair, with their links at ``link_cap``."""
         best: dict[str, float] = {}
         for (p, _), (pc, terms) in pairs:
-            best[p] = max(best.get(p, 0.0), self.pair_prefill_capacity(pc, terms, link_cap, targets)[0])
+            best[p] = max(best.get(p, 0.0), self._pair_rate(pc, terms, link_cap, targets))
         return sum(best.values())
 
     def _route(self, prob: RoutingProblem, pair_terms: dict[tuple[str, str], tuple[ReplicaConfig, PairTerms]],
@@ -409,10 +410,18 @@ class Evaluator:
         slack = slo.ttft_s - 0.5 * slo.tpot_s
         if not self.bandwidth_aware:
             return pc.prefill_capacity(slack), 0.0
-        wl = self.ctx.workload
-        link = KvLink(terms.kv_time, max((b for _, b in terms.link_use), default=0.0), link_cap, wl.input.scv)
-        kv = self._kv_quantile(terms, link_cap, t.q_ttft)
+        return self._pair_rate(pc, terms, link_cap, t), self._kv_quantile(terms, link_cap, t.q_ttft)
+
+    def _pair_rate(self, pc: ReplicaConfig, terms: PairTerms, link_cap: float, t: Targets) -> float:
+        """``pair_prefill_capacity``'s rate, cached by what it depends on: a link's cap is chosen by
+        bisection over many pairs of the same shapes (``_link_caps``)."""
         if pc.curve is None:
-            return 0.0, kv
-        rates, ttft = linked_prefill_curve(pc.rm, wl, t, link)
-        return rate_for_slack(rates, ttft, slack), kv
+            return 0.0
+        busy = max((b for _, b in terms.link_use), default=0.0)
+        key = (shape_key(pc.rm), t, terms.kv_time, busy, link_cap)
+        rate = self._pair_rates.get(key)
+        if rate is None:
+            wl, slo = self.ctx.workload, self.ctx.slo
+            rates, ttft = linked_prefill_curve(pc.rm, wl, t, KvLink(terms.kv_time, busy, link_cap, wl.input.scv))
+            rate = self._pair_rates[key] = rate_for_slack(rates, ttft, slo.ttft_s - 0.5 * slo.tpot_s)
+        return rate
