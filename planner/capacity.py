@@ -289,6 +289,18 @@ def _own_passes(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarray
     return own, np.tile(lens, MATES_POINTS)
 
 
+def _queue_wait(wl: Workload, rates: np.ndarray, k: np.ndarray, b: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(utilisation, whether it is under 1, utilisation capped under 1 as a column, the mean of the
+    wait when there is one, as a column) of a prefill queue of batches ``k`` prompts taking ``b``: its
+    M/G/1 wait, none with probability ``rho``'s complement, else exponential (``_pipelined_ttft``,
+    ``_linked_ttft``)."""
+    s = b / k
+    rho = rates * s
+    rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
+    return rho, rho < 1, rho_c, (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]
+
+
 def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarray, b: np.ndarray,
                     t: Targets, link: KvLink | None = None) -> np.ndarray:
     """TTFT quantile of a prefill replica whose stages pipeline successive batches (PP > 1).
@@ -316,14 +328,10 @@ def _pipelined_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.nda
     work.charge("prefill_tail", 1 if link is None else 3)  # a link's wait shifts the pipeline term 4 more times
     # (~4.3 ms with a link, ~1.7 without)
     own, lens = _own_passes(rm, wl, rates, k, b, t)
-    s = b / k
-    rho = rates * s
+    rho, ok, rho_c, m = _queue_wait(wl, rates, k, b)
     if link is not None:
         ahead, link_m = link.batch_terms(k, rho)
         own = own + link.transfer(lens, wl.mean_input)[None, :] + ahead[:, None]
-    ok = rho < 1
-    rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
-    m = (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]
     batch_rate = rates / k
     reach = own + b[:, None]
     decay = 1.0 / np.maximum(m, 1e-12)
@@ -425,13 +433,9 @@ def _linked_ttft(rm: ReplicaModel, wl: Workload, rates: np.ndarray, k: np.ndarra
     work.charge("prefill_tail", 2)  # ~2.7 ms where a pipelined replica's tail without a link takes ~1.7
     mean_in = wl.mean_input
     own, lens = _own_passes(rm, wl, rates, k, b, t)
-    s = b / k
-    rho = rates * s
+    rho, ok, rho_c, m = _queue_wait(wl, rates, k, b)
     ahead, link_m = link.batch_terms(k, rho)
     trip = own + link.transfer(lens, mean_in)[None, :] + ahead[:, None]
-    ok = rho < 1
-    rho_c = np.minimum(rho, 1 - 1e-9)[:, None]
-    m = (s * (wl.arrival_scv + wl.input.scv) / (2 * (1 - rho_c[:, 0])))[:, None]
     share = np.full(own.shape[1], 1.0 / own.shape[1])
 
     def tail(x: np.ndarray) -> np.ndarray:

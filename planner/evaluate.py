@@ -21,6 +21,7 @@ from planner.routing import (
     RoutingProblem,
     RoutingSolution,
     balance_routing,
+    cap_over,
     kv_ttft_seconds,
     link_loads,
     solve_routing,
@@ -37,9 +38,14 @@ class PairTerms:
     compression: str
     link_use: list[tuple[tuple[str, str], float]]  # (link key, busy seconds per request)
 
+    @property
+    def busy(self) -> float:
+        """Seconds per request on the busiest link: the one whose wait the pair's TTFT budget reserves."""
+        return max((b for _, b in self.link_use), default=0.0)
+
 
 def busiest_link(terms: PairTerms) -> Hashable | None:
-    """The link a pair's KV is busiest on: the one whose wait its TTFT budget reserves."""
+    """The link a pair's KV is busiest on (``PairTerms.busy``)."""
     return max(terms.link_use, key=lambda use: use[1])[0] if terms.link_use else None
 
 
@@ -179,8 +185,7 @@ class Evaluator:
         charge("kv_quantile")
         wl = self.ctx.workload
         scale = wl.input.quantile(q_ttft) / wl.mean_input
-        busy = max((b for _, b in terms.link_use), default=0.0)
-        return kv_ttft_seconds(terms.kv_time, busy, scale, wl.input.scv, link_cap)
+        return kv_ttft_seconds(terms.kv_time, terms.busy, scale, wl.input.scv, link_cap)
 
     # -- candidates ----------------------------------------------------------------------------
     def score_of(self, goodput: float, cost: float) -> float:
@@ -288,9 +293,7 @@ class Evaluator:
         sol = self._route(prob, pair_terms, caps, targets)
         for _ in range(LINK_CAP_REFINES):
             loads = link_loads(prob, sol)
-            lower = {link: next(c for c in LINK_CAPS if c >= load * (1 - 1e-9) or c == LINK_CAPS[-1])
-                     for link, load in loads.items()}
-            lower = {link: min(c, caps[link]) for link, c in lower.items()}
+            lower = {link: min(cap_over(load, 1e-9), caps[link]) for link, load in loads.items()}
             if lower == caps:
                 break
             other = self._route(prob, pair_terms, lower, targets)
@@ -417,11 +420,11 @@ class Evaluator:
         bisection over many pairs of the same shapes (``_link_caps``)."""
         if pc.curve is None:
             return 0.0
-        busy = max((b for _, b in terms.link_use), default=0.0)
-        key = (shape_key(pc.rm), t, terms.kv_time, busy, link_cap)
+        key = (shape_key(pc.rm), t, terms.kv_time, terms.busy, link_cap)
         rate = self._pair_rates.get(key)
         if rate is None:
             wl, slo = self.ctx.workload, self.ctx.slo
-            rates, ttft = linked_prefill_curve(pc.rm, wl, t, KvLink(terms.kv_time, busy, link_cap, wl.input.scv))
+            link = KvLink(terms.kv_time, terms.busy, link_cap, wl.input.scv)
+            rates, ttft = linked_prefill_curve(pc.rm, wl, t, link)
             rate = self._pair_rates[key] = rate_for_slack(rates, ttft, slo.ttft_s - 0.5 * slo.tpot_s)
         return rate

@@ -46,6 +46,11 @@ def kv_ttft_seconds(kv_s: float, busy_s: float, long_scale: float, scv: float, l
 LINK_CAPS = tuple(round(0.2 + 0.05 * i, 2) for i in range(16))
 
 
+def cap_over(load: float, tol: float = 0.0) -> float:
+    """The lowest of ``LINK_CAPS`` a link carrying ``load`` fits under (within ``tol``), else the highest."""
+    return next((c for c in LINK_CAPS if load <= c * (1 + tol)), LINK_CAPS[-1])
+
+
 @dataclass
 class RoutingProblem:
     prefill: list[str] = field(default_factory=list)

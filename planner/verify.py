@@ -12,7 +12,7 @@ from planner.deployment import materialize
 from planner.evaluate import Evaluator, busiest_link
 from planner.parallel import config_from_spec, spec_policy
 from planner.plan import Plan
-from planner.routing import LINK_CAPS
+from planner.routing import LINK_CAPS, cap_over
 from planner.workload import SLO, Workload
 
 
@@ -75,7 +75,7 @@ def routing_violations(plan: Plan, *, rate: float | None = None, workload: Workl
             links[link] = links.get(link, 0.0) + f * busy
     # each link's cap: the lowest of LINK_CAPS its load fits under; every pair's TTFT budget then
     # reserves the KV queueing of its busiest link at that cap
-    caps = {link: next((c for c in LINK_CAPS if busy <= c * (1 + tol)), LINK_CAPS[-1]) for link, busy in links.items()}
+    caps = {link: cap_over(busy, tol) for link, busy in links.items()}
     for r, f, p, terms in pairs:
         pcap, _ = ev.pair_prefill_capacity(p, terms, caps.get(busiest_link(terms), LINK_CAPS[-1]), targets)
         if f > 0 and pcap <= 0:
