@@ -54,6 +54,7 @@ from _suite import planner_suite  # noqa: E402
 from planner.cluster import Cluster, Node  # noqa: E402
 from planner.cost_model import DEFAULT_EFF  # noqa: E402
 from planner.models import load_model  # noqa: E402
+from planner.offers import MAX_GPUS  # noqa: E402
 from planner.rent import (  # noqa: E402
     NetworkKv,
     Unit,
@@ -79,7 +80,7 @@ def units_by_place(sc, suite, capacity: int | None = None) -> tuple[Setting, dic
     """The scenario's planning setting and, per place (cloud, region) of its catalog (each offer capped
     at ``capacity`` instances when given), the rent step's units within the budget."""
     s = Setting(load_model(sc.model), suite.PROMPTS[sc.prompts], sc.slo(), sc.budget,
-                suite.offers_for(sc.cloud, capacity), None, True, sc.gbps, "auto", 0, math.inf, 64, DEFAULT_EFF)
+                suite.offers_for(sc.cloud, capacity), None, True, sc.gbps, "auto", 0, math.inf, MAX_GPUS, DEFAULT_EFF)
     catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
     return s, {place: units for place, kinds in offers_by_place(s.offers, True).items()
                if (units := [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0])}
@@ -102,7 +103,7 @@ def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
             of_type = by_type.setdefault(u.kind.offer.gpu_type, {"prefill": 0.0, "decode": 0.0})
             if u.role in of_type:
                 of_type[u.role] = max(of_type[u.role], cap / u.cost)
-        rate, cost, _ = solve_mix(units, sc.budget, 64, s.context, sc.gbps, "auto", True)
+        rate, cost, _ = solve_mix(units, sc.budget, MAX_GPUS, s.context, sc.gbps, "auto", True)
         out[place] = {"colocated": top["both"], "split": _split(top),
                       "homogeneous split": max(map(_split, by_type.values()), default=0.0), "in-node split": top["pd"],
                       ANY: lp_per_dollar(units, kv), MIP: rate / cost if cost > 0 else 0.0}
@@ -121,7 +122,9 @@ def at_budget_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
     for place, units in places.items():
 
         def rate(chosen: list[Unit], relax: bool = False) -> float:
-            return solve_mix(chosen, sc.budget, 64, s.context, sc.gbps, "auto", True, relax=relax)[0] if chosen else 0.0
+            if not chosen:
+                return 0.0
+            return solve_mix(chosen, sc.budget, MAX_GPUS, s.context, sc.gbps, "auto", True, relax=relax)[0]
 
         types = {u.kind.offer.gpu_type for u in units}
         out[place] = {ANY: rate(units, relax=True), MIP: rate(units),

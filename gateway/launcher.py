@@ -61,14 +61,19 @@ class GatewayProcess:
         self.stop()
         raise GatewayStartError(f"gateway did not listen within {timeout_s:g} s: {self.log_tail()}")
 
-    def wait_ready(self, timeout_s: float = 60.0) -> dict[str, object]:
-        """Poll /ready until 200 (workers healthy and the model discovered)."""
+    def wait_ready(self, timeout_s: float = 60.0, healthy: int = 0) -> dict[str, object]:
+        """Poll /ready until 200 (workers healthy and the model discovered) and, with ``healthy``, until
+        that many workers pass their health checks: /ready answers 200 as soon as the gateway can route
+        one request, while the other workers' first checks may still be on their way."""
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(self.url + "/ready", timeout=2) as resp:
-                    return orjson.loads(resp.read())
+                    ready = orjson.loads(resp.read())
+                if _healthy_workers(ready) >= healthy:
+                    return ready
+                last = f"{_healthy_workers(ready)} of {healthy} workers healthy"
             except urllib.error.HTTPError as e:
                 last = e.read().decode(errors="replace")
             except OSError as e:
@@ -103,3 +108,8 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _healthy_workers(ready: dict[str, object]) -> int:
+    """Workers of every role that pass their health checks, from a /ready answer."""
+    return sum(v.get("healthy", 0) for v in ready.values() if isinstance(v, dict))

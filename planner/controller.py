@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from planner.offers import MAX_GPUS
 from planner.plan import Instance, Plan, ReplicaSpec, replica_number
 from planner.state import NodeRecord, ReplicaRecord, StateStore
 
@@ -73,7 +74,7 @@ class ControllerConfig:
     kv_compression: str = "auto"
     seed: int = 0
     plan_time_limit_s: float = 10.0
-    max_nodes: int = 64
+    max_nodes: int = MAX_GPUS  # the most GPUs the plan rents
     max_batch: int | None = None
     replace_lost: bool = True
     replace_retry_s: float = 30.0  # wait before asking again after a refused or failed replacement

@@ -34,8 +34,6 @@ from planner.parallel import SPLIT_SIZES, PlanContext, ReplicaConfig, best_node_
 from planner.routing import LINK_UTILISATION, kv_ttft_seconds
 from planner.work import charge
 
-MAX_UNITS_PER_KIND = 64
-
 
 class BudgetTooSmall(ValueError):
     """Not even one replica of the model fits in the budget."""
@@ -341,7 +339,7 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
         row(coeffs, -np.inf, 0.0)
     if math.isfinite(rate_cap):
         row({n: 1.0, n + 1: 1.0}, -np.inf, rate_cap)
-    ub = [min(MAX_UNITS_PER_KIND, math.floor(budget / u.cost + 1e-9)) for u in units] + [np.inf, np.inf]
+    ub = [min(max_gpus // u.gpus, math.floor(budget / u.cost + 1e-9)) for u in units] + [np.inf, np.inf]
     # capacity rows make the MIP much harder (a 230-unit RunPod place: 0.02 s uncapped, 1 s capped at 1e-3);
     # the rates it weighs are the capacity model's, which the search and the race refine anyway
     gap = CAPPED_MIP_GAP if limited else 1e-3

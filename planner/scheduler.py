@@ -25,7 +25,7 @@ from planner.cluster import Cluster, pool_from_spec
 from planner.cost_model import DEFAULT_EFF, Efficiency
 from planner.evaluate import Evaluation, Evaluator
 from planner.models import ModelSpec, load_model
-from planner.offers import CatalogError, Offer, builtin_offers, sky_cached_clouds, sky_offers
+from planner.offers import MAX_GPUS, CatalogError, Offer, builtin_offers, sky_cached_clouds, sky_offers
 from planner.parallel import PlanContext
 from planner.plan import Instance, Plan, ReplicaSpec, Route
 from planner.rent import BudgetTooSmall, choose_pools, worth
@@ -102,7 +102,7 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
                     offers: list[Offer] | None = None, pool: Cluster | str | None = None,
                     strategy: str = "thunderserve", spot: bool = True, inter_node_gbps: float | None = None,
                     kv_compression: str = "auto", seed: int = 0, time_limit_s: float | None = 20.0,
-                    max_gpus: int = 64, disaggregate: bool = False, verify: bool = True,
+                    max_gpus: int = MAX_GPUS, disaggregate: bool = False, verify: bool = True,
                     eff: Efficiency = DEFAULT_EFF) -> Plan:
     """Plan a deployment of ``model`` for ``workload`` under ``slo``.
 

@@ -31,7 +31,7 @@ async def test_colocated_workers_get_a_single_plain_request() -> None:
     gw = GatewayProcess(["--worker", engines[0].url, "--worker", engines[1].url, "--no-auth"])
     try:
         await asyncio.to_thread(gw.start)
-        ready = await asyncio.to_thread(gw.wait_ready)
+        ready = await asyncio.to_thread(gw.wait_ready, 60.0, 2)
         assert ready["both"] == {"healthy": 2, "total": 2}
         async with aiohttp.ClientSession() as s:
             async with s.post(gw.url + "/v1/chat/completions", json=CHAT) as r:

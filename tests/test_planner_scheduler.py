@@ -584,3 +584,25 @@ def test_the_rent_mip_rates_a_prefill_unit_within_the_ttft_its_kv_s_trip_leaves(
     assert prefill is not None and decode is not None
     routed, _ = ev.pair_prefill_capacity(prefill, ev.pair_terms(prefill, decode))
     assert got == pytest.approx(routed * unit.replicas, rel=0.1)
+
+
+def test_a_plan_rents_what_the_budget_buys_of_cheap_gpus_past_64() -> None:
+    """$30/h of $0.30/h RTX 4090s buys 100 GPUs: by default the rent step takes them all (a cap of 64 GPUs
+    left Vast's and RunPod's 7B plans at $40/h with 9-16% less goodput per dollar), and ``max_gpus``
+    still caps the pool, in GPUs, whatever instance shapes make it up."""
+    from planner.offers import MAX_GPUS, Offer
+    from planner.rent import choose_pools
+
+    s = Setting(load_model("llama-2-7b"), CONV, SLO(2.0, 0.1), 30.0, None, None, False, 40.0, "auto", 0, 1.0,
+                MAX_GPUS, DEFAULT_EFF)
+    offers = [Offer("a", "1x_RTX4090", "RTX4090", 1, 0.3, None, "r"),
+              Offer("a", "2x_RTX4090", "RTX4090", 2, 0.6, None, "r")]
+
+    def gpus(max_gpus: int) -> int:
+        pools = choose_pools(offers, 30.0, False, s.context, phases=("prefill", "decode", "both"), inter_node_gbps=40.0,
+                             kv_compression="auto", max_gpus=max_gpus, top=1, in_node_top=0)
+        return sum(n.gpu_count for n in pools[0].cluster.nodes)
+
+    assert MAX_GPUS >= 100
+    assert gpus(MAX_GPUS) > 90
+    assert gpus(24) <= 24

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from planner.controller import CONFIG_META_KEY, ControllerConfig
 from planner.embedded_redis import REDIS_URL_ENV, EmbeddedRedis, RedisUnavailable, check_redis, free_port
+from planner.offers import MAX_GPUS
 from planner.state import StateStore
 from tsctl.runtime import Deployment, DeploymentNotFound, alive, python_module, spawn_detached, stop_process
 
@@ -58,7 +59,8 @@ def up(
     catalog: list[str] = typer.Option([], "--catalog", help="SkyPilot vms.csv file(s) to rent from"),
     engine_model: str = typer.Option("", "--engine-model",
                                      help="with --local: the CPU engine's model (smollm2, tiny, emulated)"),
-    max_nodes: int = typer.Option(0, "--max-nodes", help="cap on nodes (default 4 with --local)"),
+    max_nodes: int = typer.Option(0, "--max-nodes",
+                                  help=f"most GPUs to rent (default 4 with --local, else {MAX_GPUS})"),
     deployment: str = typer.Option("default", "--deployment", "-d"),
     port: int = typer.Option(8000, "--port", help="gateway port (0, or taken: any free port)"),
     seed: int = typer.Option(0, "--seed"),
@@ -84,7 +86,7 @@ def up(
         output_len=output_len, ttft_s=ttft or (5.0 if local else 2.0), tpot_s=tpot or (0.5 if local else 0.1),
         spot=spot, disaggregate=local if disaggregate is None else disaggregate,
         catalogs=[os.path.abspath(c) for c in catalog], seed=seed,
-        max_nodes=max_nodes or (4 if local else 64),
+        max_nodes=max_nodes or (4 if local else MAX_GPUS),
     )
     dep = Deployment(name=deployment, mode="local" if local else "cloud", redis_url="", budget=budget, model=cfg.model)
     cfg.workdir = str(dep.dir / "nodes")

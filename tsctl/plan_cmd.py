@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from planner.offers import MAX_GPUS
+
 console = Console()
 STRATEGY_HELP = "thunderserve | colocated | distserve | hexgen | greedy | no-bandwidth"
 
@@ -129,7 +131,7 @@ def plan(
                                           "plan per seed on any machine (0: no cap)"),
     strategy: str = typer.Option("thunderserve", "--strategy", help=STRATEGY_HELP),
     pool: str = typer.Option(None, "--pool", help="your own GPUs: 2xL40S,4xRTX4090 or a YAML file"),
-    max_gpus: int = typer.Option(64, "--max-gpus", help="most GPUs to rent"),
+    max_gpus: int = typer.Option(MAX_GPUS, "--max-gpus", help="most GPUs to rent"),
     disaggregate: bool = typer.Option(False, "--disaggregate", help="prefill and decode replicas only (no colocated)"),
     simulate_check: bool = typer.Option(True, "--simulate/--no-simulate", help="check the plan in the simulator"),
     out: Path = typer.Option(None, "--out", help="also write the Plan JSON to this file"),
