@@ -23,6 +23,12 @@ The ratio ``any plan / colocated`` is then the most a plan can gain over homogen
 serving per dollar, if the capacity model holds (the simulator, which decides the suite, agrees with it to a
 few % on these plans; the table shows the suite's measured ratio beside it when ``--results`` is given).
 
+``--length-split 0.5,0.8``: the same bound for a plan that serves prompts shorter than the given quantile of
+the prompt length apart from the longer ones (the gateway would route by length: short prompts to the
+family best at them, long ones to theirs, each class meeting the SLO alone, both at one place). Under this
+model it does not beat serving all prompts together (main suite, 2026-11-30: 0.90-1.04 of ``any plan``):
+each class loses the other's batching and must meet the SLO on its own.
+
 ``any plan / best of one type`` divides by the best of colocated, homogeneous split and in-node split: the
 most a plan can gain over the best baseline of the suite (whose baselines all rent one GPU type, except
 HexGen-style colocated mixes, which are weighted means of colocated units), a sharper bound on the suite's
@@ -39,6 +45,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +72,7 @@ from planner.rent import (  # noqa: E402
     solve_mix,
 )
 from planner.scheduler import Setting  # noqa: E402
+from planner.workload import Lengths, Workload  # noqa: E402
 
 FAMILIES = ("colocated", "split", "homogeneous split", "in-node split")
 # what a baseline of one GPU type can be: colocated replicas, a split of one type over the network
@@ -76,20 +84,22 @@ HEXGEN = "colocated, any types"  # at the budget of a capped catalog (``--suite 
 ONE_TYPE = "best one type"
 
 
-def units_by_place(sc, suite, capacity: int | None = None) -> tuple[Setting, dict[tuple[str, str], list[Unit]]]:
+def units_by_place(sc, suite, capacity: int | None = None, workload: Workload | None = None
+                   ) -> tuple[Setting, dict[tuple[str, str], list[Unit]]]:
     """The scenario's planning setting and, per place (cloud, region) of its catalog (each offer capped
-    at ``capacity`` instances when given), the rent step's units within the budget."""
-    s = Setting(load_model(sc.model), suite.PROMPTS[sc.prompts], sc.slo(), sc.budget,
+    at ``capacity`` instances when given), the rent step's units within the budget (for ``workload``, by
+    default the scenario's)."""
+    s = Setting(load_model(sc.model), workload or suite.PROMPTS[sc.prompts], sc.slo(), sc.budget,
                 suite.offers_for(sc.cloud, capacity), None, True, sc.gbps, "auto", 0, math.inf, MAX_GPUS, DEFAULT_EFF)
     catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), sc.gbps)
     return s, {place: units for place, kinds in offers_by_place(s.offers, True).items()
                if (units := [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0])}
 
 
-def per_dollar_by_place(sc, suite) -> dict[tuple[str, str], dict[str, float]]:
+def per_dollar_by_place(sc, suite, workload: Workload | None = None) -> dict[tuple[str, str], dict[str, float]]:
     """Req/s per $/h of each family at each place of the scenario's catalog (0 where it has no unit),
-    and of the rent MIP's own integer mix at the budget (``MIP``)."""
-    s, places = units_by_place(sc, suite)
+    and of the rent MIP's own integer mix at the budget (``MIP``), for ``workload`` (default the scenario's)."""
+    s, places = units_by_place(sc, suite, workload=workload)
     # a prefill instance's NIC carries its prompts' KV (auto compression) to the decode side, at most
     # LINK_UTILISATION busy, and the trip takes TTFT: the rent MIP's own network terms
     kv = NetworkKv.of(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)), sc.gbps, "auto")
@@ -171,6 +181,39 @@ def lp_per_dollar(units: list[Unit], kv: NetworkKv) -> float:
     return float(-res.fun) if res.status == 0 else 0.0
 
 
+LENGTH_SAMPLE = 20000  # prompt lengths drawn to cut a workload into classes
+CLASS_POINTS = 2000  # ... and kept per class (an empirical distribution)
+
+
+def length_classes(wl: Workload, share: float) -> tuple[float, Workload, Workload] | None:
+    """(share of requests, the short prompts' workload, the long prompts'): prompts under the ``share``
+    quantile of the prompt length and the rest, as empirical length distributions with the same outputs;
+    None where the cut leaves a class empty (fixed lengths)."""
+    x = np.sort(wl.input.sample(np.random.default_rng(0), LENGTH_SAMPLE))
+    cut = x[min(int(share * len(x)), len(x) - 1)]
+    short, long_ = x[x < cut], x[x >= cut]
+    if not len(short) or not len(long_):
+        return None
+
+    def thin(v: np.ndarray) -> Lengths:
+        return Lengths.empirical(v[:: max(1, len(v) // CLASS_POINTS)])
+
+    return len(short) / len(x), replace(wl, input=thin(short)), replace(wl, input=thin(long_))
+
+
+def length_split_bound(sc, suite, share: float) -> float:
+    """Req/s per $/h of any plan serving the short and the long prompts of ``length_classes`` apart, each
+    class by its own best mix of units (``lp_per_dollar``) at one place: the cost of a request is the
+    classes' costs weighted by their shares. NaN where the cut leaves a class empty."""
+    classes = length_classes(suite.PROMPTS[sc.prompts], share)
+    if classes is None:
+        return math.nan
+    p, short, long_ = classes
+    a, b = per_dollar_by_place(sc, suite, short), per_dollar_by_place(sc, suite, long_)
+    both = [(a[place][ANY], b[place][ANY]) for place in a.keys() & b.keys()]
+    return max((1.0 / (p / x + (1 - p) / y) for x, y in both if x > 0 and y > 0), default=0.0)
+
+
 def bound(sc, suite) -> dict:
     """The best place's figures for each family, and the ratio of the best of any family to colocated."""
     by_place = per_dollar_by_place(sc, suite)
@@ -190,7 +233,11 @@ def main() -> None:
     ap.add_argument("--suite", choices=("main", "interactive", "clouds", "scarce"), default="main")
     ap.add_argument("--results", type=Path, default=None,
                     help="a bench/planner.py JSON result of the same suite: its measured ratios go beside the bound")
+    ap.add_argument("--length-split", default="",
+                    help="quantiles of the prompt length (e.g. 0.5,0.8): also bound plans serving shorter and longer "
+                         "prompts apart")
     args = ap.parse_args()
+    shares = [float(x) for x in args.length_split.split(",") if x.strip()]
     suite = planner_suite()
     scenarios: list = suite.SUITES[args.suite]
     capped = any(sc.capacity is not None for sc in scenarios)
@@ -200,17 +247,27 @@ def main() -> None:
         measured = orjson.loads(text).get("ratio_at_budget" if capped else "ratio_vs_best_baseline", {})
     console = Console(width=200)
     if capped:
+        if shares:
+            ap.error("--length-split bounds per dollar; a capped suite is judged at the budget")
         print_at_budget(args.suite, scenarios, suite, measured, console)
         return
-    rows = _rows(scenarios, lambda sc: bound(sc, suite), measured)
+    splits = [f"length split {f:g} / any plan" for f in shares]
+
+    def figures(sc) -> dict:
+        out = bound(sc, suite)
+        for f, col in zip(shares, splits, strict=True):
+            out[col] = round(length_split_bound(sc, suite, f) / out[ANY], 3) if out[ANY] > 0 else math.nan
+        return out
+
+    rows = _rows(scenarios, figures, measured)
     table = _table("The most any plan gains per dollar over homogeneous colocated serving (planner's capacity "
                    "model; req/s per $/h)", ("scenario", *FAMILIES, ANY, "bound: any plan / colocated",
                                               "any plan / best of one type", "best single family",
-                                              "rent MIP / colocated", "suite measured"))
+                                              "rent MIP / colocated", *splits, "suite measured"))
     for r in rows:
         table.add_row(r["scenario"], *(f"{r[f]:.3f}" for f in (*FAMILIES, ANY)),
                       f"{r['bound_ratio']:.3f}x", f"{r['bound_vs_homogeneous']:.3f}x", r["best_single_family"],
-                      f"{r['mip_ratio']:.3f}x",
+                      f"{r['mip_ratio']:.3f}x", *(f"{r[c]:.3f}x" for c in splits),
                       f"{r['measured_ratio']:.3f}x" if "measured_ratio" in r else "-")
     console.print(table)
     ratios = [r["bound_ratio"] for r in rows if math.isfinite(r["bound_ratio"])]
@@ -220,6 +277,8 @@ def main() -> None:
                "bound_vs_homogeneous_geomean": suite.geomean([r["bound_vs_homogeneous"] for r in rows]),
                "scenarios_bound_under_1_3": sum(1 for x in ratios if x < 1.3),
                "mip_geomean": suite.geomean([r["mip_ratio"] for r in rows]),
+               **{f"{c} geomean": suite.geomean([r[c] for r in rows if math.isfinite(r[c])]) for c in splits},
+               **{f"{c} max": max((r[c] for r in rows if math.isfinite(r[c])), default=None) for c in splits},
                "rows": rows}
     print(orjson.dumps(summary).decode())
 

@@ -485,6 +485,27 @@ def test_the_at_budget_bound_of_a_capped_catalog_covers_the_baselines_and_the_re
     assert row["mip_ratio"] <= row["bound_vs_homogeneous"] + 1e-3 and row["bound_vs_homogeneous"] >= 1.0 - 1e-3
 
 
+def test_a_length_split_workload_keeps_the_requests_it_was_cut_from() -> None:
+    """``bench/planner_bound.py --length-split``: the short and long classes of a workload's prompts are cut at
+    the quantile asked, do not overlap, and together keep the mean prompt; fixed lengths have no classes."""
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))
+    from _suite import bench_module
+
+    bound = bench_module("planner_bound")
+    wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "fixed"))
+    share, short, long_ = bound.length_classes(wl, 0.8)
+    assert share == pytest.approx(0.8, abs=0.01)
+    assert max(short.input.values) < min(long_.input.values)
+    assert short.output == long_.output == wl.output
+    mixed = share * short.input.expected + (1 - share) * long_.input.expected
+    assert mixed == pytest.approx(wl.input.expected, rel=0.02)
+    assert bound.length_classes(Workload(0.0, Lengths.fixed(512), Lengths.fixed(64)), 0.5) is None
+
+
 @pytest.mark.parametrize("split_first", [True, False])
 def test_after_a_split_the_planner_also_searches_the_pool_a_split_only_rent_step_picks(
         monkeypatch: pytest.MonkeyPatch, split_first: bool) -> None:
