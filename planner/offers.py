@@ -48,7 +48,7 @@ class Offer:
 
 # The most GPUs a plan rents unless told (``--max-gpus``). The budget bounds a plan first; this bounds the
 # search's pool where GPUs are cheap: at 64 it cut Vast's and RunPod's 7B plans at $40/h (long prompts)
-# to 62-64 of the 107-160 GPUs the budget buys, 16% and 9% less goodput per dollar. The search is
+# to 62-64 of the 107-156 GPUs the budget buys, 17% and 4% less goodput per dollar. The search is
 # time-capped, so a larger pool does not take longer to plan (160 GPUs: 29 s at the 20 s work limit).
 MAX_GPUS = 256
 
