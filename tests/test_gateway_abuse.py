@@ -66,10 +66,11 @@ async def slow_body(url: str) -> tuple[int, float]:
 async def slow_headers(url: str, every_s: float = 0.2, read_after_s: float = 0.0) -> tuple[int, float, dict]:
     """Send a request line, then trickle a header's value a byte every ``every_s`` (slowloris), reading
     from ``read_after_s`` on; return (status, seconds, JSON body) once the server has answered and
-    closed the connection."""
+    closed the connection. The clock starts before connecting: the server's deadline runs from its
+    accept, and this task may resume from the connect well after it when the loop is busy."""
     parts = urlsplit(url)
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     await writer.drain()
 
