@@ -96,13 +96,24 @@ def units_by_place(sc, suite, capacity: int | None = None, workload: Workload | 
                if (units := [u for k in kinds for u in catalog.units(k) if u.cost <= sc.budget and u.capacity > 0])}
 
 
+def network_kv(s: Setting, sc) -> NetworkKv:
+    """The rent MIP's own network terms: a prefill instance's NIC carries its prompts' KV (auto
+    compression) to the decode side, at most LINK_UTILISATION busy, and the trip takes TTFT."""
+    return NetworkKv.of(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)), sc.gbps, "auto")
+
+
+def any_plan_by_place(sc, suite, workload: Workload) -> dict[tuple[str, str], float]:
+    """``per_dollar_by_place``'s ``ANY`` alone (no family figures, no rent MIP), for ``workload``."""
+    s, places = units_by_place(sc, suite, workload=workload)
+    kv = network_kv(s, sc)
+    return {place: lp_per_dollar(units, kv) for place, units in places.items()}
+
+
 def per_dollar_by_place(sc, suite, workload: Workload | None = None) -> dict[tuple[str, str], dict[str, float]]:
     """Req/s per $/h of each family at each place of the scenario's catalog (0 where it has no unit),
     and of the rent MIP's own integer mix at the budget (``MIP``), for ``workload`` (default the scenario's)."""
     s, places = units_by_place(sc, suite, workload=workload)
-    # a prefill instance's NIC carries its prompts' KV (auto compression) to the decode side, at most
-    # LINK_UTILISATION busy, and the trip takes TTFT: the rent MIP's own network terms
-    kv = NetworkKv.of(s.context(Cluster([Node("x", "A100-80GB", 1)], inter_node_gbps=sc.gbps)), sc.gbps, "auto")
+    kv = network_kv(s, sc)
     out = {}
     for place, units in places.items():
         top = {role: 0.0 for role in ("both", "prefill", "decode", "pd")}
@@ -209,8 +220,8 @@ def length_split_bound(sc, suite, share: float) -> float:
     if classes is None:
         return math.nan
     p, short, long_ = classes
-    a, b = per_dollar_by_place(sc, suite, short), per_dollar_by_place(sc, suite, long_)
-    both = [(a[place][ANY], b[place][ANY]) for place in a.keys() & b.keys()]
+    a, b = any_plan_by_place(sc, suite, short), any_plan_by_place(sc, suite, long_)
+    both = [(a[place], b[place]) for place in a.keys() & b.keys()]
     return max((1.0 / (p / x + (1 - p) / y) for x, y in both if x > 0 and y > 0), default=0.0)
 
 

@@ -71,9 +71,10 @@ class GatewayProcess:
             try:
                 with urllib.request.urlopen(self.url + "/ready", timeout=2) as resp:
                     ready = orjson.loads(resp.read())
-                if _healthy_workers(ready) >= healthy:
+                up = _healthy_workers(ready)
+                if up >= healthy:
                     return ready
-                last = f"{_healthy_workers(ready)} of {healthy} workers healthy"
+                last = f"{up} of {healthy} workers healthy"
             except urllib.error.HTTPError as e:
                 last = e.read().decode(errors="replace")
             except OSError as e:

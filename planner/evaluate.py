@@ -408,12 +408,16 @@ class Evaluator:
         ``pc``'s curve must be), with each prompt's KV transfer and the wait of links loaded to
         ``link_cap`` (``capacity.KvLink``), fits its TTFT budget less half a TPOT (the wait to join a
         decode step). Ignoring bandwidth, its own curve's."""
-        slo = self.ctx.slo
         t = self.targets["even"] if targets is None else targets
-        slack = slo.ttft_s - 0.5 * slo.tpot_s
         if not self.bandwidth_aware:
-            return pc.prefill_capacity(slack), 0.0
+            return pc.prefill_capacity(self._prefill_slack), 0.0
         return self._pair_rate(pc, terms, link_cap, t), self._kv_quantile(terms, link_cap, t.q_ttft)
+
+    @property
+    def _prefill_slack(self) -> float:
+        """A prefill's TTFT budget: the target less half a TPOT (the wait to join a decode step)."""
+        slo = self.ctx.slo
+        return slo.ttft_s - 0.5 * slo.tpot_s
 
     def _pair_rate(self, pc: ReplicaConfig, terms: PairTerms, link_cap: float, t: Targets) -> float:
         """``pair_prefill_capacity``'s rate, cached by what it depends on: a link's cap is chosen by
@@ -423,8 +427,8 @@ class Evaluator:
         key = (shape_key(pc.rm), t, terms.kv_time, terms.busy, link_cap)
         rate = self._pair_rates.get(key)
         if rate is None:
-            wl, slo = self.ctx.workload, self.ctx.slo
+            wl = self.ctx.workload
             link = KvLink(terms.kv_time, terms.busy, link_cap, wl.input.scv)
             rates, ttft = linked_prefill_curve(pc.rm, wl, t, link)
-            rate = self._pair_rates[key] = rate_for_slack(rates, ttft, slo.ttft_s - 0.5 * slo.tpot_s)
+            rate = self._pair_rates[key] = rate_for_slack(rates, ttft, self._prefill_slack)
         return rate

@@ -1,15 +1,30 @@
-"""Shared fixtures: a real, empty redis-server per test module (never a fake)."""
+"""Shared fixtures: a real, empty redis-server per test module (never a fake); the bench scripts as modules."""
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import redis.asyncio as aioredis
 
 from planner.embedded_redis import EmbeddedRedis
 from planner.state import StateStore
+
+
+@pytest.fixture
+def bench() -> ModuleType:
+    """``bench/_suite.py``, which loads the bench scripts as modules (``bench_module``, ``planner_suite``). Its
+    folder goes after the repository root on ``sys.path``: ``planner`` stays the package, not the script."""
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    import _suite
+
+    return _suite
 
 
 @pytest.fixture(scope="module")

@@ -431,18 +431,11 @@ def test_regions_renting_the_same_instances_give_one_pool() -> None:
 
 
 @pytest.mark.parametrize("index", [0, 7, 13])  # 7B short; 70B long over 5 Gbps; 70B tight TPOT
-def test_the_per_dollar_bound_covers_every_family_and_the_rent_mip(index: int) -> None:
+def test_the_per_dollar_bound_covers_every_family_and_the_rent_mip(index: int, bench) -> None:
     """``bench/planner_bound.py``: at each place the LP relaxation per dollar is at least each single family
     (colocated, split, in-node split) and the rent MIP's own integer mix (a feasible point of the LP); a
     split of one GPU type is at most the best split of any types."""
-    import sys
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    if str(bench) not in sys.path:
-        sys.path.append(str(bench))  # after the repository root: ``planner`` stays the package
-    from _suite import bench_module, planner_suite
-
-    bound, suite = bench_module("planner_bound"), planner_suite()
+    bound, suite = bench.bench_module("planner_bound"), bench.planner_suite()
     places = bound.per_dollar_by_place(suite.SUITE[index], suite)
     assert any(figures[bound.ANY] > 0 for figures in places.values())
     for figures in places.values():
@@ -456,21 +449,15 @@ def test_the_per_dollar_bound_covers_every_family_and_the_rent_mip(index: int) -
     assert 1.0 <= row["bound_vs_homogeneous"] <= row["bound_ratio"] + 1e-3
 
 
-def test_the_at_budget_bound_of_a_capped_catalog_covers_the_baselines_and_the_rent_mip() -> None:
+def test_the_at_budget_bound_of_a_capped_catalog_covers_the_baselines_and_the_rent_mip(bench) -> None:
     """``bench/planner_bound.py --suite scarce``: at each place of a catalog with one instance per offer, the
     rent MIP's LP relaxation at the budget is at least its integer optimum, which is at least the baselines'
     (colocated units of any types; one GPU type's units) up to the MIP's gap; lifting the caps only adds plans."""
-    import sys
     from dataclasses import replace
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    if str(bench) not in sys.path:
-        sys.path.append(str(bench))
-    from _suite import bench_module, planner_suite
 
     from planner.rent import CAPPED_MIP_GAP
 
-    bound, suite = bench_module("planner_bound"), planner_suite()
+    bound, suite = bench.bench_module("planner_bound"), bench.planner_suite()
     sc = suite.SCARCE_SUITE[13]  # 70B tight TPOT: ours 1.6x the best baseline at the budget in the suite
     places = bound.at_budget_by_place(sc, suite)
     assert any(figures[bound.ANY] > 0 for figures in places.values())
@@ -485,17 +472,10 @@ def test_the_at_budget_bound_of_a_capped_catalog_covers_the_baselines_and_the_re
     assert row["mip_ratio"] <= row["bound_vs_homogeneous"] + 1e-3 and row["bound_vs_homogeneous"] >= 1.0 - 1e-3
 
 
-def test_a_length_split_workload_keeps_the_requests_it_was_cut_from() -> None:
+def test_a_length_split_workload_keeps_the_requests_it_was_cut_from(bench) -> None:
     """``bench/planner_bound.py --length-split``: the short and long classes of a workload's prompts are cut at
     the quantile asked, do not overlap, and together keep the mean prompt; fixed lengths have no classes."""
-    import sys
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    if str(bench) not in sys.path:
-        sys.path.append(str(bench))
-    from _suite import bench_module
-
-    bound = bench_module("planner_bound")
+    bound = bench.bench_module("planner_bound")
     wl = Workload(0.0, Lengths(2048, "lognormal", 0.7, lo=64, hi=8192), Lengths(128, "fixed"))
     share, short, long_ = bound.length_classes(wl, 0.8)
     assert share == pytest.approx(0.8, abs=0.01)

@@ -294,20 +294,7 @@ def test_engine_settings_travel_in_the_plan_json() -> None:
         dataclasses.replace(plan, replicas=[dataclasses.replace(r, role="prefill", mixed_chunk=True)]).validate()
 
 
-def _simulator_check():
-    """``bench/simulator_check.py`` as a module (it imports ``cost_model_check`` from its own folder)."""
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    if str(bench) not in sys.path:
-        sys.path.append(str(bench))  # after the repository root: ``planner`` stays the package
-    from _suite import bench_module
-
-    return bench_module("simulator_check")
-
-
-def test_simulator_check_replays_the_engines_step_policy() -> None:
+def test_simulator_check_replays_the_engines_step_policy(bench) -> None:
     """The bench's simulation of the reference engine: each step decodes the running batch, then prefills
     the prompts waiting at its start, back to back; a prompt's first token comes at the end of its step.
     Worked by hand on two requests with table step times."""
@@ -318,7 +305,7 @@ def test_simulator_check_replays_the_engines_step_policy() -> None:
     from planner.models import load_model
     from planner.workload import Request
 
-    sc = _simulator_check()
+    sc = bench.bench_module("simulator_check")  # imports cost_model_check from its own folder
     spec = load_model("smollm2-135m")
     steps = {"decode": {1: 0.05, 2: 0.08, 3: 0.1}, "prefill": {16: 0.1, 96: 0.3, 128: 0.4}}
     with mock.patch.dict(GPUS, {sc.DEVICE: GPUS["A10G"]}):
