@@ -587,6 +587,36 @@ def test_the_rent_mip_rates_a_prefill_unit_within_the_ttft_its_kv_s_trip_leaves(
     assert got == pytest.approx(routed * unit.replicas, rel=0.1)
 
 
+def test_a_place_s_mix_spends_a_dollar_only_where_it_buys_its_worth() -> None:
+    """With no demanded rate the race keeps the plan worth most, rate / cost^MARGINAL_VALUE, and the rent
+    MIP now looks for that mix in each place too: the most rate within the budget once rented, on
+    RunPod's capacity-limited offers for 70B, an MI300X and an RTX 4090 node for the last $1.20 of $40
+    (0.9% more rate), and the mix worth most serves 7% more per dollar. A unit that pays for its
+    price is still rented; with no ``marginal_value`` (a demanded rate) the most rate is."""
+    from planner.offers import Offer
+    from planner.rent import InstanceChoice, Unit, best_mix, worth
+    from planner.scheduler import MARGINAL_VALUE
+
+    def unit(name: str, price: float, role: str, cap: float) -> Unit:
+        return Unit(InstanceChoice(Offer("c", name, "H100", 1, price, price), price, True), 1, 1, 1, role, cap)
+
+    ctx_factory = Setting(load_model("llama-2-7b"), CONV, SLO(2.0, 0.1), 14.0, None, None, True, 40.0, "none", 0,
+                          1.0, 64, DEFAULT_EFF).context
+    prefill, decode = unit("p", 5.0, "prefill", 10.0), unit("d", 5.0, "decode", 10.0)
+
+    def mix(units: list[Unit], value: float | None) -> tuple[float, float, set[str]]:
+        rate, cost, picks = best_mix(units, 14.0, 64, ctx_factory, 40.0, "none", False, marginal_value=value)
+        return rate, cost, {u.kind.offer.instance_type for u, _ in picks}
+
+    dear = unit("b", 4.0, "both", 0.4)  # 4% more rate for 40% more money
+    assert mix([prefill, decode, dear], None) == (pytest.approx(10.4), 14.0, {"p", "d", "b"})
+    rate, cost, names = mix([prefill, decode, dear], MARGINAL_VALUE)
+    assert (rate, cost, names) == (pytest.approx(10.0), 10.0, {"p", "d"})
+    assert worth(rate, cost, MARGINAL_VALUE) > worth(10.4, 14.0, MARGINAL_VALUE)
+    worth_it = unit("b", 4.0, "both", 2.5)  # 25% more rate for 40% more money: less per $, worth it at 0.5
+    assert mix([prefill, decode, worth_it], MARGINAL_VALUE) == (pytest.approx(12.5), 14.0, {"p", "d", "b"})
+
+
 def test_a_plan_rents_what_the_budget_buys_of_cheap_gpus_past_64() -> None:
     """$30/h of $0.30/h RTX 4090s buys 100 GPUs: by default the rent step takes them all (a cap of 64 GPUs
     left Vast's and RunPod's 7B plans at $40/h with 9-16% less goodput per dollar), and ``max_gpus``
