@@ -355,7 +355,7 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
     c[n] = -1.0
     c[n + 1] = -1.0
     scale = rate_cap if math.isfinite(rate_cap) else max(u.capacity for u in units)
-    # among equal rates, the cheaper pool
+    # each $/h spent costs ``price_weight`` req/s, plus a tie-break: among equal rates, the cheaper pool
     c[:n] = [(price_weight + 1e-3 * scale / max(budget, 1e-9)) * u.cost for u in units]
     rows, lo, hi = [], [], []
 
