@@ -182,6 +182,8 @@ def run_scenario(sc: Scenario, time_limit: float, strategies, seeds: int = 3) ->
                       "ttft_quantile": round(plan.expected.get("ttft_quantile", 0.0), 4),
                       "tpot_quantile": round(plan.expected.get("tpot_quantile", 0.0), 4),
                       "plan_cpu_s": round(plan_cpu, 2),
+                      # the machine ran slower than the work clock allows (``planner.work``): this plan may vary
+                      "wall_bound": bool(plan.expected.get("wall_clock_bound")),
                       **plan_shape(plan),
                       "col": "+".join(col) or "-"}
     return out
@@ -297,6 +299,10 @@ def main() -> None:
         "ratio_max": round(max(finite), 3) if finite else 0.0, "ratio_min": round(min(finite), 3) if finite else 0.0,
         "wins": sum(1 for r in ratios if r > 1.01), "ties": sum(1 for r in ratios if 0.99 <= r <= 1.01),
         "losses": sum(1 for r in ratios if r < 0.99),
+        # plans (any strategy) whose time cap fell back on wall time: not reproducible run to run
+        "wall_bound_plans": sum(1 for r in rows for s in strategies if r["results"][s].get("wall_bound")),
+        "wall_bound": {r["scenario"]: [s for s in strategies if r["results"][s].get("wall_bound")] for r in rows
+                       if any(r["results"][s].get("wall_bound") for s in strategies)},
         "plan_s_ours": _spread([r["results"]["thunderserve"].get("plan_s", 0.0) for r in rows]),
         "gpd": {r["scenario"]: {s: r["results"][s]["gpd"] for s in strategies} for r in rows},
         # how far each plan's promise (its expected goodput, the capacity model's) is from the simulation

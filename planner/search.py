@@ -361,6 +361,9 @@ class TabuSearch:
             chosen: tuple[Evaluation, State, set] | None = None
             taboo = set().union(*tabu) if tabu else set()
             for st, attrs in exact:
+                if chosen is not None and self.clock() > deadline:
+                    self.stats.stopped_by = "time"  # one evaluation past the deadline at most, not an iteration's ~20
+                    break
                 e = self.score(st)
                 is_tabu = bool(attrs & taboo) or st.key() in recent
                 if is_tabu and e.score <= best.score * (1 + 1e-9):

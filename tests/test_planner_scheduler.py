@@ -637,3 +637,24 @@ def test_a_plan_rents_what_the_budget_buys_of_cheap_gpus_past_64() -> None:
     assert MAX_GPUS >= 100
     assert gpus(MAX_GPUS) > 90
     assert gpus(24) <= 24
+
+
+def test_the_tabu_search_stops_within_one_evaluation_of_its_deadline() -> None:
+    """The search's deadline is checked after each exact evaluation, not only between iterations: one
+    iteration evaluates ~20 neighbours, ~2 s of work on a 105-GPU pool, so an iteration begun just
+    before the deadline ran a 7B $40/h plan 8 s past it. Here the clock is the evaluations done."""
+    from planner.search import State, TabuSearch, initial_groups, label_phases
+
+    cluster = pool_from_spec("8xL40S", 40.0)
+    s = Setting(load_model("llama-2-7b"), CONV, SLO(2.0, 0.1), None, None, cluster, True, 40.0, "auto", 0, 5.0, 64,
+                DEFAULT_EFF)
+    ev = s.evaluator(cluster)
+    groups = initial_groups(ev, cluster)
+    start = State(groups, label_phases(ev, groups, ("prefill", "decode", "both")))
+    free = TabuSearch(ev, cluster, seed=0, max_iters=1, time_limit_s=1e9)
+    free.run(start)
+    assert free.stats.evaluations >= 6  # the start and an iteration's neighbours: room to stop inside it
+    search = TabuSearch(ev, cluster, seed=0, max_iters=50, time_limit_s=3)
+    search.clock = lambda: search.stats.evaluations
+    search.run(start)
+    assert search.stats.stopped_by == "time" and search.stats.evaluations == 4  # the deadline, then one past it
