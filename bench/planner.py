@@ -285,6 +285,8 @@ def main() -> None:
     def geo_of(names: list[str]) -> float:
         return geomean([r["ratio"] for r in rows if r["scenario"] in names])
 
+    wall_bound = {r["scenario"]: bound for r in rows
+                  if (bound := [s for s in strategies if r["results"][s].get("wall_bound")])}
     summary = {
         "bench": "planner", "suite": args.suite, "scenarios": len(rows), "time_limit_s": limit, "seeds": args.seeds,
         "capacity": suite[0].capacity if suite else None,
@@ -300,9 +302,8 @@ def main() -> None:
         "wins": sum(1 for r in ratios if r > 1.01), "ties": sum(1 for r in ratios if 0.99 <= r <= 1.01),
         "losses": sum(1 for r in ratios if r < 0.99),
         # plans (any strategy) whose time cap fell back on wall time: not reproducible run to run
-        "wall_bound_plans": sum(1 for r in rows for s in strategies if r["results"][s].get("wall_bound")),
-        "wall_bound": {r["scenario"]: [s for s in strategies if r["results"][s].get("wall_bound")] for r in rows
-                       if any(r["results"][s].get("wall_bound") for s in strategies)},
+        "wall_bound_plans": sum(len(v) for v in wall_bound.values()),
+        "wall_bound": wall_bound,
         "plan_s_ours": _spread([r["results"]["thunderserve"].get("plan_s", 0.0) for r in rows]),
         "gpd": {r["scenario"]: {s: r["results"][s]["gpd"] for s in strategies} for r in rows},
         # how far each plan's promise (its expected goodput, the capacity model's) is from the simulation

@@ -333,9 +333,10 @@ def best_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps:
         price = marginal_value * cur[0] / cur[1]
         cur = solve_mix(units, budget, max_gpus, ctx_factory, gbps, kv_mode, bandwidth_aware, rate_cap,
                         price_weight=price)
-        if cur[0] <= 0 or _rental(cur[2]) in seen:
+        rental = _rental(cur[2])
+        if cur[0] <= 0 or rental in seen:
             break
-        seen.add(_rental(cur[2]))
+        seen.add(rental)
         if worth(cur[0], cur[1], marginal_value) > worth(best[0], best[1], marginal_value):
             best = cur
     return best
