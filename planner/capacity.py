@@ -736,6 +736,7 @@ def _colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) ->
     table = StepTable.build(rm, wl)
 
     def ok(r: float) -> bool:
+        work.charge("colocated_point")
         ttft, viol = colocated_point(rm, wl, r, t, slo.tpot_s, table)
         return ttft <= slo.ttft_s and viol <= 1 - t.q_tpot
 
@@ -870,6 +871,7 @@ def _colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targe
     table = StepTable.build(rm, wl, chunk)
 
     def ok(r: float) -> bool:
+        work.charge("mixed_point")
         ttft, viol = colocated_mixed_point(rm, wl, r, t, slo.tpot_s, chunk, table)
         return ttft <= slo.ttft_s and viol <= 1 - t.q_tpot
 

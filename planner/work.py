@@ -32,10 +32,15 @@ COST = {
     "lp_var": 0.0,  # ... per variable: fits to 0 at the sizes planned (the fixed cost dominates)
     "roof": 0.0,  # one roofline pass of the cost model: fits to 0 (its callers' counts carry the time)
     "roof_array": 9.4e-6,  # one vectorised roofline pass (a capacity table over many batch sizes)
-    "mip": 52e-3,  # one rent MIP solved (with the unit catalog built for it)
-    # one re-solve of a place's rent MIP towards the mix worth most (``rent.best_mix``), its units built:
-    # 15 ms of wall each on a VM where the rent step ran at 1.5-1.7x its reference seconds (not yet fitted)
-    "mip_resolve": 10e-3,
+    # one rent MIP solved, and one re-solve towards the mix worth most (``rent.best_mix``): their counts
+    # move together, so one cost is fitted to both (a place with capped offers, big MIPs, runs ~2.5x it)
+    "mip": 13e-3,
+    "mip_resolve": 13e-3,
+    # one rate tried by a colocated replica's capacity search, prefill-first and mixed chunks (their
+    # counts move together too: the split follows a profile, 0.72 to 0.49 ms): the rent step's unit
+    # catalog is mostly these (~50 ms a colocated unit of a 7B model)
+    "colocated_point": 0.58e-3,
+    "mixed_point": 0.40e-3,
     "config": 17.5e-6,  # one replica configuration looked up for a group (the search's evaluations)
     "kv_quantile": 47e-6,  # one KV-transfer quantile of a prefill-decode pair (the routing LP's inputs)
     "layer_balance": 1.1e-3,  # one split of a model's layers over pipeline stages (a 60-step bisection)

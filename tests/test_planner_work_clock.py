@@ -70,3 +70,26 @@ def test_on_a_machine_far_slower_than_the_reference_the_wall_clock_still_caps_th
     assert done["lp"] < 0.8 * reference[1]["lp"]  # the search was cut short (the first finalist's
     assert work.reference_seconds(done) < work.reference_seconds(reference[1])  # measurement runs in any case)
     assert plan.replicas and plan.cost_per_hour <= 10.0
+
+
+def test_a_refit_of_a_few_kinds_holds_the_others_and_recovers_the_machines_speed(bench) -> None:
+    """``bench/work_clock.py --fit``: on jobs timed on a machine 1.3x slower than the reference, where the MIPs
+    really cost 20 ms and a colocated rate point 0.6 ms (a mixed one 0.4 ms), the fit finds those costs and
+    the speed, keeps every other kind's cost, and keeps a group's proportions."""
+    wc = bench.bench_module("work_clock")
+    true = dict(work.COST, mip=0.02, mip_resolve=0.02, colocated_point=0.6e-3, mixed_point=0.4e-3)
+    jobs = [{"lp": 400, "sim_event": 2e5}, {"mip": 30, "mip_resolve": 40, "colocated_point": 3000, "mixed_point": 6000},
+            {"mip": 80, "mip_resolve": 20, "offer": 2000}, {"colocated_point": 500, "mixed_point": 900, "lp": 50},
+            {"sim_request": 1e5, "kv_quantile": 2e4}, {"mip": 5, "colocated_point": 4000, "mixed_point": 1000}]
+    rows = [(f"job {i}", 1.3 * sum(true[k] * v for k, v in c.items()), c) for i, c in enumerate(jobs)]
+    proportions = {"colocated_point": 0.6e-3, "mixed_point": 0.4e-3}
+    original = dict(work.COST)
+    try:
+        work.COST.update(proportions)
+        fitted, speed = wc.fit(rows, [["mip", "mip_resolve"], ["colocated_point", "mixed_point"]])
+    finally:
+        work.COST.clear()
+        work.COST.update(original)
+    assert speed == pytest.approx(1.3, rel=1e-3)
+    for k, v in true.items():
+        assert fitted[k] == pytest.approx(v, rel=1e-2), k
