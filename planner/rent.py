@@ -13,7 +13,9 @@ ship of the KV), ``rate_pd <= decode capacity``, and
 total price <= budget (with no demanded rate, the mix worth most by the race's rule: ``best_mix``).
 This is Mélange's bin-packing idea extended to phases; the tabu search then
 refines grouping and phases on the pool it returns. Places with the same offers and prices are solved
-once, and places whose best mix is the same rental (the same instances at the same prices) give one pool.
+once, places whose best mix is the same rental (the same instances at the same prices) give one pool,
+and places are solved most promising first, skipping those whose mix could not be worth a place among
+the pools kept (``worth_bound``: the best unit rate per dollar times what the place can spend).
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ class UnitCatalog:
 def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *, phases: tuple[str, ...],
                  inter_node_gbps: float | None, kv_compression: str, max_gpus: int, top: int = 3,
                  bandwidth_aware: bool = True, rate_cap: float = math.inf, in_node_top: int = 1,
-                 marginal_value: float | None = None, group_cache: dict | None = None) -> list[PoolChoice]:
+                 marginal_value: float | None = None, group_cache: dict | None = None, prune: bool = True
+                 ) -> list[PoolChoice]:
     """The best ``top`` pools (one per place) by MIP-estimated rate per dollar (or ``marginal_value``);
     raises BudgetTooSmall.
 
@@ -172,16 +175,16 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     ``marginal_value``: None ranks places by rate per dollar (the aim is a demanded rate at least cost);
     a number ranks them by rate / cost^marginal_value, the race's own rule when the aim is the most
     goodput the budget buys (``scheduler._worth``). Per dollar, a place with one cheap good offer and
-    little else (a capped provider) outranks a place whose mix spends the budget on twice the rate."""
+    little else (a capped provider) outranks a place whose mix spends the budget on twice the rate.
+    ``prune``: skip the places whose mix could not be worth a place among those kept (``worth_bound``):
+    the same pools, fewer MIPs; off only to check exactly that."""
     gbps = _site_bandwidth(inter_node_gbps)
     units_cat = UnitCatalog(ctx_factory, phases, gbps, group_cache)
     by_site = offers_by_place(offers, spot)
     solved: set[tuple] = set()  # places' offer signatures
-    # by rental: the first place (in sorted order) that rents it; a second copy would only take a place among
-    # the pools searched (two RunPod regions once pushed Lambda's GH200s, the best 70B mix, out)
-    results: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
-    in_node: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
+    places: list[tuple[float, float, tuple[str, str], list[Unit]]] = []
     cheapest_replica = math.inf
+    kv: NetworkKv | None = None
     for site, kinds in by_site.items():
         sig = tuple(sorted((k.offer.gpu_type, k.offer.gpu_count, round(k.price, 4),
                             -1 if k.offer.capacity is None else k.offer.capacity) for k in kinds))
@@ -195,22 +198,86 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
                 units.append(u)
         if not units:
             continue
+        if kv is None:
+            kv = network_kv(units[0], ctx_factory, gbps, kv_compression, bandwidth_aware)
+        local = [u for u in units if u.role in ("pd", "both")]
+        places.append((worth_bound(units, kv, budget, rate_cap, marginal_value),
+                       worth_bound(local, kv, budget, rate_cap, marginal_value) if local else 0.0, site, units))
+    # by rental: the first place (by name) that rents it; a second copy would only take a place among
+    # the pools searched (two RunPod regions once pushed Lambda's GH200s, the best 70B mix, out)
+    results: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
+    in_node: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
+    # most promising places first; a place whose mix could not be worth a place among those kept is not solved
+    # (branch and bound over places: the same pools as solving every place, fewer MIPs)
+    for bound, local_bound, site, units in sorted(places, key=lambda p: (-p[0], p[2])):
+        local = [u for u in units if u.role in ("pd", "both")]
+        no_in_node = not in_node_top or not any(u.role == "pd" for u in local)
+        if prune and _beaten(bound, results, top) and (no_in_node or _beaten(local_bound, in_node, in_node_top)):
+            continue
         rate, cost, picks = best_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                      rate_cap, marginal_value)
         if rate > 0:
-            results.setdefault(_rental(picks), (worth(rate, cost, marginal_value), site, rate, cost, picks))
-        local = [u for u in units if u.role in ("pd", "both")]
+            _keep_first_place(results, picks, (worth(rate, cost, marginal_value), site, rate, cost, picks))
         crosses = any(u.role in ("prefill", "decode") for u, _ in picks)  # else the same answer
-        if in_node_top and crosses and any(u.role == "pd" for u in local):
+        if crosses and not no_in_node:
             r2, c2, p2 = best_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                   rate_cap, marginal_value)
             if r2 > 0:
-                in_node.setdefault(_rental(p2), (worth(r2, c2, marginal_value), site, r2, c2, p2))
+                _keep_first_place(in_node, p2, (worth(r2, c2, marginal_value), site, r2, c2, p2))
     if not results:
         what = f"${cheapest_replica:.2f}/h" if math.isfinite(cheapest_replica) else "no offer that holds it"
         raise BudgetTooSmall(f"budget ${budget:.2f}/h is too small for one replica of the model (cheapest: {what})")
     chosen = sorted(results.values(), key=_rank)[:top] + sorted(in_node.values(), key=_rank)[:in_node_top]
     return [_pool_from_picks(site, picks) for _, site, _, _, picks in chosen]
+
+
+def worth_bound(units: list[Unit], kv: NetworkKv, budget: float, rate_cap: float,
+                marginal_value: float | None) -> float:
+    """No mix of these units is worth more (``worth``): its rate per dollar is at most the best
+    colocated (or in-node) unit's, or, for a prefill-decode split, what the best prefill and the best
+    decode unit per dollar serve together (a rate r costs at least r/a + r/b); and its cost is at most
+    the budget, or what a capped provider has to rent."""
+    def per_dollar(role: str, cap) -> float:
+        return max((cap(u) / u.cost for u in units if u.role == role), default=0.0)
+
+    colocated = max(per_dollar("both", lambda u: u.capacity), per_dollar("pd", lambda u: u.capacity))
+    a, b = per_dollar("prefill", lambda u: shipped_capacity(u, kv)), per_dollar("decode", lambda u: u.capacity)
+    rho = max(colocated, a * b / (a + b) if a > 0 and b > 0 else 0.0)
+    if marginal_value is None:
+        return rho
+    if marginal_value > 1:
+        return math.inf  # worth then falls with cost: no bound from the most a place can spend
+    kinds = {id(u.kind): u.kind for u in units}
+    most = budget
+    if all(k.offer.capacity is not None for k in kinds.values()):
+        most = min(budget, sum(k.offer.capacity * k.price for k in kinds.values()))
+    bound = rho * most ** (1 - marginal_value)
+    if math.isfinite(rate_cap) and rho > 0:  # rate <= rate_cap too: rate / cost^mv peaks where rho * cost = cap
+        bound = min(bound, rate_cap ** (1 - marginal_value) * rho**marginal_value)
+    return bound
+
+
+def _beaten(bound: float, found: dict[tuple, tuple], top: int) -> bool:
+    """Whether ``top`` mixes found are each worth more than ``bound``."""
+    if len(found) < top:
+        return False
+    kth = sorted((f[0] for f in found.values()), reverse=True)[top - 1]
+    return bound * (1 + 1e-9) < kth
+
+
+def _keep_first_place(found: dict[tuple, tuple], picks: list[tuple[Unit, int]], entry: tuple) -> None:
+    """One entry per rental, from the first place by name that rents it (places are solved by promise)."""
+    key = _rental(picks)
+    if key not in found or entry[1] < found[key][1]:
+        found[key] = entry
+
+
+def network_kv(unit: Unit, ctx_factory, gbps: float, kv_mode: str, bandwidth_aware: bool) -> NetworkKv:
+    """The KV's cost to a prefill unit as the MIP weighs it (``solve_mix``)."""
+    if not bandwidth_aware:
+        return NetworkKv(0.0)
+    ctx = ctx_factory(Cluster([Node("x", unit.kind.offer.gpu_type, 1)], inter_node_gbps=gbps))
+    return NetworkKv.of(ctx, gbps, kv_mode)
 
 
 def offers_by_place(offers: list[Offer], spot: bool) -> dict[tuple[str, str], list[InstanceChoice]]:
@@ -350,8 +417,7 @@ def solve_mix(units: list[Unit], budget: float, max_gpus: int, ctx_factory, gbps
     upper bound on the rate of any mix, for ``bench/planner_bound.py``; its picks and cost are then the
     rounded counts', not the relaxation's)."""
     n = len(units)
-    ctx = ctx_factory(Cluster([Node("x", units[0].kind.offer.gpu_type, 1)], inter_node_gbps=gbps))
-    kv = NetworkKv.of(ctx, gbps, kv_mode) if bandwidth_aware else NetworkKv(0.0)
+    kv = network_kv(units[0], ctx_factory, gbps, kv_mode, bandwidth_aware)
     c = np.zeros(n + 2)
     c[n] = -1.0
     c[n + 1] = -1.0

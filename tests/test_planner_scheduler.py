@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -658,3 +659,40 @@ def test_the_tabu_search_stops_within_one_evaluation_of_its_deadline() -> None:
     search.clock = lambda: search.stats.evaluations
     search.run(start)
     assert search.stats.stopped_by == "time" and search.stats.evaluations == 4  # the deadline, then one past it
+
+
+def test_places_the_bound_skips_could_not_have_been_kept() -> None:
+    """The rent step solves places most promising first and skips those whose ``worth_bound`` is below the
+    pools already kept: the pools are the same as solving every place, with fewer MIPs, and no place's
+    mix is worth more than its bound. Three clouds' catalogs: 13B at $20/h, by worth, by rate per dollar,
+    and with a demanded rate."""
+    from planner import work
+    from planner.rent import UnitCatalog, best_mix, choose_pools, network_kv, offers_by_place, worth, worth_bound
+
+    s = Setting(load_model("llama-2-13b"), CONV, SLO(2.0, 0.1), 20.0, None, None, False, 40.0, "auto", 0, 1.0,
+                64, DEFAULT_EFF)
+    offers = load_offers([Path(__file__).resolve().parent / f"data/sky-catalogs/{c}_vms.csv"
+                          for c in ("lambda", "runpod", "vast")])
+    cache: dict = {}
+    catalog = UnitCatalog(s.context, ("prefill", "decode", "both"), 40.0, cache)
+    for marginal_value, rate_cap in [(0.5, math.inf), (None, math.inf), (None, 6.0)]:
+
+        def pools(prune: bool, mv=marginal_value, cap=rate_cap) -> tuple[list[tuple], float]:
+            before = work.counts()["mip"]
+            got = choose_pools(offers, 20.0, False, s.context, phases=("prefill", "decode", "both"),
+                               inter_node_gbps=40.0, kv_compression="auto", max_gpus=64, rate_cap=cap,
+                               marginal_value=mv, group_cache=cache, prune=prune)
+            return [(p.site, sorted((n.instance_type, n.price_per_hour) for n in p.cluster.nodes), p.roles)
+                    for p in got], work.counts()["mip"] - before
+
+        pruned, solved_pruned = pools(True)
+        full, solved_full = pools(False)
+        assert pruned == full and len(full) == 4
+        assert solved_pruned < solved_full
+        for _, kinds in offers_by_place(offers, False).items():
+            units = [u for k in kinds for u in catalog.units(k) if u.cost <= 20.0 and u.gpus <= 64]
+            if units:
+                kv = network_kv(units[0], s.context, 40.0, "auto", True)
+                rate, cost, _ = best_mix(units, 20.0, 64, s.context, 40.0, "auto", True, rate_cap, marginal_value)
+                bound = worth_bound(units, kv, 20.0, rate_cap, marginal_value)
+                assert rate <= 0 or worth(rate, cost, marginal_value) <= bound * (1 + 1e-9)
