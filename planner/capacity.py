@@ -95,11 +95,9 @@ def _running_output(wl: Workload) -> tuple[float, float]:
     if "_running_moments" not in memo:
         pts = wl.output.points(RUNNING_POINTS)
         stay = np.maximum(pts - 1.0, 0.0)
-        if stay.sum() <= 0:
-            memo["_running_moments"] = float(pts.mean()), float((pts**2).mean())
-        else:
-            memo["_running_moments"] = (float((stay * pts).sum() / stay.sum()),
-                                        float((stay * pts**2).sum() / stay.sum()))
+        weight = stay if stay.sum() > 0 else np.ones_like(pts)  # outputs of one token: none stays, plain means
+        memo["_running_moments"] = (float((weight * pts).sum() / weight.sum()),
+                                    float((weight * pts**2).sum() / weight.sum()))
     return memo["_running_moments"]
 
 

@@ -182,7 +182,7 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     units_cat = UnitCatalog(ctx_factory, phases, gbps, group_cache)
     by_site = offers_by_place(offers, spot)
     solved: set[tuple] = set()  # places' offer signatures
-    places: list[tuple[float, float, tuple[str, str], list[Unit]]] = []
+    places: list[tuple[float, float, tuple[str, str], list[Unit], list[Unit]]] = []
     cheapest_replica = math.inf
     kv: NetworkKv | None = None
     for site, kinds in by_site.items():
@@ -200,26 +200,27 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
             continue
         if kv is None:
             kv = network_kv(units[0], ctx_factory, gbps, kv_compression, bandwidth_aware)
+        # the in-node alternative (colocated units and instances holding both phases), where there is one
         local = [u for u in units if u.role in ("pd", "both")]
+        if not (in_node_top and any(u.role == "pd" for u in local)):
+            local = []
         places.append((worth_bound(units, kv, budget, rate_cap, marginal_value),
-                       worth_bound(local, kv, budget, rate_cap, marginal_value) if local else 0.0, site, units))
+                       worth_bound(local, kv, budget, rate_cap, marginal_value) if local else 0.0, site, units, local))
     # by rental: the first place (by name) that rents it; a second copy would only take a place among
     # the pools searched (two RunPod regions once pushed Lambda's GH200s, the best 70B mix, out)
     results: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
     in_node: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
     # most promising places first; a place whose mix could not be worth a place among those kept is not solved
     # (branch and bound over places: the same pools as solving every place, fewer MIPs)
-    for bound, local_bound, site, units in sorted(places, key=lambda p: (-p[0], p[2])):
-        local = [u for u in units if u.role in ("pd", "both")]
-        no_in_node = not in_node_top or not any(u.role == "pd" for u in local)
-        if prune and _beaten(bound, results, top) and (no_in_node or _beaten(local_bound, in_node, in_node_top)):
+    for bound, local_bound, site, units, local in sorted(places, key=lambda p: (-p[0], p[2])):
+        if prune and _beaten(bound, results, top) and (not local or _beaten(local_bound, in_node, in_node_top)):
             continue
         rate, cost, picks = best_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                      rate_cap, marginal_value)
         if rate > 0:
             _keep_first_place(results, picks, (worth(rate, cost, marginal_value), site, rate, cost, picks))
         crosses = any(u.role in ("prefill", "decode") for u, _ in picks)  # else the same answer
-        if crosses and not no_in_node:
+        if crosses and local:
             r2, c2, p2 = best_mix(local, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,
                                   rate_cap, marginal_value)
             if r2 > 0:
