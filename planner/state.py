@@ -47,6 +47,10 @@ from redis.exceptions import WatchError
 from planner.plan import Plan
 
 PLAN_HISTORY = 50
+# Every command gets a reply within this or fails with a RedisError (retried by redis-py first): a Redis
+# that stops answering (a stalled host, a half-open connection) must not hang a gateway or a provisioner.
+# Blocking reads (pub/sub, XREAD) wait in slices shorter than this, so they may wait longer in all.
+REDIS_TIMEOUT_S = 5.0
 EVENTS_MAXLEN = 10_000
 NODE_STATUSES = ("pending", "ready", "preempted", "terminated", "failed")
 REPLICA_STATUSES = ("starting", "ready", "draining", "switching", "failed", "stopped")
@@ -175,8 +179,16 @@ class StateStore:
         self._lease = self.r.register_script(_LEASE_LUA)
 
     @classmethod
-    def from_url(cls, url: str, deployment: str = "default") -> StateStore:
-        return cls(aioredis.from_url(url), deployment)
+    def from_url(cls, url: str, deployment: str = "default", timeout_s: float = REDIS_TIMEOUT_S) -> StateStore:
+        """A store with its own client whose every read and connect is bounded by ``timeout_s``."""
+        client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client, deployment)
+
+    @property
+    def _wait_slice_s(self) -> float:
+        """How long one blocking read may wait: half the client's socket timeout (all of it if none)."""
+        timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout")
+        return 3600.0 if timeout is None else max(0.01, timeout / 2)
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -351,12 +363,14 @@ class StateStore:
         return int(await self.r.get(self.plan_version_key) or 0)
 
     async def plan_updates(self) -> AsyncIterator[int]:
-        """Yield the version of every plan published from now on (pub/sub; one connection)."""
+        """Yield the version of every plan published from now on (pub/sub; one connection). Waits in slices
+        under the socket timeout: ``listen()`` reads with it in older redis-py and would fail when idle."""
         pubsub = self.r.pubsub()
         await pubsub.subscribe(self.plan_channel)
         try:
-            async for msg in pubsub.listen():
-                if msg.get("type") == "message":
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._wait_slice_s)
+                if msg is not None and msg.get("type") == "message":
                     yield int(msg["data"])
         finally:
             await pubsub.unsubscribe(self.plan_channel)
@@ -385,9 +399,17 @@ class StateStore:
         return [_event(eid, f) for eid, f in reversed(rows)]
 
     async def wait_events(self, after: str = "$", block_ms: int = 1000) -> list[Event]:
-        """Block up to ``block_ms`` for events newer than ``after`` ("$" = from now)."""
-        res = await self.r.xread({self.events_key: after}, block=block_ms, count=100)
-        return [_event(eid, f) for _, rows in (res or []) for eid, f in rows]
+        """Block up to ``block_ms`` for events newer than ``after`` ("$" = from now). Each XREAD blocks for
+        less than the socket timeout; "$" is pinned to the newest id first, so no event falls between two."""
+        if after == "$":
+            last = await self.r.xrevrange(self.events_key, count=1)
+            after = _event_id(last[0][0]) if last else "0-0"
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            wait_ms = max(1, min(int((deadline - time.monotonic()) * 1000), int(self._wait_slice_s * 1000)))
+            res = await self.r.xread({self.events_key: after}, block=wait_ms, count=100)
+            if res or time.monotonic() >= deadline:
+                return [_event(eid, f) for _, rows in (res or []) for eid, f in rows]
 
     # -- heartbeats ----------------------------------------------------------------------------------
     async def heartbeat(self, node_id: str, ttl_s: float = 5.0) -> None:
@@ -476,9 +498,13 @@ def _assign(rec: Any, changes: dict[str, Any]) -> None:
         setattr(rec, k, v)
 
 
+def _event_id(eid: bytes | str) -> str:
+    return eid.decode() if isinstance(eid, bytes) else eid
+
+
 def _event(eid: bytes | str, f: dict[bytes, bytes]) -> Event:
     return Event(
-        id=eid.decode() if isinstance(eid, bytes) else eid,
+        id=_event_id(eid),
         kind=f[b"kind"].decode(),
         reason=f[b"reason"].decode(),
         ts=float(f[b"ts"]),

@@ -86,6 +86,54 @@ async def test_wait_events_blocks_until_one_arrives(state: StateStore) -> None:
     assert [(e.kind, e.data) for e in got] == [("role_switch", {"replica": "r1"})]
 
 
+# -- a Redis that is slow or silent -------------------------------------------------------------------
+async def test_blocking_reads_outlast_the_socket_timeout(state: StateStore, redis_url: str) -> None:
+    """A client whose replies are bounded at 0.3 s still waits seconds for an event or a plan update: its
+    blocking reads wait in slices under the timeout instead of failing with it."""
+    store = StateStore.from_url(redis_url, state.deployment, timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        assert await store.wait_events(after="$", block_ms=900) == []  # no event: an empty list, no error
+        assert time.monotonic() - started >= 0.85
+        waiter = asyncio.create_task(store.wait_events(after="$", block_ms=5000))
+        updates = store.plan_updates()
+        update = asyncio.ensure_future(anext(updates))
+        await asyncio.sleep(1.2)  # four socket timeouts of silence on both connections
+        assert not waiter.done() and not update.done()
+        await state.emit("preempted", "spot", node="n3")
+        version = await state.publish_plan(small_plan())
+        got = await asyncio.wait_for(waiter, 5)
+        assert [(e.kind, e.data) for e in got] == [("preempted", {"node": "n3"})]
+        assert await asyncio.wait_for(update, 5) == version
+        await updates.aclose()
+    finally:
+        await store.close()
+
+
+async def test_a_redis_that_never_answers_fails_the_call_instead_of_hanging() -> None:
+    """A server that accepts the connection and never replies (a stalled host): the call ends with a
+    RedisError once the socket timeout and redis-py's retries are spent, not never."""
+    from redis.exceptions import RedisError
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = StateStore.from_url(f"redis://127.0.0.1:{port}", "silent", timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisError):
+            await asyncio.wait_for(store.plan_version(), 30)  # a hang would end here as the builtin TimeoutError
+        print(f"failed after {time.monotonic() - started:.1f} s")
+    finally:
+        await store.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_concurrent_record_updates_lose_nothing(state: StateStore, redis_url: str) -> None:
     """Many writers doing read-modify-write of one record: WATCH/MULTI keeps every change."""
     await state.put_replica(ReplicaRecord(id="r0", node_ids=["n0"], role="prefill", gpus=[]))
