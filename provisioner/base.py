@@ -122,7 +122,6 @@ class Provisioner(ABC):
         self._hub = EventHub()
         self._requested_at: dict[str, float] = {}  # node id -> time.monotonic() of the request
         self._requests: dict[str, NodeRequest] = {}
-        self._stopping = asyncio.Event()
 
     # -- the interface ----------------------------------------------------------------------------
     @abstractmethod
@@ -269,44 +268,8 @@ class Provisioner(ABC):
         self._hub.publish(event)
         return event
 
-    async def _release_settled(self, node_id: str, node: Any, kind: str) -> NodeRecord | None:
-        """The start of every ``release``: the record to return when there is nothing to stop (the node's
-        end is already under way: after it), ProvisionError for a node that is not ours or not managed
-        here, None when the caller must stop ``node`` itself. ``node``: the subclass's live-node entry."""
-        if node is None:
-            rec = await self.state.get_node(node_id)
-            if rec is None or not rec.provider_ref.startswith(self.ref_prefix):
-                raise ProvisionError(f"unknown {kind} node {node_id}")
-            if rec.status in LIVE_STATUSES:
-                raise ProvisionError(f"node {node_id} is {rec.status} but not managed here: call start() first")
-            return rec
-        if node.finished or node.stopping:
-            await node.done.wait()
-            rec = await self.state.get_node(node_id)
-            assert rec is not None
-            return rec
-        return None
-
     def _close_hub(self) -> None:
         self._hub.close()
-
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep between watch rounds; False once the provisioner is stopping (end the loop)."""
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            return True
-        return False
-
-    async def _stop_watch(self, task: asyncio.Task[None] | None, grace_s: float = 30.0) -> None:
-        """End a watch loop between rounds, so no loss is left half-recorded; cancel it if it hangs."""
-        self._stopping.set()
-        if task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(task), grace_s)
-        except TimeoutError:
-            await cancel_and_wait([task])
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:

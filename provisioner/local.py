@@ -20,20 +20,20 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import aiohttp
 import psutil
 
 from planner.state import NodeRecord, StateStore
-from provisioner.base import LIVE_STATUSES, NodeRequest, Provisioner, ProvisionError, cancel_and_wait
-from provisioner.budget import BudgetExceeded, BudgetLedger
+from provisioner.base import LIVE_STATUSES, NodeRequest, ProvisionError
+from provisioner.budget import BudgetLedger
 from provisioner.catalog import LOCAL_PLACE, Catalog, CatalogEntry, CatalogError, default_local_catalog_path
 from provisioner.events import event_data
 from provisioner.fallback import SpotFallbackPolicy
 from provisioner.health import agent_healthy
+from provisioner.managed import ManagedProvisioner, NodeState
 from provisioner.process_group import NODE_TAG_ENV, kill_node, node_tag, parse_pgid, pid_alive, stop_node
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ class _Choice:
 
 
 @dataclass
-class _LocalNode:
+class _LocalNode(NodeState):
     """What this process knows of one virtual node beyond its Redis record."""
 
     id: str
@@ -70,14 +70,8 @@ class _LocalNode:
     port: int = 0
     pid: int = 0  # the agent; leader of the node's process group, so also its pgid (0: not started yet)
     proc: asyncio.subprocess.Process | None = None  # None for a node adopted from a previous provisioner
-    ready_at: float | None = None  # time.monotonic()
-    heartbeat_seen: bool = False
     injected_at: float | None = None  # time.monotonic() of preempt()
     injected_reason: str = ""
-    stopping: bool = False  # release() owns the end of this node
-    finished: bool = False  # someone has claimed the node's final transition
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def agent_url(self) -> str:
@@ -105,7 +99,7 @@ class _LocalNode:
         return " ".join(text[-LOG_TAIL_CHARS:].split())
 
 
-class LocalProvisioner(Provisioner):
+class LocalProvisioner(ManagedProvisioner[_LocalNode]):
     """Virtual nodes as local process groups running ``python -m replicas.agent``."""
 
     ref_prefix = "local:"
@@ -148,49 +142,6 @@ class LocalProvisioner(Provisioner):
         self.agent_args = agent_args
         self.extra_env = dict(env or {})
         self.die_with_parent = die_with_parent and sys.platform == "linux"
-        self._nodes: dict[str, _LocalNode] = {}
-        self._monitor: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
-
-    # -- life cycle of the provisioner ----------------------------------------------------------------
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        await self._adopt()
-        if self._monitor is None:
-            self._monitor = asyncio.create_task(self._monitor_loop(), name="local-provisioner-monitor")
-
-    async def close(self, release_nodes: bool = True) -> None:
-        """Release every node (or, with ``release_nodes=False``, leave them running for a successor)."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._stop_watch(self._monitor)
-        self._monitor = None
-        errors: list[BaseException] = []
-        if release_nodes:
-            live = [n.id for n in self._nodes.values() if not n.finished]
-            results = await asyncio.gather(*(self.release(i, "provisioner shut down") for i in live),
-                                           return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-        ending = [n.done.wait() for n in self._nodes.values() if n.finished and not n.done.is_set()]
-        if ending:  # losses being recorded right now: let them finish, their budget holds depend on it
-            await asyncio.wait_for(asyncio.gather(*ending), 30)
-        await cancel_and_wait([t for n in self._nodes.values() for t in n.tasks])
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        self._close_hub()
-        if errors:
-            raise ProvisionError(f"{len(errors)} node(s) did not stop cleanly: {errors[0]}")
-
-    async def __aenter__(self) -> LocalProvisioner:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- acquire ---------------------------------------------------------------------------------------
     def _choices(self, request: NodeRequest) -> list[_Choice]:
@@ -242,28 +193,18 @@ class LocalProvisioner(Provisioner):
         return found
 
     async def acquire(self, request: NodeRequest) -> NodeRecord:
-        if self._closed:
-            raise ProvisionError("provisioner is closed")
-        request.validate()
-        await self._check_new_id(request.node_id)
-        if request.node_id in self._nodes and not self._nodes[request.node_id].done.is_set():
-            raise ProvisionError(f"node {request.node_id} is still being stopped")
-        refusal: BudgetExceeded | None = None
-        for choice in self._choices(request):
-            record = NodeRecord(
+        await self._admit(request)
+        options = (
+            (choice, NodeRecord(
                 id=request.node_id, instance_type=choice.entry.instance_type, gpu_type=choice.entry.gpu_type,
                 gpu_count=choice.entry.gpu_count, spot=choice.spot, price_per_hour=choice.price,
                 region=LOCAL_PLACE, cloud=LOCAL_PLACE, status="pending", provider_ref=self.ref_prefix,
-            )
-            try:
-                await self._reserve(record, choice.price, choice.why)
-            except BudgetExceeded as e:
-                refusal = e
-                continue
-            self._requests[request.node_id] = request
-            return await self._launch(record)
-        assert refusal is not None
-        raise refusal
+            ), choice.price, choice.why)
+            for choice in self._choices(request)
+        )
+        _, record = await self._reserve_first(options)
+        self._requests[request.node_id] = request
+        return await self._launch(record)
 
     def _agent_argv(self, node: _LocalNode, record: NodeRecord) -> list[str]:
         launcher = ["-c", _DIE_WITH_PARENT] if self.die_with_parent else ["-m"]
@@ -397,7 +338,7 @@ class LocalProvisioner(Provisioner):
             if t is not current and not t.done():
                 t.cancel()
 
-    async def _monitor_loop(self) -> None:
+    async def _watch_loop(self) -> None:
         """Watch the nodes every ``monitor_interval_s`` until cancelled."""
         while await self._pause(self.monitor_interval_s):
             try:
@@ -456,15 +397,10 @@ class LocalProvisioner(Provisioner):
 
     # -- release --------------------------------------------------------------------------------------
     async def release(self, node_id: str, reason: str = "released") -> NodeRecord:
-        node = self._nodes.get(node_id)
-        settled = await self._release_settled(node_id, node, "local")
-        if settled is not None:
-            return settled
-        assert node is not None  # an unmanaged node is settled or refused
-        node.stopping = True
         started = time.monotonic()
-        current = asyncio.current_task()
-        await cancel_and_wait([t for t in node.tasks if t is not current and not t.done()])
+        node = await self._claim_release(node_id, "local")
+        if isinstance(node, NodeRecord):
+            return node
         survivors = await asyncio.to_thread(stop_node, node.pid, node.tag, self.stop_grace_s)
         if node.proc is not None and node.proc.returncode is None and not survivors:
             await node.proc.wait()

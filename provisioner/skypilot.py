@@ -26,14 +26,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from planner.state import NodeRecord, StateStore
-from provisioner.base import LIVE_STATUSES, NodeRequest, Offer, Provisioner, ProvisionError, cancel_and_wait
+from provisioner.base import LIVE_STATUSES, NodeRequest, Offer, ProvisionError
 from provisioner.budget import BudgetExceeded, BudgetLedger
 from provisioner.events import event_data
 from provisioner.fallback import SpotFallbackPolicy
 from provisioner.health import agent_healthy
+from provisioner.managed import ManagedProvisioner, NodeState
 from provisioner.sky_catalog import DEFAULT_CLOUDS, catalog_offers, hourly_price, infeasibility
 from provisioner.skypilot_task import NodeTaskInput, NodeTaskSettings, build_task, cluster_name, node_task_config
 
@@ -53,30 +52,28 @@ class _Market:
 
 
 @dataclass
-class _SkyNode:
+class _SkyNode(NodeState):
+    """What this process knows of one node's cluster beyond its Redis record."""
+
     id: str
     cluster: str
     request: NodeRequest
     spot: bool
     gpu_type: str
     log_path: Path
-    request_id: str = ""
-    ready_at: float | None = None
-    heartbeat_seen: bool = False
-    stopping: bool = False
-    finished: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    request_id: str = ""  # the API server's id of the launch in flight
 
 
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 
 
-class SkyPilotProvisioner(Provisioner):
+class SkyPilotProvisioner(ManagedProvisioner[_SkyNode]):
     """Nodes as SkyPilot clusters (``sky.launch`` / ``sky.status`` / ``sky.down``)."""
 
     ref_prefix = "sky:"
+    close_failure = "cluster(s) may still be up"
+    settle_timeout_s = None  # a loss being recorded may be running sky.down, which takes minutes
 
     def __init__(
         self,
@@ -115,44 +112,14 @@ class SkyPilotProvisioner(Provisioner):
         self.retry_delay_s = retry_delay_s
         self.check_feasibility = check_feasibility
         self.log_dir = Path(log_dir) if log_dir else Path.home() / ".thunderserve" / "logs" / state.deployment
-        self._nodes: dict[str, _SkyNode] = {}
-        self._poller: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
 
     # -- life cycle -----------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def _prepare(self) -> None:
         if self.sdk is None:
             import sky
 
             self.sdk = sky
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        await self._adopt()
-        if self._poller is None:
-            self._poller = asyncio.create_task(self._poll_loop(), name="skypilot-provisioner-poll")
-
-    async def close(self, release_nodes: bool = True) -> None:
-        """``sky.down`` every node (``tsctl down``), or leave them to a successor."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._stop_watch(self._poller)
-        self._poller = None
-        errors: list[BaseException] = []
-        if release_nodes:
-            live = [n.id for n in self._nodes.values() if not n.finished or not n.done.is_set()]
-            results = await asyncio.gather(*(self.release(i, "provisioner shut down") for i in live),
-                                           return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-        await cancel_and_wait([t for n in self._nodes.values() for t in n.tasks])
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        self._close_hub()
-        if errors:
-            raise ProvisionError(f"{len(errors)} cluster(s) may still be up: {errors[0]}")
 
     # -- SDK calls (blocking: always in a thread) ------------------------------------------------------
     async def _sdk_call(self, fn_name: str, *args: Any, **kwargs: Any) -> Any:
@@ -233,12 +200,9 @@ class SkyPilotProvisioner(Provisioner):
 
     # -- acquire ---------------------------------------------------------------------------------------
     async def acquire(self, request: NodeRequest) -> NodeRecord:
-        if self._closed:
-            raise ProvisionError("provisioner is closed")
-        if self.sdk is None:
+        if self.sdk is None and not self._closed:
             raise ProvisionError("call start() first")
-        request.validate()
-        await self._check_new_id(request.node_id)
+        await self._admit(request)
         considered = await self._markets(request)
         markets = [m for m in considered if m.cap > 0]
         if not markets:
@@ -247,30 +211,27 @@ class SkyPilotProvisioner(Provisioner):
             raise ProvisionError(f"node {request.node_id}: no offer SkyPilot can launch for {request.gpu_count}x "
                                  f"{request.gpu_type or request.instance_type} ({dropped})")
         cluster = cluster_name(self.state.deployment, request.node_id)
-        refusal: BudgetExceeded | None = None
-        for market in markets:
-            only = market.candidates[0] if len(market.candidates) == 1 else None
-            record = NodeRecord(
-                id=request.node_id, instance_type=only.instance_type if only else request.instance_type,
-                gpu_type=request.gpu_type or (only.gpu_type if only else ""), gpu_count=request.gpu_count,
-                spot=market.spot, price_per_hour=market.cap, region=only.region if only else request.region,
-                cloud=only.cloud if only else request.cloud, status="pending", provider_ref=self.ref_prefix + cluster,
-            )
-            try:
-                await self._reserve(record, market.cap, market.why)
-            except BudgetExceeded as e:
-                refusal = e
-                continue
-            node = _SkyNode(
-                id=request.node_id, cluster=cluster, request=request, spot=market.spot, gpu_type=record.gpu_type,
-                log_path=self.log_dir / f"{cluster}.log",
-            )
-            self._nodes[node.id] = node
-            self._requests[node.id] = request
-            node.tasks.append(asyncio.create_task(self._provision(node, market), name=f"provision-{node.id}"))
-            return record
-        assert refusal is not None
-        raise refusal
+        market, record = await self._reserve_first(
+            (market, self._pending_record(request, market, cluster), market.cap, market.why) for market in markets
+        )
+        node = _SkyNode(
+            id=request.node_id, cluster=cluster, request=request, spot=market.spot, gpu_type=record.gpu_type,
+            log_path=self.log_dir / f"{cluster}.log",
+        )
+        self._nodes[node.id] = node
+        self._requests[node.id] = request
+        node.tasks.append(asyncio.create_task(self._provision(node, market), name=f"provision-{node.id}"))
+        return record
+
+    def _pending_record(self, request: NodeRequest, market: _Market, cluster: str) -> NodeRecord:
+        """The record a node starts with in ``market``: the offer's own type and place when it has one."""
+        only = market.candidates[0] if len(market.candidates) == 1 else None
+        return NodeRecord(
+            id=request.node_id, instance_type=only.instance_type if only else request.instance_type,
+            gpu_type=request.gpu_type or (only.gpu_type if only else ""), gpu_count=request.gpu_count,
+            spot=market.spot, price_per_hour=market.cap, region=only.region if only else request.region,
+            cloud=only.cloud if only else request.cloud, status="pending", provider_ref=self.ref_prefix + cluster,
+        )
 
     def _stream_and_get(self, request_id: str, log_path: Path) -> Any:
         with open(log_path, "a") as out:
@@ -413,7 +374,7 @@ class SkyPilotProvisioner(Provisioner):
         return address if address.startswith("http") else f"http://{address}"
 
     # -- watching ---------------------------------------------------------------------------------------
-    async def _poll_loop(self) -> None:
+    async def _watch_loop(self) -> None:
         next_status = time.monotonic() + self.poll_interval_s
         while await self._pause(self.heartbeat_check_s):
             try:
@@ -516,15 +477,10 @@ class SkyPilotProvisioner(Provisioner):
 
     # -- release ----------------------------------------------------------------------------------------
     async def release(self, node_id: str, reason: str = "released") -> NodeRecord:
-        node = self._nodes.get(node_id)
-        settled = await self._release_settled(node_id, node, "SkyPilot")
-        if settled is not None:
-            return settled
-        assert node is not None  # an unmanaged node is settled or refused
-        node.stopping = True
         started = time.monotonic()
-        current = asyncio.current_task()
-        await cancel_and_wait([t for t in node.tasks if t is not current and not t.done()])
+        node = await self._claim_release(node_id, "SkyPilot")
+        if isinstance(node, NodeRecord):
+            return node
         if node.request_id and node.ready_at is None:
             try:  # a launch still running on the API server: stop it before taking the cluster down
                 await asyncio.to_thread(self.sdk.api_cancel, node.request_id)

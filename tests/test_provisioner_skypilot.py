@@ -688,3 +688,27 @@ def test_network_guard_sees_a_catalog_download(sky_offline: Path, no_network: li
         catalog_offers("A100", 1, spot=False, clouds=("cudo",))
     assert any("githubusercontent" in str(a) or "amazonaws" in str(a) for a in no_network), no_network
     no_network.clear()
+
+
+async def test_requests_a_provisioner_cannot_take_are_refused_with_the_reason(
+    fake_sdk: FakeSkySDK, remote_agent: RemoteAgent, state: StateStore, tmp_path: Path,
+) -> None:
+    """The admission both provisioners share (``ManagedProvisioner``): not started, a live node id, closed.
+    ``async with`` starts and closes it; closing takes the node down and gives its hold back."""
+    ledger = BudgetLedger(state)
+    await ledger.set_limit(2.0)
+    prov = SkyPilotProvisioner(state, ledger, settings_for(state), poll_interval_s=0.2, heartbeat_check_s=0.1,
+                               ready_timeout_s=10, retry_delay_s=0.0, log_dir=tmp_path / "logs")
+    with pytest.raises(ProvisionError, match=r"call start\(\) first"):
+        await prov.acquire(NodeRequest("n0", gpu_type="RTX4090"))
+    prov.sdk = fake_sdk
+    remote_agent.heartbeating.add("n0")
+    async with prov:
+        events = prov.watch()
+        await prov.acquire(NodeRequest("n0", gpu_type="RTX4090"))
+        await next_event(events, "ready")
+        with pytest.raises(ProvisionError, match="n0 already exists and is ready"):
+            await prov.acquire(NodeRequest("n0", gpu_type="RTX4090"))
+    assert fake_sdk.clusters == {} and await ledger.holds() == {}
+    with pytest.raises(ProvisionError, match="provisioner is closed"):
+        await prov.acquire(NodeRequest("n1", gpu_type="RTX4090"))
