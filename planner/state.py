@@ -47,7 +47,7 @@ from redis.exceptions import WatchError
 from planner.plan import Plan
 
 PLAN_HISTORY = 50
-# Every command gets a reply within this or fails with a RedisError (retried by redis-py first): a Redis
+# Every command gets a reply within this or fails with a RedisError (not retried: it may have run): a Redis
 # that stops answering (a stalled host, a half-open connection) must not hang a gateway or a provisioner.
 # Blocking reads (pub/sub, XREAD) wait in slices shorter than this, so they may wait longer in all.
 REDIS_TIMEOUT_S = 5.0
