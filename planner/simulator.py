@@ -663,7 +663,7 @@ def meets_slo(plan: Plan, workload: Workload, slo: SLO, rate: float, *, n_reques
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None = None, seed: int = 0,
             hi: float | None = None, iters: int = 8, max_requests: int = 20000, passes: float = 0.0,
-            deadline: float | None = None, tol: float | None = None,
+            deadline: float | None = None, tol: float | None = None, stop_by: float | None = None,
             clock: Callable[[], float] = time.perf_counter) -> float:
     """Highest rate (req/s) at which the simulated SLO attainment meets the target.
 
@@ -679,12 +679,18 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, *, n_requests: int | None 
     ``deadline`` (on ``clock``, by default ``time.perf_counter``): past it, once some rate has passed,
     the search stops and answers the highest rate shown to pass (a lower bound: a planner racing
     finalists under a time limit); with ``tol``, not before the bracket is that narrow (relative), so
-    the answer is within ``tol`` of the full one. Until a rate passes the search runs on, so 0 always means "fails".
+    the answer is within ``tol`` of the full one. ``stop_by`` (on ``clock``): past it, once some rate has
+    passed, the search stops whatever ``tol`` (a race's hard stop). Until a rate passes the search runs
+    on, so 0 always means "fails".
     """
     lo, up = passes, math.inf
 
     def done(lo: float, up: float) -> bool:
-        if deadline is None or lo <= 0 or clock() <= deadline:
+        if lo <= 0:
+            return False
+        if stop_by is not None and clock() > stop_by:
+            return True
+        if deadline is None or clock() <= deadline:
             return False
         return tol is None or up <= lo * (1 + tol)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -142,6 +143,11 @@ def test_goodput_under_a_deadline_answers_a_rate_shown_to_pass() -> None:
     # with a tolerance the search goes on past the deadline until the answer is that close
     bounded = goodput(plan, WL, SLO_, iters=6, deadline=time.perf_counter() - 1.0, tol=0.03)
     assert bounded <= full <= bounded * 1.03
+    # ... unless the race's hard stop is past too: then the first rate shown to pass is the answer
+    stopped = goodput(plan, WL, SLO_, iters=6, deadline=time.perf_counter() - 1.0, tol=0.03,
+                      stop_by=time.perf_counter() - 1.0)
+    assert stopped == late
+    assert goodput(plan, WL, SLO_, iters=6, deadline=-math.inf, tol=0.03, stop_by=math.inf) == bounded
 
 
 def test_reschedule_keeps_survivors_and_their_parallelism() -> None:

@@ -70,7 +70,8 @@ def print_plan(plan: Any, title: str = "Plan") -> None:
     head.add_row("cost", f"${plan.cost_per_hour:.2f}/h")
     head.add_row("expected goodput", f"{e.get('goodput_rps', 0):.2f} req/s within the SLO (cost model)")
     if "sim_goodput_rps" in e:
-        head.add_row("simulated goodput", f"{e['sim_goodput_rps']:.2f} req/s")
+        at_least = "at least " if e.get("sim_goodput_lower_bound") else ""  # measured until the time limit
+        head.add_row("simulated goodput", f"{at_least}{e['sim_goodput_rps']:.2f} req/s")
     head.add_row("goodput per $", f"{e.get('goodput_per_dollar', 0):.3f} req/s per $/h")
     if "sim_attainment" in e:
         head.add_row("SLO attainment", f"{e['sim_attainment']:.1%} simulated at {plan.workload.get('rate', 0)} req/s")
