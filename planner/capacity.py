@@ -89,16 +89,8 @@ def _running_output(wl: Workload) -> tuple[float, float]:
     """(mean, mean square) output length of a sequence in a running decode batch. A sequence stays in
     the batch for ``out - 1`` steps (``_decode_steps``), so the batch holds long outputs more often than
     they arrive (length-biased sampling): with lognormal outputs of cv 0.8 a running sequence has 1.6x
-    the mean output. Kept on the output lengths (they are immutable), like their quantiles: every
-    rate a capacity search tries asks for it, several times."""
-    memo = wl.output.__dict__
-    if "_running_moments" not in memo:
-        pts = wl.output.points(RUNNING_POINTS)
-        stay = np.maximum(pts - 1.0, 0.0)
-        weight = stay if stay.sum() > 0 else np.ones_like(pts)  # outputs of one token: none stays, plain means
-        memo["_running_moments"] = (float((weight * pts).sum() / weight.sum()),
-                                    float((weight * pts**2).sum() / weight.sum()))
-    return memo["_running_moments"]
+    the mean output. Memoised on the output lengths: every rate a capacity search tries asks for it."""
+    return wl.output.staying_moments(RUNNING_POINTS)
 
 
 RUNNING_POINTS = 64  # output-length quantiles the running batch's length-biased moments are taken over

@@ -365,11 +365,12 @@ class StateStore:
     async def plan_updates(self) -> AsyncIterator[int]:
         """Yield the version of every plan published from now on (pub/sub; one connection). Waits in slices
         under the socket timeout: ``listen()`` reads with it in older redis-py and would fail when idle."""
+        wait_s = self._wait_slice_s
         pubsub = self.r.pubsub()
         await pubsub.subscribe(self.plan_channel)
         try:
             while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._wait_slice_s)
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
                 if msg is not None and msg.get("type") == "message":
                     yield int(msg["data"])
         finally:
@@ -385,7 +386,7 @@ class StateStore:
             maxlen=EVENTS_MAXLEN,
             approximate=True,
         )
-        return eid.decode() if isinstance(eid, bytes) else str(eid)
+        return _event_id(eid)
 
     async def events(self, after: str = "-", count: int = 1000, kind: str | None = None) -> list[Event]:
         """Events after stream id ``after`` (exclusive), oldest first."""
@@ -404,9 +405,9 @@ class StateStore:
         if after == "$":
             last = await self.r.xrevrange(self.events_key, count=1)
             after = _event_id(last[0][0]) if last else "0-0"
-        deadline = time.monotonic() + block_ms / 1000
+        deadline, slice_ms = time.monotonic() + block_ms / 1000, int(self._wait_slice_s * 1000)
         while True:
-            wait_ms = max(1, min(int((deadline - time.monotonic()) * 1000), int(self._wait_slice_s * 1000)))
+            wait_ms = max(1, min(int((deadline - time.monotonic()) * 1000), slice_ms))
             res = await self.r.xread({self.events_key: after}, block=wait_ms, count=100)
             if res or time.monotonic() >= deadline:
                 return [_event(eid, f) for _, rows in (res or []) for eid, f in rows]

@@ -138,6 +138,19 @@ class Lengths:
             cache[n] = np.array([self.quantile((i + 0.5) / k) for i in range(k)])
         return cache[n]
 
+    def staying_moments(self, n: int) -> tuple[float, float]:
+        """(mean, mean square) of the lengths over ``points(n)``, each weighted by ``length - 1``: a sequence
+        of length L stays in a decode batch for L - 1 steps, so a running batch holds long ones more often
+        than they arrive (length-biased sampling). Plain means where no length passes 1; memoised like
+        ``points``."""
+        cache = self.__dict__.setdefault("_staying", {})
+        if n not in cache:
+            pts = self.points(n)
+            stay = np.maximum(pts - 1.0, 0.0)
+            weight = stay if stay.sum() > 0 else np.ones_like(pts)
+            cache[n] = (float((weight * pts).sum() / weight.sum()), float((weight * pts**2).sum() / weight.sum()))
+        return cache[n]
+
     def _quantile(self, q: float) -> float:
         if self.kind == "fixed":
             return self.mean

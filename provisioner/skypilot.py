@@ -200,9 +200,9 @@ class SkyPilotProvisioner(ManagedProvisioner[_SkyNode]):
 
     # -- acquire ---------------------------------------------------------------------------------------
     async def acquire(self, request: NodeRequest) -> NodeRecord:
-        if self.sdk is None and not self._closed:
-            raise ProvisionError("call start() first")
         await self._admit(request)
+        if self.sdk is None:
+            raise ProvisionError("call start() first")
         considered = await self._markets(request)
         markets = [m for m in considered if m.cap > 0]
         if not markets:

@@ -344,7 +344,6 @@ def task_stacks() -> str:
     return out.getvalue()
 
 
-
 async def test_budget_holds_through_a_preemption_storm(make_local: Any, state: StateStore) -> None:
     """15 random preemptions, one every ~0.3 s; each loss is replaced at once (spot first, on-demand after repeated
     spot failures, a cheaper type when refused); greedy extra requests try to overfill. At every event, every

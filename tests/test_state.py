@@ -112,7 +112,7 @@ async def test_blocking_reads_outlast_the_socket_timeout(state: StateStore, redi
 
 async def test_a_redis_that_never_answers_fails_the_call_instead_of_hanging() -> None:
     """A server that accepts the connection and never replies (a stalled host): the call ends with a
-    RedisError once the socket timeout and redis-py's retries are spent, not never."""
+    RedisError once the socket timeout is spent (redis-py does not retry it), not never."""
     from redis.exceptions import RedisError
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -124,10 +124,8 @@ async def test_a_redis_that_never_answers_fails_the_call_instead_of_hanging() ->
     port = server.sockets[0].getsockname()[1]
     store = StateStore.from_url(f"redis://127.0.0.1:{port}", "silent", timeout_s=0.2)
     try:
-        started = time.monotonic()
         with pytest.raises(RedisError):
             await asyncio.wait_for(store.plan_version(), 30)  # a hang would end here as the builtin TimeoutError
-        print(f"failed after {time.monotonic() - started:.1f} s")
     finally:
         await store.close()
         server.close()
