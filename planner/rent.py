@@ -24,7 +24,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,8 +162,9 @@ class UnitCatalog:
 def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *, phases: tuple[str, ...],
                  inter_node_gbps: float | None, kv_compression: str, max_gpus: int, top: int = 3,
                  bandwidth_aware: bool = True, rate_cap: float = math.inf, in_node_top: int = 1,
-                 marginal_value: float | None = None, group_cache: dict | None = None, prune: bool = True
-                 ) -> list[PoolChoice]:
+                 marginal_value: float | None = None, group_cache: dict | None = None, prune: bool = True,
+                 stop_at: float = math.inf, clock: Callable[[], float] | None = None,
+                 stats: dict[str, float] | None = None) -> list[PoolChoice]:
     """The best ``top`` pools (one per place) by MIP-estimated rate per dollar (or ``marginal_value``);
     raises BudgetTooSmall.
 
@@ -177,7 +178,10 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     goodput the budget buys (``scheduler._worth``). Per dollar, a place with one cheap good offer and
     little else (a capped provider) outranks a place whose mix spends the budget on twice the rate.
     ``prune``: skip the places whose mix could not be worth a place among those kept (``worth_bound``):
-    the same pools, fewer MIPs; off only to check exactly that."""
+    the same pools, fewer MIPs; off only to check exactly that.
+    ``stop_at`` (on ``clock``): past it, once a mix is found, the places not yet solved are left (the
+    plan's time limit holds on big catalogs; the most promising places were solved first); how many
+    goes to ``stats["rent_places_left"]``."""
     gbps = _site_bandwidth(inter_node_gbps)
     units_cat = UnitCatalog(ctx_factory, phases, gbps, group_cache)
     by_site = offers_by_place(offers, spot)
@@ -212,7 +216,12 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     in_node: dict[tuple, tuple[float, tuple[str, str], float, float, list[tuple[Unit, int]]]] = {}
     # most promising places first; a place whose mix could not be worth a place among those kept is not solved
     # (branch and bound over places: the same pools as solving every place, fewer MIPs)
-    for bound, local_bound, site, units, local in sorted(places, key=lambda p: (-p[0], p[2])):
+    ordered = sorted(places, key=lambda p: (-p[0], p[2]))
+    for k, (bound, local_bound, site, units, local) in enumerate(ordered):
+        if results and clock is not None and clock() > stop_at:
+            if stats is not None:
+                stats["rent_places_left"] = stats.get("rent_places_left", 0.0) + len(ordered) - k
+            break
         if prune and _beaten(bound, results, top) and (not local or _beaten(local_bound, in_node, in_node_top)):
             continue
         rate, cost, picks = best_mix(units, budget, max_gpus, ctx_factory, gbps, kv_compression, bandwidth_aware,

@@ -159,14 +159,19 @@ def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "deco
     t0, w0 = time.perf_counter(), s.clock()
     search_s = s.time_limit_s * (1 - VERIFY_SHARE if s.verify else 1.0)
     extra = _extra_pass(s, phases)
-    shortlist = _search_pools(s, phases, bandwidth_aware, tabu, w0 + search_s * (SHARE_ALL if extra else 1.0))
+    limit_at = w0 + s.time_limit_s
+    shortlist = _search_pools(s, phases, bandwidth_aware, tabu, w0 + search_s * (SHARE_ALL if extra else 1.0),
+                              rent_stop=limit_at)
+    if extra and s.clock() > limit_at:  # a big catalog's rent step ran past the whole limit: the
+        extra = False  # hand-built candidates and the second rent pass are left out (the user's trade)
+        s.stats["second_pass_left"] = 1.0
     t_hand = time.perf_counter()
     homogeneous = _homogeneous_candidates(s) if extra and tabu else []
     s.stats["hand_built_seconds"] = round(time.perf_counter() - t_hand, 3)
     if extra:  # a second rent pass, colocated only or (after a split) split only, rents another pool
         split = bool(shortlist) and _pure_split(max(shortlist, key=lambda c: c[1].score)[1])
         shortlist += _search_pools(s, ("prefill", "decode") if split else ("both",), bandwidth_aware, tabu,
-                                   w0 + search_s)
+                                   w0 + search_s, rent_stop=limit_at)
     shortlist += homogeneous
     if not shortlist:
         raise PlanningError("no GPU group in the pool can hold the model")
@@ -268,9 +273,9 @@ def _extra_pass(s: Setting, phases: tuple[str, ...]) -> bool:
 
 
 def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, tabu: bool,
-                  deadline: float) -> list[tuple[Evaluator, Evaluation]]:
+                  deadline: float, rent_stop: float = math.inf) -> list[tuple[Evaluator, Evaluation]]:
     """Search every candidate pool until ``deadline`` (on ``s.clock``); return the best evaluation of
-    each phase class on each pool."""
+    each phase class on each pool. The rent step solves no further place past ``rent_stop``."""
     t0 = time.perf_counter()
     candidates: list[tuple[Cluster, State | None]] = []
     if s.pool is not None:
@@ -282,7 +287,7 @@ def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, ta
                              max_gpus=s.max_gpus, bandwidth_aware=bandwidth_aware,
                              rate_cap=RENT_HEADROOM * s.workload.rate if s.workload.rate > 0 else math.inf,
                              marginal_value=MARGINAL_VALUE if s.objective == "goodput" else None,
-                             group_cache=s.config_cache)
+                             group_cache=s.config_cache, stop_at=rent_stop, clock=s.clock, stats=s.stats)
         for pc in pools:
             pc.cluster.inter_node_gbps = s.inter_node_gbps
             candidates.append((pc.cluster, State([tuple(sorted(g)) for g in pc.groups], list(pc.roles))))

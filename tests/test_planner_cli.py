@@ -78,3 +78,14 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         assert message in res.output, (args, res.output)
         assert "Traceback" not in res.output
         assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_a_plan_cut_short_by_its_time_limit_says_what_it_left_out() -> None:
+    """The plan table's "planned in" row tells a user the time limit cut the rent step (a longer limit may
+    find a better rental); a plan that was not cut says nothing more."""
+    from tsctl.plan_cmd import _cut_short
+
+    assert _cut_short({"plan_seconds": 1.0, "rent_seconds": 0.5}) == ""
+    note = _cut_short({"rent_places_left": 26.0, "second_pass_left": 1.0})
+    assert "26 places not solved" in note and "second rent pass and hand-built plans left out" in note
+    assert _cut_short({"second_pass_left": 1.0}).count(";") == 0

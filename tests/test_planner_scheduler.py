@@ -534,20 +534,21 @@ def test_after_a_split_the_planner_also_searches_the_pool_a_split_only_rent_step
     calls: list[tuple[tuple[str, ...], float]] = []
     real = scheduler._search_pools
 
-    def recording(s, phases, bandwidth_aware, tabu, deadline):
+    def recording(s, phases, bandwidth_aware, tabu, deadline, **kw):
         calls.append((tuple(phases), deadline))
-        return real(s, phases, bandwidth_aware, tabu, deadline)
+        return real(s, phases, bandwidth_aware, tabu, deadline, **kw)
 
     monkeypatch.setattr(scheduler, "_search_pools", recording)
     monkeypatch.setattr(scheduler, "_pure_split", lambda e: split_first)
     wl = Workload(0.0, Lengths.fixed(512), Lengths.fixed(64))
-    plan_deployment("llama-2-7b", wl, SLO(2.0, 0.1), budget=6.0, offers=builtin_offers(), time_limit_s=2.0)
+    # a few types: renting them all (~3.5 s of work) would outlast the limit and leave the second pass out
+    offers = [o for o in builtin_offers() if o.gpu_type in ("L4", "L40S", "A100-80GB", "RTX4090")]
+    plan_deployment("llama-2-7b", wl, SLO(2.0, 0.1), budget=6.0, offers=offers, time_limit_s=2.0)
     expected = [("prefill", "decode", "both"), ("prefill", "decode") if split_first else ("both",)]
     assert [phases for phases, _ in calls] == expected
     assert [d for _, d in calls] == sorted(d for _, d in calls)
     calls.clear()
-    plan_deployment("llama-2-7b", wl, SLO(2.0, 0.1), budget=6.0, offers=builtin_offers(), time_limit_s=2.0,
-                    disaggregate=True)
+    plan_deployment("llama-2-7b", wl, SLO(2.0, 0.1), budget=6.0, offers=offers, time_limit_s=2.0, disaggregate=True)
     assert [phases for phases, _ in calls] == [("prefill", "decode")]
 
 
@@ -731,3 +732,45 @@ def test_places_the_bound_skips_could_not_have_been_kept() -> None:
                 rate, cost, _ = best_mix(units, 20.0, 64, s.context, 40.0, "auto", True, rate_cap, marginal_value)
                 bound = worth_bound(units, kv, 20.0, rate_cap, marginal_value)
                 assert rate <= 0 or worth(rate, cost, marginal_value) <= bound * (1 + 1e-9)
+
+
+def test_a_rent_step_past_its_stop_solves_no_further_place() -> None:
+    """Past ``stop_at`` (on the plan's clock) the rent step keeps the mix it has and solves no further
+    place, most promising first as before: a big catalog's rent step no longer runs a short time limit
+    several times over (13B on the Vast catalog: 2.6 s of renting at a 1 s limit). A stop never reached
+    changes nothing."""
+    from planner import work
+    from planner.rent import choose_pools
+
+    s = Setting(load_model("llama-2-13b"), CONV, SLO(2.0, 0.1), 12.0, None, None, False, 40.0, "auto", 0, 1.0,
+                64, DEFAULT_EFF)
+    offers = load_offers([Path(__file__).resolve().parent / "data/sky-catalogs/vast_vms.csv"])
+    cache: dict = {}
+
+    def pools(**kw) -> tuple[list[tuple], float, dict[str, float]]:
+        stats: dict[str, float] = {}
+        before = work.counts()["mip"]
+        got = choose_pools(offers, 12.0, False, s.context, phases=("prefill", "decode", "both"), inter_node_gbps=40.0,
+                           kv_compression="auto", max_gpus=64, group_cache=cache, stats=stats, **kw)
+        return ([(p.site, sorted((n.instance_type, n.price_per_hour) for n in p.cluster.nodes), p.roles) for p in got],
+                work.counts()["mip"] - before, stats)
+
+    full, mips_full, stats_full = pools()
+    never, _, stats_never = pools(stop_at=1e9, clock=lambda: 0.0)
+    cut, mips_cut, stats_cut = pools(stop_at=0.0, clock=lambda: 1.0)
+    assert never == full and not stats_full and not stats_never
+    assert len(full) >= 3 and stats_cut["rent_places_left"] > 0
+    assert 1 <= len(cut) <= 2 and len({site for site, _, _ in cut}) == 1  # one place: its mix and its in-node one
+    assert 0 < mips_cut < mips_full
+
+
+def test_a_plan_whose_rent_step_outlasts_the_limit_leaves_the_second_pass_out() -> None:
+    """A limit shorter than renting: the plan rents from the most promising place only, leaves the second rent
+    pass and the hand-built candidates out (the user traded them for time), says so in ``expected``, and is
+    still a sound plan."""
+    offers = load_offers([Path(__file__).resolve().parent / "data/sky-catalogs/vast_vms.csv"])
+    plan = plan_deployment("llama-2-7b", CONV, SLO(2.0, 0.1), budget=12.0, offers=offers, inter_node_gbps=40.0,
+                           time_limit_s=0.01)
+    check_plan(plan, 12.0)
+    assert plan.expected["second_pass_left"] == 1 and plan.expected["rent_places_left"] > 0
+    assert plan.expected["hand_built_seconds"] == 0.0 and plan.expected["finalists_simulated"] == 1

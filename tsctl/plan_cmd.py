@@ -81,7 +81,7 @@ def print_plan(plan: Any, title: str = "Plan") -> None:
     if "ttft_quantile" in e and "tpot_quantile" in e:
         head.add_row("capacities at", f"TTFT p{100 * e['ttft_quantile']:.1f}, TPOT p{100 * e['tpot_quantile']:.1f}")
     if "plan_seconds" in e:
-        head.add_row("planned in", f"{e['plan_seconds']:.2f}s")
+        head.add_row("planned in", f"{e['plan_seconds']:.2f}s{_cut_short(e)}")
     console.print(head)
     inst = Table(title="Instances")
     for col in ("node", "instance type", "GPUs", "spot", "$/h", "where"):
@@ -104,6 +104,16 @@ def print_plan(plan: Any, title: str = "Plan") -> None:
         route.add_row(r.prefill, r.decode if r.decode != r.prefill else "(colocated)", f"{r.weight:.3f}",
                       r.kv_compression if r.decode != r.prefill else "-")
     console.print(route)
+
+
+def _cut_short(e: dict[str, float]) -> str:
+    """What the time limit left out of the rent step, so a user knows a longer limit may look further."""
+    left = []
+    if e.get("rent_places_left"):
+        left.append(f"{int(e['rent_places_left'])} places not solved")
+    if e.get("second_pass_left"):
+        left.append("second rent pass and hand-built plans left out")
+    return f" (time limit reached while renting: {'; '.join(left)})" if left else ""
 
 
 def _emit_json(data: bytes) -> None:
