@@ -184,6 +184,8 @@ def run_scenario(sc: Scenario, time_limit: float, strategies, seeds: int = 3) ->
                       "plan_cpu_s": round(plan_cpu, 2),
                       # the machine ran slower than the work clock allows (``planner.work``): this plan may vary
                       "wall_bound": bool(plan.expected.get("wall_clock_bound")),
+                      # the time limit cut its rent step (places not solved, second pass left out)
+                      "limit_cut": bool(plan.expected.get("rent_places_left") or plan.expected.get("second_pass_left")),
                       **plan_shape(plan),
                       "col": "+".join(col) or "-"}
     return out
@@ -287,6 +289,8 @@ def main() -> None:
 
     wall_bound = {r["scenario"]: bound for r in rows
                   if (bound := [s for s in strategies if r["results"][s].get("wall_bound")])}
+    limit_cut = {r["scenario"]: cut for r in rows
+                 if (cut := [s for s in strategies if r["results"][s].get("limit_cut")])}
     summary = {
         "bench": "planner", "suite": args.suite, "scenarios": len(rows), "time_limit_s": limit, "seeds": args.seeds,
         "capacity": suite[0].capacity if suite else None,
@@ -304,6 +308,9 @@ def main() -> None:
         # plans (any strategy) whose time cap fell back on wall time: not reproducible run to run
         "wall_bound_plans": sum(len(v) for v in wall_bound.values()),
         "wall_bound": wall_bound,
+        # plans (any strategy) whose rent step the time limit cut (``expected["rent_places_left"]``, ...)
+        "limit_cut_plans": sum(len(v) for v in limit_cut.values()),
+        "limit_cut": limit_cut,
         "plan_s_ours": _spread([r["results"]["thunderserve"].get("plan_s", 0.0) for r in rows]),
         "gpd": {r["scenario"]: {s: r["results"][s]["gpd"] for s in strategies} for r in rows},
         # how far each plan's promise (its expected goodput, the capacity model's) is from the simulation
