@@ -163,8 +163,8 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
                  inter_node_gbps: float | None, kv_compression: str, max_gpus: int, top: int = 3,
                  bandwidth_aware: bool = True, rate_cap: float = math.inf, in_node_top: int = 1,
                  marginal_value: float | None = None, group_cache: dict | None = None, prune: bool = True,
-                 stop_at: float = math.inf, clock: Callable[[], float] | None = None,
-                 stats: dict[str, float] | None = None) -> list[PoolChoice]:
+                 past_limit: Callable[[], bool] | None = None, stats: dict[str, float] | None = None
+                 ) -> list[PoolChoice]:
     """The best ``top`` pools (one per place) by MIP-estimated rate per dollar (or ``marginal_value``);
     raises BudgetTooSmall.
 
@@ -179,9 +179,9 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     little else (a capped provider) outranks a place whose mix spends the budget on twice the rate.
     ``prune``: skip the places whose mix could not be worth a place among those kept (``worth_bound``):
     the same pools, fewer MIPs; off only to check exactly that.
-    ``stop_at`` (on ``clock``): past it, once a mix is found, the places not yet solved are left (the
-    plan's time limit holds on big catalogs; the most promising places were solved first); how many
-    goes to ``stats["rent_places_left"]``."""
+    ``past_limit``: once it says so and a mix is found, the places not yet solved are left (the plan's
+    time limit holds on big catalogs; the most promising places were solved first); how many goes to
+    ``stats["rent_places_left"]``."""
     gbps = _site_bandwidth(inter_node_gbps)
     units_cat = UnitCatalog(ctx_factory, phases, gbps, group_cache)
     by_site = offers_by_place(offers, spot)
@@ -218,7 +218,7 @@ def choose_pools(offers: list[Offer], budget: float, spot: bool, ctx_factory, *,
     # (branch and bound over places: the same pools as solving every place, fewer MIPs)
     ordered = sorted(places, key=lambda p: (-p[0], p[2]))
     for k, (bound, local_bound, site, units, local) in enumerate(ordered):
-        if results and clock is not None and clock() > stop_at:
+        if results and past_limit is not None and past_limit():
             if stats is not None:
                 stats["rent_places_left"] = stats.get("rent_places_left", 0.0) + len(ordered) - k
             break

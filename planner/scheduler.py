@@ -287,7 +287,7 @@ def _search_pools(s: Setting, phases: tuple[str, ...], bandwidth_aware: bool, ta
                              max_gpus=s.max_gpus, bandwidth_aware=bandwidth_aware,
                              rate_cap=RENT_HEADROOM * s.workload.rate if s.workload.rate > 0 else math.inf,
                              marginal_value=MARGINAL_VALUE if s.objective == "goodput" else None,
-                             group_cache=s.config_cache, stop_at=rent_stop, clock=s.clock, stats=s.stats)
+                             group_cache=s.config_cache, past_limit=lambda: s.clock() > rent_stop, stats=s.stats)
         for pc in pools:
             pc.cluster.inter_node_gbps = s.inter_node_gbps
             candidates.append((pc.cluster, State([tuple(sorted(g)) for g in pc.groups], list(pc.roles))))

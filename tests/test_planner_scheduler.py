@@ -735,7 +735,7 @@ def test_places_the_bound_skips_could_not_have_been_kept() -> None:
 
 
 def test_a_rent_step_past_its_stop_solves_no_further_place() -> None:
-    """Past ``stop_at`` (on the plan's clock) the rent step keeps the mix it has and solves no further
+    """Past the plan's limit (``past_limit``) the rent step keeps the mix it has and solves no further
     place, most promising first as before: a big catalog's rent step no longer runs a short time limit
     several times over (13B on the Vast catalog: 2.6 s of renting at a 1 s limit). A stop never reached
     changes nothing."""
@@ -756,8 +756,8 @@ def test_a_rent_step_past_its_stop_solves_no_further_place() -> None:
                 work.counts()["mip"] - before, stats)
 
     full, mips_full, stats_full = pools()
-    never, _, stats_never = pools(stop_at=1e9, clock=lambda: 0.0)
-    cut, mips_cut, stats_cut = pools(stop_at=0.0, clock=lambda: 1.0)
+    never, _, stats_never = pools(past_limit=lambda: False)
+    cut, mips_cut, stats_cut = pools(past_limit=lambda: True)
     assert never == full and not stats_full and not stats_never
     assert len(full) >= 3 and stats_cut["rent_places_left"] > 0
     assert 1 <= len(cut) <= 2 and len({site for site, _, _ in cut}) == 1  # one place: its mix and its in-node one
