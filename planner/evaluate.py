@@ -7,8 +7,9 @@ on each, the role), so the tabu search pays for each distinct group once.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field, replace
 
 from planner.capacity import LEANS, KvLink, Targets, linked_prefill_curve, rate_for_slack, shape_key
@@ -72,6 +73,13 @@ class Evaluation:
     @property
     def used_nodes(self) -> set[str]:
         return {n for g, c in zip(self.groups, self.configs, strict=True) if c is not None for n, _ in g}
+
+
+def nodes_cost(nodes: Iterable[str], prices: dict[str, float]) -> float:
+    """The $/h of a set of nodes, the same whatever order the set iterates in: a plain sum over a set of
+    node ids rounds by the string hash order, which changes per process (``PYTHONHASHSEED``), and so
+    broke ties between equal-valued candidates differently from one run to the next."""
+    return math.fsum(prices.get(n, 0.0) for n in nodes)
 
 
 def group_key(group: Group) -> tuple[tuple[str, int], ...]:
@@ -246,7 +254,7 @@ class Evaluator:
         prob, pair_terms, compression = self._problem(configs)
         sol = self._route_steps(prob, pair_terms, self.targets["even"])
         used = {n for g, c in zip(groups, configs, strict=True) if c is not None for n, _ in g}
-        cost = sum(node_prices.get(n, 0.0) for n in used)
+        cost = nodes_cost(used, node_prices)
         return Evaluation(sol.total, cost, self.score_of(sol.total, cost), list(groups), list(roles), configs, sol,
                           compression, self.targets["even"])
 

@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Iterator
 
 from planner.cluster import Cluster, GpuId
-from planner.evaluate import Evaluation, Evaluator, Group
+from planner.evaluate import Evaluation, Evaluator, Group, nodes_cost
 
 
 def _partitions(items: list[GpuId]) -> Iterator[list[list[GpuId]]]:
@@ -48,7 +48,7 @@ def exhaustive_best(ev: Evaluator, cluster: Cluster, phases: tuple[str, ...] = (
             options.append(roles)
         else:
             used = {n for g in groups for n, _ in g}
-            cost = sum(prices[n] for n in used)
+            cost = nodes_cost(used, prices)
             vectors = sorted(itertools.product(*options), key=lambda rs: -ev.bound(groups, list(rs)))
             for rs in vectors:
                 if best is not None and ev.score_of(ev.bound(groups, list(rs)), cost) <= best.score * (1 + 1e-9):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.cluster import Cluster, GpuId
-from planner.evaluate import Evaluation, Evaluator, Group
+from planner.evaluate import Evaluation, Evaluator, Group, nodes_cost
 
 PHASES_PD = ("prefill", "decode")
 
@@ -163,7 +163,7 @@ class TabuSearch:
             return self._seen[k].score
         configs = self.ev.configs_for(st.groups, st.roles)
         used = {n for g, c in zip(st.groups, configs, strict=True) if c for n, _ in g}
-        cost = sum(self.prices[n] for n in used)
+        cost = nodes_cost(used, self.prices)
         return self.ev.score_of(self.ev.bound(st.groups, st.roles, configs), cost)
 
     # -- moves ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from planner.cluster import Cluster, Node, pool_from_spec
 from planner.cost_model import DEFAULT_EFF
+from planner.evaluate import nodes_cost
 from planner.exhaustive import exhaustive_best
 from planner.models import load_model
 from planner.offers import builtin_offers, load_offers
@@ -92,6 +94,17 @@ def test_same_seed_same_plan() -> None:
     assert [(r.gpus, r.role, r.tp, r.layer_split) for r in a.replicas] == [
         (r.gpus, r.role, r.tp, r.layer_split) for r in b.replicas]
     assert a.routing == b.routing
+
+
+def test_a_set_of_nodes_costs_the_same_in_whatever_order_it_is_summed() -> None:
+    """A set of node ids iterates in the string hash's order, which changes per process: a plain sum of
+    their prices rounded differently from run to run and broke exact ties between candidates differently
+    (the scarce 70B no-bandwidth plan rented 2-GPU L40S nodes in one process, 4-GPU ones in another)."""
+    prices = {f"n{i}": p for i, p in enumerate([0.1, 0.2, 0.3, 0.86, 1.72, 2.99])}
+    orders = list(itertools.permutations(prices))
+    assert len({sum(prices[n] for n in order) for order in orders}) > 1  # what a plain sum did
+    assert len({nodes_cost(order, prices) for order in orders}) == 1
+    assert nodes_cost(set(prices), prices) == nodes_cost(sorted(prices), prices)
 
 
 def test_every_strategy_plans_at_the_same_budget() -> None:
