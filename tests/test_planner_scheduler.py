@@ -787,3 +787,15 @@ def test_a_plan_whose_rent_step_outlasts_the_limit_leaves_the_second_pass_out() 
     check_plan(plan, 12.0)
     assert plan.expected["second_pass_left"] == 1 and plan.expected["rent_places_left"] > 0
     assert plan.expected["hand_built_seconds"] == 0.0 and plan.expected["finalists_simulated"] == 1
+
+
+def test_the_determinism_bench_tells_plans_apart_by_what_they_deploy_not_when(bench) -> None:
+    """``bench/plan_determinism.py`` compares plans made in processes under different hash seeds: the same
+    plan made at another time and in another wall time is the same; another role or work clock is not."""
+    fingerprint = bench.bench_module("plan_determinism").fingerprint
+    plan = {"created_at": 1.0, "replicas": [{"id": "r0", "role": "prefill"}],
+            "expected": {"plan_seconds": 3.2, "rent_seconds": 2.1, "plan_work_seconds": 7.269, "goodput_rps": 5.0}}
+    later = {**plan, "created_at": 2.0, "expected": {**plan["expected"], "plan_seconds": 4.0, "rent_seconds": 1.0}}
+    assert fingerprint(plan) == fingerprint(later)
+    assert fingerprint(plan) != fingerprint({**plan, "replicas": [{"id": "r0", "role": "decode"}]})
+    assert fingerprint(plan) != fingerprint({**plan, "expected": {**plan["expected"], "plan_work_seconds": 7.27}})
