@@ -43,13 +43,8 @@ def fingerprint(plan: dict) -> str:
 
 def plan_one(suite: str, index: int, strategy: str, time_limit: float) -> dict:
     """Plan one scenario as ``bench/planner.py`` does; what to compare across processes."""
-    from planner.scheduler import plan_deployment
-
     m = planner_suite()
-    sc = m.SUITES[suite][index]
-    plan = plan_deployment(sc.model, m.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget,
-                           offers=m.offers_for(sc.cloud, sc.capacity), strategy=strategy,
-                           inter_node_gbps=sc.gbps, time_limit_s=time_limit)
+    plan = m.plan_scenario(m.SUITES[suite][index], strategy, time_limit)
     e = plan.expected
     return {"fingerprint": fingerprint(plan.to_dict()), "work_s": e.get("plan_work_seconds"),
             "gpd": e.get("goodput_per_dollar"), "wall_bound": bool(e.get("wall_clock_bound")),

@@ -159,14 +159,19 @@ def plan_shape(plan) -> dict[str, str]:
             "shape": f"{s['prefill']}P/{s['decode']}D/{s['colocated']}C on {s['gpus']} GPUs"}
 
 
+def plan_scenario(sc: Scenario, strategy: str = "thunderserve", time_limit: float = 8.0):
+    """``strategy``'s plan for a scenario, made as the suite makes it (its catalog and capacity, network, SLO)."""
+    return plan_deployment(sc.model, PROMPTS[sc.prompts], sc.slo(), budget=sc.budget,
+                           offers=offers_for(sc.cloud, sc.capacity), strategy=strategy, inter_node_gbps=sc.gbps,
+                           time_limit_s=time_limit)
+
+
 def run_scenario(sc: Scenario, time_limit: float, strategies, seeds: int = 3) -> dict:
-    offers = offers_for(sc.cloud, sc.capacity)
     out = {}
     for strat in strategies:
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            plan = plan_deployment(sc.model, PROMPTS[sc.prompts], sc.slo(), budget=sc.budget, offers=offers,
-                                   strategy=strat, inter_node_gbps=sc.gbps, time_limit_s=time_limit)
+            plan = plan_scenario(sc, strat, time_limit)
         except PlanningError as e:
             out[strat] = {"error": str(e), "gpd": 0.0}
             continue

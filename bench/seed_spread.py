@@ -35,7 +35,6 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=8.0)
     args = ap.parse_args()
 
-    from planner.scheduler import plan_deployment
     from planner.simulator import goodput
 
     suite = suite_mod.SUITES[args.suite]
@@ -52,8 +51,7 @@ def main() -> None:
     gpd: dict[str, list[float]] = {}
     shapes: dict[str, str] = {}
     for strat in strategies:
-        plan = plan_deployment(sc.model, wl, slo, budget=sc.budget, offers=suite_mod.offers_for(sc.cloud),
-                               strategy=strat, inter_node_gbps=sc.gbps, time_limit_s=args.time_limit)
+        plan = suite_mod.plan_scenario(sc, strat, args.time_limit)
         shapes[strat] = " ".join(suite_mod.plan_shape(plan).values())
         gpd[strat] = [goodput(plan, wl, slo, iters=6, seed=k) / plan.cost_per_hour for k in seeds]
 

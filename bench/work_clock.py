@@ -54,9 +54,7 @@ def jobs() -> list[tuple[str, Callable[[], object]]]:
     out: list[tuple[str, Callable[[], object]]] = []
 
     def rented(sc, limit_s: float) -> Callable[[], object]:
-        return lambda: plan_deployment(sc.model, b.PROMPTS[sc.prompts], sc.slo(), budget=sc.budget,
-                                       offers=b.offers_for(sc.cloud, sc.capacity), inter_node_gbps=sc.gbps,
-                                       time_limit_s=limit_s)
+        return lambda: b.plan_scenario(sc, time_limit=limit_s)
 
     def rent_step(sc, cache: dict) -> Callable[[], object]:
         spec, offers = load_model(sc.model), b.offers_for(sc.cloud, sc.capacity)

@@ -70,9 +70,11 @@ class Evaluation:
             return {}
         return {"ttft_quantile": self.targets.q_ttft, "tpot_quantile": self.targets.q_tpot}
 
-    @property
-    def used_nodes(self) -> set[str]:
-        return {n for g, c in zip(self.groups, self.configs, strict=True) if c is not None for n, _ in g}
+
+
+def used_nodes(groups: list[Group], configs: list[ReplicaConfig | None]) -> set[str]:
+    """The nodes a candidate pays for: those of its groups that hold a replica."""
+    return {n for g, c in zip(groups, configs, strict=True) if c is not None for n, _ in g}
 
 
 def nodes_cost(nodes: Iterable[str], prices: dict[str, float]) -> float:
@@ -253,8 +255,7 @@ class Evaluator:
         there, and ``lean`` re-routes the few it keeps."""
         prob, pair_terms, compression = self._problem(configs)
         sol = self._route_steps(prob, pair_terms, self.targets["even"])
-        used = {n for g, c in zip(groups, configs, strict=True) if c is not None for n, _ in g}
-        cost = nodes_cost(used, node_prices)
+        cost = nodes_cost(used_nodes(groups, configs), node_prices)
         return Evaluation(sol.total, cost, self.score_of(sol.total, cost), list(groups), list(roles), configs, sol,
                           compression, self.targets["even"])
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.cluster import Cluster, GpuId
-from planner.evaluate import Evaluation, Evaluator, Group, nodes_cost
+from planner.evaluate import Evaluation, Evaluator, Group, nodes_cost, used_nodes
 
 PHASES_PD = ("prefill", "decode")
 
@@ -162,8 +162,7 @@ class TabuSearch:
         if k in self._seen:
             return self._seen[k].score
         configs = self.ev.configs_for(st.groups, st.roles)
-        used = {n for g, c in zip(st.groups, configs, strict=True) if c for n, _ in g}
-        cost = nodes_cost(used, self.prices)
+        cost = nodes_cost(used_nodes(st.groups, configs), self.prices)
         return self.ev.score_of(self.ev.bound(st.groups, st.roles, configs), cost)
 
     # -- moves ---------------------------------------------------------------------------------
