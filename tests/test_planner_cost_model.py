@@ -253,6 +253,88 @@ def test_colocated_capacity_is_computed_once_per_replica_shape(monkeypatch: pyte
     assert real(a, wl, slo, t, 512) == first
 
 
+def _best_colocated_by_full_search(rms, wl, slo, t):
+    """What ``best_colocated`` chose before it screened: every prefill-first capacity, then the mixed
+    chunks in the order of their bounds, each searched whole."""
+    from planner.capacity import (
+        MIXED_CHUNKS,
+        PREFILL_FIRST,
+        ColocatedPolicy,
+        colocated_capacity,
+        colocated_mixed_capacity,
+        mixed_rate_bound,
+    )
+
+    best = None
+    for i, rm in enumerate(rms):
+        c = colocated_capacity(rm, wl, slo, t)
+        if best is None or c > best[0] * 1.001:
+            best = (c, i, PREFILL_FIRST)
+    for bound, i, chunk in sorted(((mixed_rate_bound(rm, wl, c), i, c) for i, rm in enumerate(rms)
+                                   for c in MIXED_CHUNKS), reverse=True):
+        if bound <= best[0] * 1.001:
+            break
+        c = colocated_mixed_capacity(rms[i], wl, slo, t, chunk)
+        if c > best[0] * 1.001:
+            best = (c, i, ColocatedPolicy(True, chunk))
+    return best
+
+
+@pytest.mark.parametrize(("model", "gpu", "tpot"), [("llama-2-7b", "L40S", 0.1), ("llama-2-13b", "A100-80GB", 0.05),
+                                                    ("llama-2-13b", "RTX4090", 0.2), ("llama-30b", "H100", 0.08)])
+def test_best_colocated_screens_a_shape_that_cannot_win_with_one_point(model: str, gpu: str, tpot: float) -> None:
+    """A shape or chunk policy whose SLO fails at the rate it must beat is skipped after that one point
+    (the rent step's unit catalog was half colocated capacity searches that lost): the choice is the
+    full search's, in fewer points."""
+    import planner.capacity as cap
+    from planner import work
+    from planner.capacity import Targets, best_colocated
+
+    m = load_model(model)
+    wl = Workload(0.0, Lengths(1024, "lognormal", 0.8, lo=8, hi=8192), Lengths(256, "lognormal", 0.8, lo=1, hi=2048))
+    slo = SLO(4.0, tpot)
+    t = Targets.for_slo(slo)
+    rms = [ReplicaModel(m, [Stage("n0", GPUS[gpu], tp, m.layers, True, True)], [], DEFAULT_EFF) for tp in (1, 2, 4)]
+    rms = [rm for rm in rms if rm.kv_tokens > 0]
+
+    def points(f) -> tuple[tuple, float]:
+        cap._MEMO.clear()
+        before = work.counts()
+        out = f(rms, wl, slo, t)
+        done = work.since(before)
+        return out, done.get("colocated_point", 0.0) + done.get("mixed_point", 0.0)
+
+    screened, fewer = points(best_colocated)
+    full, all_points = points(_best_colocated_by_full_search)
+    assert screened == full and screened[0] > 0
+    assert fewer < all_points
+
+
+def test_a_plan_balances_the_same_layers_once() -> None:
+    """Layer splits are kept for the plan (clock epoch) that found them: a repeat costs no work, a new plan
+    counts it again (its clock must not depend on earlier plans in the process), a single stage none."""
+    from planner import work
+    from planner.parallel import _balance
+
+    def charged(f) -> float:
+        before = work.counts()
+        f()
+        return work.since(before).get("layer_balance", 0.0)
+
+    args = (80, [1.0, 2.0, 2.5], [0.1, 0.0, 0.0], [80, 40, 80])
+    work.WorkClock()
+    assert charged(lambda: balance_layers(*args)) == 1
+    split = balance_layers(*args)
+    assert split == _balance(*args) and sum(split) == 80
+    split.append(7)  # the caller's copy, not the kept one
+    assert charged(lambda: balance_layers(*args)) == 0 and balance_layers(*args) == _balance(*args)
+    work.WorkClock()
+    assert charged(lambda: balance_layers(*args)) == 1
+    one = (80, [1.0], [0.0], [80])
+    assert charged(lambda: balance_layers(*one)) == 0 and balance_layers(*one) == [80]
+    assert balance_layers(80, [1.0], [0.0], [79]) is None
+
+
 def test_finalist_race_weighs_price_against_goodput() -> None:
     from planner.scheduler import MARGINAL_VALUE, _rate_to_beat
 
