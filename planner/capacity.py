@@ -921,6 +921,18 @@ def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targe
     return best
 
 
+def may_serve_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targets, rate: float) -> bool:
+    """Whether ``best_colocated`` over these shapes may come out above ``rate`` x 1.001: some shape meets
+    the SLO there under some policy whose bound allows it (so, the SLO's test being monotone in the rate,
+    none can if this says no)."""
+    for rm in rms:
+        tries = [(_colocated_rate_bound(rm, wl, t), partial(_colocated_ok, rm, wl, slo, t))]
+        tries += [(mixed_rate_bound(rm, wl, c), partial(_mixed_ok, rm, wl, slo, t, c)) for c in MIXED_CHUNKS]
+        if any(bound > rate * 1.001 and _may_beat(rm, wl, rate, ok) for bound, ok in tries):
+            return True
+    return False
+
+
 def _may_beat(rm: ReplicaModel, wl: Workload, best: float, ok: Callable[[], Callable[[float], bool]]) -> bool:
     """Whether a shape and policy may serve more than ``best`` x 1.001 (the margin a capacity must beat
     to win): the SLO is met there. One point instead of a capacity search (~12-18 points) for the many

@@ -24,6 +24,7 @@ from planner.capacity import (
     colocated_capacity,
     colocated_mixed_capacity,
     decode_capacity,
+    may_serve_colocated,
     prefill_curve,
     rate_for_slack,
 )
@@ -194,10 +195,33 @@ def role_capacity(ctx: PlanContext, rm: ReplicaModel, role: str, policy: Colocat
 
 def configure_group(ctx: PlanContext, gpus: list[GpuId], role: str) -> ReplicaConfig | None:
     """The best (TP, stages, layer split) for this group and role, or None if the model does not fit."""
+    options = replica_shapes(ctx, gpus, role)
+    if role == "both":  # the policies are searched over every TP at once
+        return _best_colocated_config(ctx, options) if options else None
+    best: ReplicaConfig | None = None
+    for tp, ordered, split, rm in options:
+        cap, curve, policy = role_capacity(ctx, rm, role)
+        if best is None or cap > best.capacity * 1.001:
+            best = ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), role, rm, cap, curve, policy)
+    return best
+
+
+def colocated_may_serve(ctx: PlanContext, gpus: list[GpuId], rate: float) -> bool:
+    """Whether a colocated replica on this group may serve more than ``rate`` x 1.001 (the margin a
+    capacity must beat to win) under some TP and policy: a point or two per shape instead of
+    ``configure_group``'s capacity searches, for a group that must beat a known rate to matter."""
+    assert ctx.targets is not None
+    rms = [rm for *_, rm in replica_shapes(ctx, gpus, "both")]
+    return may_serve_colocated(rms, ctx.workload, ctx.slo, ctx.targets, rate)
+
+
+def replica_shapes(ctx: PlanContext, gpus: list[GpuId], role: str
+                   ) -> list[tuple[int, list[GpuId], list[int], ReplicaModel]]:
+    """(TP, GPUs stage by stage, layer split, replica model) for each TP the group can hold the model
+    at, with the KV room its role reserves."""
     nodes = _group_nodes(ctx.cluster, gpus)
     m = ctx.model
-    best: ReplicaConfig | None = None
-    colocated: list[tuple[int, list[GpuId], list[int], ReplicaModel]] = []
+    out: list[tuple[int, list[GpuId], list[int], ReplicaModel]] = []
     for tp in TP_CHOICES:
         if any(len(g) % tp for _, g in nodes) or m.heads % tp:
             continue
@@ -217,17 +241,9 @@ def configure_group(ctx: PlanContext, gpus: list[GpuId], role: str) -> ReplicaCo
         if split is None:
             continue
         rm = build_replica_model(ctx, ordered, tp, split)
-        if rm.kv_tokens < ctx.reserve_tokens(role):
-            continue
-        if role == "both":  # the policies are searched below, over every TP at once
-            colocated.append((tp, ordered, split, rm))
-            continue
-        cap, curve, policy = role_capacity(ctx, rm, role)
-        if best is None or cap > best.capacity * 1.001:
-            best = ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), role, rm, cap, curve, policy)
-    if colocated:
-        best = _best_colocated_config(ctx, colocated)
-    return best
+        if rm.kv_tokens >= ctx.reserve_tokens(role):
+            out.append((tp, ordered, split, rm))
+    return out
 
 
 def _best_colocated_config(ctx: PlanContext, options: list[tuple[int, list[GpuId], list[int], ReplicaModel]]

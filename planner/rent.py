@@ -30,10 +30,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from planner.cluster import DEFAULT_GBPS, Cluster, Node
+from planner.cluster import DEFAULT_GBPS, Cluster, GpuId, Node
 from planner.cost_model import KV_FACTOR, auto_kv_mode
 from planner.offers import Offer, offers_per_shape
-from planner.parallel import SPLIT_SIZES, PlanContext, ReplicaConfig, best_node_split, configure_group
+from planner.parallel import (
+    SPLIT_SIZES,
+    PlanContext,
+    ReplicaConfig,
+    best_node_split,
+    colocated_may_serve,
+    configure_group,
+)
 from planner.routing import LINK_UTILISATION, kv_ttft_seconds
 from planner.work import charge
 
@@ -97,15 +104,31 @@ class UnitCatalog:
 
     def _configure(self, gpu_type: str, count: int, n_inst: int, per: int, role: str) -> ReplicaConfig | None:
         """The replica of ``per`` GPUs over ``n_inst`` instances of ``count`` GPUs, for ``role``."""
+        key = self._key(gpu_type, count, n_inst, per, role)
+        if key not in self._groups:
+            self._groups[key] = configure_group(*self._group(gpu_type, count, n_inst, per), role)
+        return self._groups[key]
+
+    def _key(self, gpu_type: str, count: int, n_inst: int, per: int, role: str) -> tuple:
         # a replica inside one instance does not depend on how many GPUs the instance has: 1x, 2x and 8x
         # offers of a type share the configuration of their 1-, 2- or 4-GPU replicas
-        key = ("unit", gpu_type, count if per > count else per, n_inst, per, role, self.gbps)
-        if key not in self._groups:
-            nodes = [Node(f"t{i}", gpu_type, count if per > count else per, 1.0, region="x") for i in range(n_inst)]
-            ctx = self.ctx_factory(Cluster(nodes, inter_node_gbps=self.gbps))
-            gpus = [g for node in nodes for g in node.gpu_ids()][:per]
-            self._groups[key] = configure_group(ctx, gpus, role)
-        return self._groups[key]
+        return ("unit", gpu_type, count if per > count else per, n_inst, per, role, self.gbps)
+
+    def _group(self, gpu_type: str, count: int, n_inst: int, per: int) -> tuple[PlanContext, list[GpuId]]:
+        nodes = [Node(f"t{i}", gpu_type, count if per > count else per, 1.0, region="x") for i in range(n_inst)]
+        ctx = self.ctx_factory(Cluster(nodes, inter_node_gbps=self.gbps))
+        return ctx, [g for node in nodes for g in node.gpu_ids()][:per]
+
+    def _may_win(self, gpu_type: str, count: int, n_inst: int, per: int, rate: float) -> bool:
+        """Whether a colocated replica of this shape may serve more than ``rate`` (``colocated_may_serve``):
+        a shape that must beat a smaller one per instance is screened before its capacity is searched
+        (most lose: a 7B model's 2-, 4- and 8-GPU colocated replicas on one instance). A shape known
+        already is judged by its capacity."""
+        key = self._key(gpu_type, count, n_inst, per, "both")
+        if key in self._groups:
+            cfg = self._groups[key]
+            return cfg is not None and cfg.capacity > rate * 1.001
+        return colocated_may_serve(*self._group(gpu_type, count, n_inst, per), rate)
 
     def shapes(self, gpu_type: str, count: int) -> list[tuple]:
         """(instances, gpus per replica, replicas, role, capacity of the unit, config[, layout]) per role:
@@ -119,10 +142,15 @@ class UnitCatalog:
             best = None
             for per in [k for k in (1, 2, 4, 8) if k <= count and count % k == 0] + [count * n for n in (2, 4, 8)]:
                 n_inst = max(1, per // count)
+                reps = max(1, count // per) if per <= count else 1
+                if role == "both" and best is not None and not self._may_win(
+                        gpu_type, count, n_inst, per, best[4] / best[0] * n_inst / reps):
+                    if per >= count:
+                        break  # it holds the model (it cannot serve the rate) and bigger groups only cost more
+                    continue
                 cfg = self._configure(gpu_type, count, n_inst, per, role)
                 if cfg is None or cfg.capacity <= 0:
                     continue
-                reps = max(1, count // per) if per <= count else 1
                 cap = cfg.capacity * reps
                 value = cap / n_inst
                 if best is None or value > best[4] / best[0] * 1.001:

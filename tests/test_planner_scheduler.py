@@ -747,6 +747,38 @@ def test_places_the_bound_skips_could_not_have_been_kept() -> None:
                 assert rate <= 0 or worth(rate, cost, marginal_value) <= bound * (1 + 1e-9)
 
 
+def test_the_unit_catalog_screens_a_colocated_shape_that_cannot_beat_a_smaller_one() -> None:
+    """A 2-, 4- or 8-GPU colocated replica is worth renting only if it serves more per instance than the
+    smaller ones cut from the same instance: one SLO point at that rate screens it before its capacity
+    search (most lose for a 7B model). The units are those of a catalog that searches every shape, for
+    less work; three clouds' catalogs, 7B and 13B."""
+    from planner import work
+    from planner.rent import UnitCatalog
+
+    class EveryShape(UnitCatalog):
+        def _may_win(self, *args) -> bool:
+            return True
+
+    offers = load_offers([Path(__file__).resolve().parent / f"data/sky-catalogs/{c}_vms.csv"
+                          for c in ("lambda", "runpod", "vast")])
+    kinds = sorted({(o.gpu_type, o.gpu_count) for o in offers})
+    for model in ("llama-2-7b", "llama-2-13b"):
+        s = Setting(load_model(model), CONV, SLO(2.0, 0.1), 20.0, None, None, False, 40.0, "auto", 0, 1.0,
+                    64, DEFAULT_EFF)
+        got = []
+        for catalog in (UnitCatalog, EveryShape):
+            work.WorkClock()
+            before = work.counts()
+            units = catalog(s.context, ("prefill", "decode", "both"), 40.0, {})
+            shapes = {k: [(n, per, reps, role, cap, cfg.tp, cfg.policy, *rest)
+                          for n, per, reps, role, cap, cfg, *rest in units.shapes(*k)] for k in kinds}
+            got.append((shapes, work.reference_seconds(work.since(before))))
+        (screened, less), (every, more) = got
+        assert screened == every
+        assert any(role == "both" and per > 1 for k in kinds for _, per, _, role, *_ in every[k])  # some bigger win
+        assert less < 0.9 * more
+
+
 def test_a_rent_step_past_its_stop_solves_no_further_place() -> None:
     """Past the plan's limit (``past_limit``) the rent step keeps the mix it has and solves no further
     place, most promising first as before: a big catalog's rent step no longer runs a short time limit
