@@ -458,7 +458,7 @@ def prefill_curve(rm: ReplicaModel, wl: Workload, t: Targets, link: KvLink | Non
 def linked_prefill_curve(rm: ReplicaModel, wl: Workload, t: Targets, link: KvLink
                          ) -> tuple[np.ndarray, np.ndarray]:
     """``prefill_curve`` through ``link``, memoised: a search routes many pairs over identical links."""
-    return _memo(("linked", shape_key(rm), wl, t, link), lambda: prefill_curve(rm, wl, t, link))
+    return memoised(("linked", shape_key(rm), wl, t, link), lambda: prefill_curve(rm, wl, t, link))
 
 
 def rate_for_slack(rates: np.ndarray, ttft: np.ndarray, slack: float) -> float:
@@ -900,8 +900,8 @@ def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targe
     mixed-chunk policies in the order of their upper bounds, skipping those that cannot win."""
     best: tuple[float, int, ColocatedPolicy] | None = None
     for i, rm in enumerate(rms):
-        if best is not None and (_colocated_rate_bound(rm, wl, t) <= best[0] * 1.001
-                                 or not _may_beat(rm, wl, best[0], partial(_colocated_ok, rm, wl, slo, t))):
+        if best is not None and not _may_beat(rm, wl, best[0], _colocated_rate_bound(rm, wl, t),
+                                              partial(_colocated_ok, rm, wl, slo, t)):
             continue
         cap = colocated_capacity(rm, wl, slo, t)
         if best is None or cap > best[0] * 1.001:
@@ -913,7 +913,7 @@ def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targe
     for bound, i, chunk in tries:
         if bound <= best[0] * 1.001:
             break
-        if not _may_beat(rms[i], wl, best[0], partial(_mixed_ok, rms[i], wl, slo, t, chunk)):
+        if not _may_beat(rms[i], wl, best[0], bound, partial(_mixed_ok, rms[i], wl, slo, t, chunk)):
             continue
         cap = colocated_mixed_capacity(rms[i], wl, slo, t, chunk)
         if cap > best[0] * 1.001:
@@ -928,17 +928,18 @@ def may_serve_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: 
     for rm in rms:
         tries = [(_colocated_rate_bound(rm, wl, t), partial(_colocated_ok, rm, wl, slo, t))]
         tries += [(mixed_rate_bound(rm, wl, c), partial(_mixed_ok, rm, wl, slo, t, c)) for c in MIXED_CHUNKS]
-        if any(bound > rate * 1.001 and _may_beat(rm, wl, rate, ok) for bound, ok in tries):
+        if any(_may_beat(rm, wl, rate, bound, ok) for bound, ok in tries):
             return True
     return False
 
 
-def _may_beat(rm: ReplicaModel, wl: Workload, best: float, ok: Callable[[], Callable[[float], bool]]) -> bool:
-    """Whether a shape and policy may serve more than ``best`` x 1.001 (the margin a capacity must beat
-    to win): the SLO is met there. One point instead of a capacity search (~12-18 points) for the many
-    that lose; the capacity of one that may win is still searched whole (and memoised), so the values
-    do not depend on which shapes were tried before."""
-    return best <= 0 or (_kv_batch(rm, wl) >= 1 and ok()(best * 1.001))
+def _may_beat(rm: ReplicaModel, wl: Workload, best: float, bound: float,
+              ok: Callable[[], Callable[[float], bool]]) -> bool:
+    """Whether a shape and policy (its capacity at most ``bound``) may serve more than ``best`` x 1.001
+    (the margin a capacity must beat to win): the SLO is met there. One point instead of a capacity
+    search (~12-18 points) for the many that lose; the capacity of one that may win is still searched
+    whole (and memoised), so the values do not depend on which shapes were tried before."""
+    return bound > best * 1.001 and (best <= 0 or (_kv_batch(rm, wl) >= 1 and ok()(best * 1.001)))
 
 
 # -- memo ----------------------------------------------------------------------------------------------
@@ -966,7 +967,9 @@ def shape_key(rm: ReplicaModel) -> tuple:
     return key
 
 
-def _memo(key: tuple, compute):
+def memoised(key: tuple, compute):
+    """``compute()``, kept under ``key`` with the work it counted, which a later plan counts again once
+    (see above); the capacities here and ``parallel.balance_layers``' splits."""
     try:
         hit = _MEMO.get(key)
     except TypeError:  # an unhashable workload (e.g. lengths from a trace as arrays): no memo
@@ -987,10 +990,10 @@ def _memo(key: tuple, compute):
 
 def colocated_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets) -> float:
     """Req/s at the SLO of a colocated replica with SGLang's default (prefill-first) scheduling."""
-    return _memo(("pf", shape_key(rm), wl, slo, t), lambda: _colocated_capacity(rm, wl, slo, t))
+    return memoised(("pf", shape_key(rm), wl, slo, t), lambda: _colocated_capacity(rm, wl, slo, t))
 
 
 def colocated_mixed_capacity(rm: ReplicaModel, wl: Workload, slo: SLO, t: Targets, chunk: int) -> float:
     """Req/s at the SLO of a colocated replica with mixed chunks of ``chunk`` tokens."""
-    return _memo(("mix", chunk, shape_key(rm), wl, slo, t),
+    return memoised(("mix", chunk, shape_key(rm), wl, slo, t),
                  lambda: _colocated_mixed_capacity(rm, wl, slo, t, chunk))

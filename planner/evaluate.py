@@ -71,7 +71,6 @@ class Evaluation:
         return {"ttft_quantile": self.targets.q_ttft, "tpot_quantile": self.targets.q_tpot}
 
 
-
 def used_nodes(groups: list[Group], configs: list[ReplicaConfig | None]) -> set[str]:
     """The nodes a candidate pays for: those of its groups that hold a replica."""
     return {n for g, c in zip(groups, configs, strict=True) if c is not None for n, _ in g}

@@ -25,13 +25,14 @@ from planner.capacity import (
     colocated_mixed_capacity,
     decode_capacity,
     may_serve_colocated,
+    memoised,
     prefill_curve,
     rate_for_slack,
 )
 from planner.cluster import Cluster, GpuId
 from planner.cost_model import DEFAULT_EFF, Efficiency, ReplicaModel, Stage
 from planner.models import ModelSpec
-from planner.work import charge, epoch
+from planner.work import charge
 from planner.workload import SLO, Workload
 
 TP_CHOICES = (1, 2, 4, 8)
@@ -110,26 +111,16 @@ def _stage_costs(ctx: PlanContext, gpu_spec, tp: int, role: str) -> tuple[float,
     return per_layer_time, per_layer_mem
 
 
-# Layer splits found in this plan (clock epoch): the rent step's unit catalog and the search ask for the
-# same stages again and again (a group's every role, the same GPUs in another pool), ~60% of the calls.
-# Kept per epoch, so what a plan's clock counts does not depend on the plans made before it in the process.
-_BALANCED: dict[tuple, list[int] | None] = {}
-_balanced_epoch = [-1]
-
-
 def balance_layers(layers: int, costs: list[float], fixed: list[float], caps: list[int]) -> list[int] | None:
-    """Layers per stage minimising the slowest stage ``fixed_s + n_s * cost_s`` with ``1 <= n_s <= cap_s``."""
+    """Layers per stage minimising the slowest stage ``fixed_s + n_s * cost_s`` with ``1 <= n_s <= cap_s``.
+    Memoised as the capacities are (``capacity.memoised``: a plan counts a split's work once): the rent
+    step's unit catalog and the search ask for the same stages again and again, ~60% of the calls."""
     if sum(caps) < layers or any(c < 1 for c in caps) or len(caps) > layers:
         return None
     if len(caps) == 1:
         return [layers]
-    if _balanced_epoch[0] != epoch():
-        _BALANCED.clear()
-        _balanced_epoch[0] = epoch()
-    key = (layers, tuple(costs), tuple(fixed), tuple(caps))
-    if key not in _BALANCED:
-        _BALANCED[key] = _balance(layers, costs, fixed, caps)
-    found = _BALANCED[key]
+    found = memoised(("balance", layers, tuple(costs), tuple(fixed), tuple(caps)),
+                     lambda: _balance(layers, costs, fixed, caps))
     return None if found is None else list(found)
 
 

@@ -78,7 +78,7 @@ def epoch() -> int:
 
 
 def replay(done: dict[str, float]) -> None:
-    """Count again work that a cache saved from an earlier epoch (see ``capacity._memo``): the clock
+    """Count again work that a cache saved from an earlier epoch (see ``capacity.memoised``): the clock
     stays the same whether or not an earlier plan in this process had already done it."""
     for k, v in done.items():
         COUNTS[k] += v
