@@ -892,12 +892,13 @@ def mixed_rate_bound(rm: ReplicaModel, wl: Workload, chunk: int) -> float:
     return chunk / (wl.mean_input * tm0)
 
 
-def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targets
-                   ) -> tuple[float, int, ColocatedPolicy]:
+def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targets,
+                   chunks: Sequence[int] = MIXED_CHUNKS) -> tuple[float, int, ColocatedPolicy]:
     """(capacity, index, policy) of the best colocated replica among shapes of one GPU group (its TP
     choices) under its best scheduling policy: SGLang's default (prefill first) or mixed chunks of one
-    of ``MIXED_CHUNKS`` tokens (what an operator would tune). Prefill-first capacities first, then the
-    mixed-chunk policies in the order of their upper bounds, skipping those that cannot win."""
+    of ``chunks`` tokens (what an operator would tune; none: an engine without chunked prefill).
+    Prefill-first capacities first, then the mixed-chunk policies in the order of their upper bounds,
+    skipping those that cannot win."""
     best: tuple[float, int, ColocatedPolicy] | None = None
     for i, rm in enumerate(rms):
         if best is not None and not _may_beat(rm, wl, best[0], _colocated_rate_bound(rm, wl, t),
@@ -908,7 +909,7 @@ def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targe
             best = (cap, i, PREFILL_FIRST)
     if best is None:
         raise ValueError("best_colocated needs at least one replica shape")
-    tries = sorted(((mixed_rate_bound(rm, wl, c), i, c) for i, rm in enumerate(rms) for c in MIXED_CHUNKS),
+    tries = sorted(((mixed_rate_bound(rm, wl, c), i, c) for i, rm in enumerate(rms) for c in chunks),
                    reverse=True)
     for bound, i, chunk in tries:
         if bound <= best[0] * 1.001:
@@ -921,13 +922,14 @@ def best_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targe
     return best
 
 
-def may_serve_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targets, rate: float) -> bool:
-    """Whether ``best_colocated`` over these shapes may come out above ``rate`` x 1.001: some shape meets
-    the SLO there under some policy whose bound allows it (so, the SLO's test being monotone in the rate,
-    none can if this says no)."""
+def may_serve_colocated(rms: Sequence[ReplicaModel], wl: Workload, slo: SLO, t: Targets, rate: float,
+                        chunks: Sequence[int] = MIXED_CHUNKS) -> bool:
+    """Whether ``best_colocated`` over these shapes and ``chunks`` may come out above ``rate`` x 1.001:
+    some shape meets the SLO there under some policy whose bound allows it (so, the SLO's test being
+    monotone in the rate, none can if this says no)."""
     for rm in rms:
         tries = [(_colocated_rate_bound(rm, wl, t), partial(_colocated_ok, rm, wl, slo, t))]
-        tries += [(mixed_rate_bound(rm, wl, c), partial(_mixed_ok, rm, wl, slo, t, c)) for c in MIXED_CHUNKS]
+        tries += [(mixed_rate_bound(rm, wl, c), partial(_mixed_ok, rm, wl, slo, t, c)) for c in chunks]
         if any(_may_beat(rm, wl, rate, bound, ok) for bound, ok in tries):
             return True
     return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.capacity import MIXED_CHUNKS
 from planner.cluster import Cluster, cluster_from_instances
 from planner.cost_model import DEFAULT_EFF, Efficiency, ReplicaModel
 from planner.models import ModelSpec, load_model
@@ -42,7 +43,7 @@ def plan_context(plan: Plan, *, workload: Workload | None = None, slo: SLO | Non
         raise PlanError(f"plan lacks its workload/slo ({e}); pass them explicitly") from e
     spec = model or load_model(plan.model)
     cl = cluster or cluster_from_instances(plan.instances, plan.network)
-    return PlanContext(spec, wl, target, cl, eff)
+    return PlanContext(spec, wl, target, cl, eff, mixed_chunks=MIXED_CHUNKS if plan.allow_mixed_chunk else ())
 
 
 def materialize(plan: Plan, **kw) -> Materialized:

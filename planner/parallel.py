@@ -17,6 +17,7 @@ import numpy as np
 
 from planner.bisection import narrow
 from planner.capacity import (
+    MIXED_CHUNKS,
     PREFILL_FIRST,
     ColocatedPolicy,
     Targets,
@@ -72,6 +73,9 @@ class PlanContext:
     cluster: Cluster
     eff: Efficiency = DEFAULT_EFF
     targets: Targets | None = None
+    # the prompt-token chunks a colocated replica may mix into its decode steps (the engine's chunked
+    # prefill, SGLang ``--enable-mixed-chunk``); empty: prefill-first scheduling only
+    mixed_chunks: tuple[int, ...] = MIXED_CHUNKS
 
     def __post_init__(self) -> None:
         if self.targets is None:
@@ -177,7 +181,7 @@ def role_capacity(ctx: PlanContext, rm: ReplicaModel, role: str, policy: Colocat
     if role == "decode":
         return decode_capacity(rm, ctx.workload, ctx.slo, t), None, PREFILL_FIRST
     if policy is None:
-        cap, _, policy = best_colocated([rm], ctx.workload, ctx.slo, t)
+        cap, _, policy = best_colocated([rm], ctx.workload, ctx.slo, t, ctx.mixed_chunks)
         return cap, None, policy
     if policy.mixed:
         return colocated_mixed_capacity(rm, ctx.workload, ctx.slo, t, policy.chunk), None, policy
@@ -203,7 +207,7 @@ def colocated_may_serve(ctx: PlanContext, gpus: list[GpuId], rate: float) -> boo
     ``configure_group``'s capacity searches, for a group that must beat a known rate to matter."""
     assert ctx.targets is not None
     rms = [rm for *_, rm in replica_shapes(ctx, gpus, "both")]
-    return may_serve_colocated(rms, ctx.workload, ctx.slo, ctx.targets, rate)
+    return may_serve_colocated(rms, ctx.workload, ctx.slo, ctx.targets, rate, ctx.mixed_chunks)
 
 
 def replica_shapes(ctx: PlanContext, gpus: list[GpuId], role: str
@@ -241,7 +245,8 @@ def _best_colocated_config(ctx: PlanContext, options: list[tuple[int, list[GpuId
                            ) -> ReplicaConfig:
     """The best (TP, scheduling policy) of a colocated group, over every TP choice at once."""
     assert ctx.targets is not None
-    cap, i, policy = best_colocated([rm for *_, rm in options], ctx.workload, ctx.slo, ctx.targets)
+    cap, i, policy = best_colocated([rm for *_, rm in options], ctx.workload, ctx.slo, ctx.targets,
+                                    ctx.mixed_chunks)
     tp, ordered, split, rm = options[i]
     return ReplicaConfig(tuple(ordered), tp, len(ordered) // tp, tuple(split), "both", rm, cap, None, policy)
 

@@ -12,6 +12,9 @@ Plan JSON (``Plan.to_json()``), every field documented here and in the README:
   "model": "llama-3.1-8b",           # model catalog name (or a HF config path)
   "strategy": "thunderserve",        # thunderserve | colocated | distserve | hexgen | greedy | no-bandwidth
   "seed": 0,
+  "allow_mixed_chunk": true,         # optional (absent = true): the engine may mix prefill chunks into
+                                     # colocated replicas' decode steps; false: prefill first only, and
+                                     # a reschedule keeps it so (`tsctl plan --no-mixed-chunk`)
   "instances": [                     # what is rented (or, with --pool, what is already owned)
     {"id": "n0", "instance_type": "1x_L40S_SECURE", "gpu_type": "L40S", "gpu_count": 1,
      "spot": true, "price_per_hour": 0.86, "region": "US", "cloud": "runpod"}
@@ -135,6 +138,7 @@ class Plan:
     # replica gets r{n}, so an id never names two different processes (gateway breakers, metrics,
     # controller records and the events stream key on it). 0 = derive from ``replicas``.
     next_replica_id: int = 0
+    allow_mixed_chunk: bool = True  # False: no colocated replica may run mixed chunks (the engine lacks them)
 
     # -- derived views -------------------------------------------------------------------------
     @property
@@ -190,6 +194,8 @@ class Plan:
                 raise PlanError(f"replica {r.id}: tp*pp={r.tp * r.pp} but {len(r.gpus)} GPUs")
             if r.prefill_chunk < 0 or (r.mixed_chunk and r.role != "both"):
                 raise PlanError(f"replica {r.id}: prefill_chunk must be >= 0 and mixed_chunk is for colocated replicas")
+            if r.mixed_chunk and not self.allow_mixed_chunk:
+                raise PlanError(f"replica {r.id}: mixed_chunk, but the plan has allow_mixed_chunk false")
             for node, idx in r.gpus:
                 if node not in nodes:
                     raise PlanError(f"replica {r.id}: unknown node {node}")
@@ -259,6 +265,7 @@ class Plan:
                 created_at=float(d.get("created_at", time.time())),
                 network=dict(d.get("network") or {}),
                 next_replica_id=int(d.get("next_replica_id", 0) or 0),
+                allow_mixed_chunk=bool(d.get("allow_mixed_chunk", True)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan JSON: {e!r}") from e

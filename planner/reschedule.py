@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -107,7 +107,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     network = _network_after_moves(plan.network, {n for n, _, _ in moved})
     base = plan_context(plan, workload=workload, slo=slo)
     cluster = cluster_from_instances(instances, network)
-    ctx = PlanContext(base.model, base.workload, base.slo, cluster, base.eff)
+    ctx = replace(base, cluster=cluster)
     ev = Evaluator(ctx, kv_compression=_plan_kv_mode(plan), objective="goodput")
     configs = _Configs(ctx)
 
@@ -120,7 +120,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     if new_instances:
         fresh = Cluster([n for n in cluster.nodes if n.id in {i.id for i in new_instances}],
                         cluster.inter_node_gbps, cluster.links_gbps)
-        sub = Evaluator(PlanContext(ctx.model, ctx.workload, ctx.slo, fresh, ctx.eff))
+        sub = Evaluator(replace(ctx, cluster=fresh))
         groups = initial_groups(sub, fresh)
         roles = label_phases(sub, groups, ("prefill", "decode")) if groups else []
         next_id = plan.first_free_replica_number()
@@ -272,7 +272,7 @@ def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: Pl
                 **e.quantiles()}
     new = Plan(model=old.model, instances=instances, replicas=replicas, routing=routing, strategy=old.strategy,
                seed=old.seed, version=old.version, expected=expected, workload=ctx.workload.to_dict(),
-               slo=ctx.slo.to_dict(), network=network)
+               slo=ctx.slo.to_dict(), network=network, allow_mixed_chunk=old.allow_mixed_chunk)
     new.next_replica_id = max(old.first_free_replica_number(), new.first_free_replica_number())
     new.validate()
     return new

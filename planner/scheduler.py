@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.bisection import walk
+from planner.capacity import MIXED_CHUNKS
 from planner.cluster import Cluster, pool_from_spec
 from planner.cost_model import DEFAULT_EFF, Efficiency
 from planner.evaluate import Evaluation, Evaluator
@@ -59,6 +60,9 @@ class Setting:
     time_limit_s: float
     max_gpus: int
     eff: Efficiency
+    # chunk sizes a colocated replica may mix into its decode steps (``capacity.MIXED_CHUNKS``); empty:
+    # the engine has no chunked prefill (``plan_deployment(mixed_chunk=False)``), prefill first only
+    mixed_chunks: tuple[int, ...] = MIXED_CHUNKS
     verify: bool = True  # simulate the finalists and keep the best (see plan_thunderserve)
     stats: dict[str, float] = field(default_factory=dict)
     config_cache: dict = field(default_factory=dict)  # group configurations, shared by all evaluators
@@ -71,7 +75,7 @@ class Setting:
         return "goodput" if self.pool is not None or self.workload.rate <= 0 else "per_dollar"
 
     def context(self, cluster: Cluster) -> PlanContext:
-        return PlanContext(self.model, self.workload, self.slo, cluster, self.eff)
+        return PlanContext(self.model, self.workload, self.slo, cluster, self.eff, mixed_chunks=self.mixed_chunks)
 
     def evaluator(self, cluster: Cluster, *, bandwidth_aware: bool = True, kv: str | None = None) -> Evaluator:
         return Evaluator(self.context(cluster), kv_compression=kv or self.kv_compression,
@@ -103,12 +107,14 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
                     strategy: str = "thunderserve", spot: bool = True, inter_node_gbps: float | None = None,
                     kv_compression: str = "auto", seed: int = 0, time_limit_s: float | None = 20.0,
                     max_gpus: int = MAX_GPUS, disaggregate: bool = False, verify: bool = True,
-                    eff: Efficiency = DEFAULT_EFF) -> Plan:
+                    eff: Efficiency = DEFAULT_EFF, mixed_chunk: bool = True) -> Plan:
     """Plan a deployment of ``model`` for ``workload`` under ``slo``.
 
     Renting: ``budget`` ($/h) and ``offers`` (default: SkyPilot's catalog, else a built-in table).
     Owned GPUs: ``pool`` (a Cluster or a spec like ``2xL40S,4xRTX4090`` / a YAML path); no budget.
     ``disaggregate``: only prefill and decode replicas (at least one of each), never colocated ones.
+    ``mixed_chunk`` False: colocated replicas schedule prefill first (an engine without chunked prefill
+    mixed into decode, as vLLM before 0.5 and HexGen ran); the plan records it for rescheduling.
     ``verify``: spend the last ``VERIFY_SHARE`` of ``time_limit_s`` simulating the best candidates.
     ``time_limit_s`` None (or <= 0): no time cap: searches run to their iteration and patience limits
     and finalists are measured in full, so a seed always gives the same plan (slower; with a cap, how
@@ -129,7 +135,7 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
         offers = resolve_offers(offers)
     limit = time_limit_s if time_limit_s is not None and time_limit_s > 0 else math.inf
     s = Setting(spec, workload, slo, budget, offers, cluster, spot, inter_node_gbps, kv_compression, seed,
-                limit, max_gpus, eff, verify=verify)
+                limit, max_gpus, eff, MIXED_CHUNKS if mixed_chunk else (), verify=verify)
     try:
         if strategy == "thunderserve":
             ev, evaluation = plan_thunderserve(s, phases=("prefill", "decode") if disaggregate else
@@ -534,7 +540,7 @@ def build_plan(s: Setting, ev: Evaluator, e: Evaluation, strategy: str) -> Plan:
     }
     plan = Plan(model=s.model.name if s.model.name else "custom", instances=instances, replicas=replicas,
                 routing=routing, strategy=strategy, seed=s.seed, expected=expected,
-                workload=s.workload.to_dict(), slo=s.slo.to_dict())
+                workload=s.workload.to_dict(), slo=s.slo.to_dict(), allow_mixed_chunk=bool(s.mixed_chunks))
     plan.network = cluster.network_dict()
     plan.validate(budget_per_hour=s.budget if s.pool is None else None)
     return plan

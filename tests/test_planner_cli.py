@@ -24,6 +24,11 @@ def test_plan_json_is_a_valid_plan_and_tables_render(tmp_path: Path) -> None:
     assert plan.model == "llama-2-7b" and plan.expected["goodput_rps"] > 0
     assert 0 <= plan.expected["sim_attainment"] <= 1
     assert Plan.from_json(out.read_bytes()).replicas == plan.replicas
+    assert plan.allow_mixed_chunk and json.loads(res.stdout)["allow_mixed_chunk"] is True
+    res = runner.invoke(app, [*POOL_ARGS, "--no-mixed-chunk", "--no-simulate", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["allow_mixed_chunk"] is False
+    assert not any(r.mixed_chunk for r in Plan.from_json(res.stdout).replicas)
     table = runner.invoke(app, [*POOL_ARGS, "--no-simulate"])
     assert table.exit_code == 0 and "Replicas" in table.output and "Routing" in table.output
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from planner.evaluate import nodes_cost
 from planner.exhaustive import exhaustive_best
 from planner.models import load_model
 from planner.offers import builtin_offers, load_offers
-from planner.plan import Plan
+from planner.plan import Plan, PlanError
 from planner.scheduler import STRATEGIES, PlanningError, Setting, plan_deployment, plan_thunderserve
 from planner.verify import memory_violations, routing_violations
 from planner.workload import SLO, Lengths, Workload
@@ -831,3 +832,24 @@ def test_the_determinism_bench_tells_plans_apart_by_what_they_deploy_not_when(be
     assert fingerprint(plan) == fingerprint(later)
     assert fingerprint(plan) != fingerprint({**plan, "replicas": [{"id": "r0", "role": "decode"}]})
     assert fingerprint(plan) != fingerprint({**plan, "expected": {**plan["expected"], "plan_work_seconds": 7.27}})
+
+
+def test_an_engine_without_mixed_chunks_gets_prefill_first_replicas_and_keeps_them_on_reschedule() -> None:
+    """``mixed_chunk=False`` (an engine without chunked prefill mixed into decode: vLLM before 0.5, HexGen's
+    runtime): no colocated replica of the plan, or of its reschedule, runs mixed chunks, and the plan says
+    so; on the same pool and workload the default plan does use them (so the switch is what changed it)."""
+    from planner.reschedule import reschedule
+
+    short = Workload(0.0, Lengths.fixed(256), Lengths.fixed(256))
+    plans = {mixed: plan_deployment("llama-2-7b", short, SLO(1.0, 0.04), pool="4*1xL40S", time_limit_s=2.0,
+                                    mixed_chunk=mixed, verify=False) for mixed in (True, False)}
+    assert any(r.mixed_chunk for r in plans[True].replicas) and plans[True].allow_mixed_chunk
+    without = plans[False]
+    check_plan(without)
+    assert not without.allow_mixed_chunk and not any(r.mixed_chunk for r in without.replicas)
+    back = Plan.from_json(without.to_json())
+    assert back.allow_mixed_chunk is False and Plan.from_dict(plans[True].to_dict()).allow_mixed_chunk
+    new, _ = reschedule(back, lost_nodes=[back.replicas[0].node_ids[0]])
+    assert not new.allow_mixed_chunk and not any(r.mixed_chunk for r in new.replicas)
+    with pytest.raises(PlanError, match="allow_mixed_chunk"):  # mixed replicas in a plan that rules them out
+        replace(plans[True], allow_mixed_chunk=False).validate()

@@ -144,6 +144,9 @@ def plan(
     pool: str = typer.Option(None, "--pool", help="your own GPUs: 2xL40S,4xRTX4090 or a YAML file"),
     max_gpus: int = typer.Option(MAX_GPUS, "--max-gpus", help="most GPUs to rent"),
     disaggregate: bool = typer.Option(False, "--disaggregate", help="prefill and decode replicas only (no colocated)"),
+    mixed_chunk: bool = typer.Option(True, "--mixed-chunk/--no-mixed-chunk",
+                                     help="colocated replicas may mix prefill chunks into decode steps (SGLang "
+                                          "--enable-mixed-chunk); --no-mixed-chunk: prefill first only"),
     simulate_check: bool = typer.Option(True, "--simulate/--no-simulate", help="check the plan in the simulator"),
     out: Path = typer.Option(None, "--out", help="also write the Plan JSON to this file"),
     json_out: bool = typer.Option(False, "--json", help="print the Plan JSON on stdout"),
@@ -163,7 +166,8 @@ def plan(
             offers = load_offers(catalog) if catalog else None  # None: SkyPilot's cache, else built-in
         p = plan_deployment(model, wl, slo, budget=budget, offers=offers, pool=pool, strategy=strategy, spot=spot,
                             inter_node_gbps=inter_node_gbps, kv_compression=kv_compression, seed=seed,
-                            time_limit_s=time_limit, max_gpus=max_gpus, disaggregate=disaggregate)
+                            time_limit_s=time_limit, max_gpus=max_gpus, disaggregate=disaggregate,
+                            mixed_chunk=mixed_chunk)
         if simulate_check and rate > 0:
             from planner.simulator import sim_requests_for, simulate
 
