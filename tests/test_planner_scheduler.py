@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from dataclasses import replace
@@ -853,3 +854,25 @@ def test_an_engine_without_mixed_chunks_gets_prefill_first_replicas_and_keeps_th
     assert not new.allow_mixed_chunk and not any(r.mixed_chunk for r in new.replicas)
     with pytest.raises(PlanError, match="allow_mixed_chunk"):  # mixed replicas in a plan that rules them out
         replace(plans[True], allow_mixed_chunk=False).validate()
+
+
+def test_the_bench_s_published_baselines_plan_prefill_first_and_get_their_own_ratio(bench, monkeypatch) -> None:
+    """``bench/planner.py --published-baselines``: a ``-pf`` strategy is its base strategy planned with
+    ``mixed_chunk=False``; the ratios against the published baselines take the best of them and DistServe,
+    for ours and for ours on a prefill-first engine, beside the issue's ratio."""
+    from rich.console import Console
+    from rich.table import Table
+
+    suite = bench.planner_suite()
+    calls = []
+    monkeypatch.setattr(suite, "plan_deployment", lambda *a, **kw: calls.append((kw["strategy"], kw["mixed_chunk"])))
+    for name in ("hexgen-pf", "hexgen", suite.OURS_PREFILL_FIRST):
+        suite.plan_scenario(suite.SUITE[0], name)
+    assert calls == [("hexgen", False), ("hexgen", True), ("thunderserve", False)]
+    names = ("thunderserve", *suite.BASELINES, *suite.ABLATIONS, "colocated-pf", "hexgen-pf", suite.OURS_PREFILL_FIRST)
+    gpd = dict(zip(names, (1.0, 1.2, 0.9, 1.25, 1.0, 1.0, 0.8, 0.5, 1.1), strict=True))
+    res = {s: {"gpd": g, "goodput": g} for s, g in gpd.items()}
+    table = Table(*("scenario", *names, "vs best", "at budget", "plan", "col", "s"))
+    row = suite.summarize(suite.SUITE[0], res, names, table, Console(file=io.StringIO()))
+    assert row["ratio"] == 0.8  # over hexgen 1.25
+    assert row["ratio_published"] == 1.111 and row["ratio_published_pf"] == 1.222  # over distserve 0.9
