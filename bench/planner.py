@@ -27,7 +27,7 @@ prefill mixed into the decode batch (SGLang ``--enable-mixed-chunk``, vLLM's def
 every node so KV stays on the GPU link).
 
 ``--published-baselines`` adds the colocated and HexGen baselines as their papers ran them: prefill first,
-no chunked prefill mixed into decode (vLLM before 0.5, HexGen's runtime; ``plan_deployment(mixed_chunk=False)``,
+no chunked prefill mixed into decode (vLLM and HexGen as published; ``plan_deployment(mixed_chunk=False)``,
 strategies ``colocated-pf`` and ``hexgen-pf``), and ``ratio_published``: ours (which may mix chunks, as SGLang
 does) over the best of those and DistServe; also ours on such an engine (``thunderserve-pf``: the paper's
 setting, no strategy mixing chunks) over the same, ``ratio_published_pf``. The issue's measure stays the first
@@ -90,7 +90,7 @@ CATALOGS = Path(__file__).resolve().parents[1] / "tests" / "data" / "sky-catalog
 BASELINES = ("colocated", "distserve", "hexgen")
 ABLATIONS = ("greedy", "no-bandwidth")
 # ``--published-baselines``: the colocated baselines as their papers ran them, prefill first with no chunked
-# prefill mixed into decode (vLLM before 0.5, HexGen's runtime); DistServe has no colocated replicas
+# prefill mixed into decode (vLLM and HexGen as published); DistServe has no colocated replicas
 PREFILL_FIRST_SUFFIX = "-pf"
 PUBLISHED_BASELINES = ("colocated-pf", "distserve", "hexgen-pf")
 OURS_PREFILL_FIRST = "thunderserve" + PREFILL_FIRST_SUFFIX

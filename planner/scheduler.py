@@ -114,7 +114,7 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
     Owned GPUs: ``pool`` (a Cluster or a spec like ``2xL40S,4xRTX4090`` / a YAML path); no budget.
     ``disaggregate``: only prefill and decode replicas (at least one of each), never colocated ones.
     ``mixed_chunk`` False: colocated replicas schedule prefill first (an engine without chunked prefill
-    mixed into decode, as vLLM before 0.5 and HexGen ran); the plan records it for rescheduling.
+    mixed into decode, as vLLM and HexGen scheduled when they were published); the plan records it.
     ``verify``: spend the last ``VERIFY_SHARE`` of ``time_limit_s`` simulating the best candidates.
     ``time_limit_s`` None (or <= 0): no time cap: searches run to their iteration and patience limits
     and finalists are measured in full, so a seed always gives the same plan (slower; with a cap, how

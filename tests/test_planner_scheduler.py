@@ -836,8 +836,8 @@ def test_the_determinism_bench_tells_plans_apart_by_what_they_deploy_not_when(be
 
 
 def test_an_engine_without_mixed_chunks_gets_prefill_first_replicas_and_keeps_them_on_reschedule() -> None:
-    """``mixed_chunk=False`` (an engine without chunked prefill mixed into decode: vLLM before 0.5, HexGen's
-    runtime): no colocated replica of the plan, or of its reschedule, runs mixed chunks, and the plan says
+    """``mixed_chunk=False`` (an engine without chunked prefill mixed into decode, as vLLM and HexGen were
+    published): no colocated replica of the plan, or of its reschedule, runs mixed chunks, and the plan says
     so; on the same pool and workload the default plan does use them (so the switch is what changed it)."""
     from planner.reschedule import reschedule
 
