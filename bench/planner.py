@@ -234,7 +234,7 @@ def summarize(sc: Scenario, res: dict, strategies, table: Table, console: Consol
     """One scenario's row: ratios against the best baseline (per dollar and at the budget), in the table too."""
     best_base = max(res[b]["gpd"] for b in BASELINES)
     ours = res["thunderserve"]["gpd"]
-    ratio = ours / best_base if best_base > 0 else math.inf if ours > 0 else math.nan  # nan: no plan serves it
+    ratio = _ratio(ours, best_base)
     # the paper's measure too: goodput at the same budget (money a plan leaves unspent counts against it)
     best_at_budget = max(res[b].get("goodput", 0.0) for b in BASELINES)
     at_budget = res["thunderserve"].get("goodput", 0.0) / best_at_budget if best_at_budget > 0 else math.inf
@@ -248,7 +248,7 @@ def summarize(sc: Scenario, res: dict, strategies, table: Table, console: Consol
                   f"{ts.get('mix', '-')}: {ts.get('shape', ts.get('error', ''))}", ts.get("col", "-"),
                   f"{ts.get('plan_s', 0):.1f}")
     console.print(f"[dim]{sc.name}: {ratio:.2f}x[/dim]")
-    return {"scenario": sc.name, "ratio": round(ratio, 3), "ratio_at_budget": round(at_budget, 3), "results": res,
+    return {"scenario": sc.name, "ratio": ratio, "ratio_at_budget": round(at_budget, 3), "results": res,
             "best_baseline": max(BASELINES, key=lambda b: res[b]["gpd"]),
             "leaned": _lean_of(ts, sc.slo()), **published}
 
@@ -361,7 +361,7 @@ def main() -> None:
 
 
 def _ratio(ours: float, best: float) -> float:
-    """Ours over the best baseline (inf: only ours serves; nan: nothing does)."""
+    """Ours over the best baseline, to 3 places (inf: only ours serves; nan: no plan serves it)."""
     return round(ours / best, 3) if best > 0 else math.inf if ours > 0 else math.nan
 
 

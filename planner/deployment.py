@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.capacity import MIXED_CHUNKS
 from planner.cluster import Cluster, cluster_from_instances
 from planner.cost_model import DEFAULT_EFF, Efficiency, ReplicaModel
 from planner.models import ModelSpec, load_model
@@ -43,7 +42,7 @@ def plan_context(plan: Plan, *, workload: Workload | None = None, slo: SLO | Non
         raise PlanError(f"plan lacks its workload/slo ({e}); pass them explicitly") from e
     spec = model or load_model(plan.model)
     cl = cluster or cluster_from_instances(plan.instances, plan.network)
-    return PlanContext(spec, wl, target, cl, eff, mixed_chunks=MIXED_CHUNKS if plan.allow_mixed_chunk else ())
+    return PlanContext(spec, wl, target, cl, eff, mixed_chunk=plan.allow_mixed_chunk)
 
 
 def materialize(plan: Plan, **kw) -> Materialized:

@@ -73,13 +73,18 @@ class PlanContext:
     cluster: Cluster
     eff: Efficiency = DEFAULT_EFF
     targets: Targets | None = None
-    # the prompt-token chunks a colocated replica may mix into its decode steps (the engine's chunked
-    # prefill, SGLang ``--enable-mixed-chunk``); empty: prefill-first scheduling only
-    mixed_chunks: tuple[int, ...] = MIXED_CHUNKS
+    # whether the engine can mix prompt chunks into a colocated replica's decode steps (chunked prefill,
+    # SGLang ``--enable-mixed-chunk``); False: prefill-first scheduling only
+    mixed_chunk: bool = True
 
     def __post_init__(self) -> None:
         if self.targets is None:
             self.targets = Targets.for_slo(self.slo)
+
+    @property
+    def mixed_chunks(self) -> tuple[int, ...]:
+        """The chunk sizes a colocated replica's policy is chosen among (none without mixed chunks)."""
+        return MIXED_CHUNKS if self.mixed_chunk else ()
 
     def reserve_tokens(self, role: str) -> float:
         """KV tokens a replica of this role must be able to hold to be worth running."""

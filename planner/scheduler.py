@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.bisection import walk
-from planner.capacity import MIXED_CHUNKS
 from planner.cluster import Cluster, pool_from_spec
 from planner.cost_model import DEFAULT_EFF, Efficiency
 from planner.evaluate import Evaluation, Evaluator
@@ -60,9 +59,7 @@ class Setting:
     time_limit_s: float
     max_gpus: int
     eff: Efficiency
-    # chunk sizes a colocated replica may mix into its decode steps (``capacity.MIXED_CHUNKS``); empty:
-    # the engine has no chunked prefill (``plan_deployment(mixed_chunk=False)``), prefill first only
-    mixed_chunks: tuple[int, ...] = MIXED_CHUNKS
+    mixed_chunk: bool = True  # the engine can mix prompt chunks into decode steps (``PlanContext.mixed_chunk``)
     verify: bool = True  # simulate the finalists and keep the best (see plan_thunderserve)
     stats: dict[str, float] = field(default_factory=dict)
     config_cache: dict = field(default_factory=dict)  # group configurations, shared by all evaluators
@@ -75,7 +72,7 @@ class Setting:
         return "goodput" if self.pool is not None or self.workload.rate <= 0 else "per_dollar"
 
     def context(self, cluster: Cluster) -> PlanContext:
-        return PlanContext(self.model, self.workload, self.slo, cluster, self.eff, mixed_chunks=self.mixed_chunks)
+        return PlanContext(self.model, self.workload, self.slo, cluster, self.eff, mixed_chunk=self.mixed_chunk)
 
     def evaluator(self, cluster: Cluster, *, bandwidth_aware: bool = True, kv: str | None = None) -> Evaluator:
         return Evaluator(self.context(cluster), kv_compression=kv or self.kv_compression,
@@ -135,7 +132,7 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
         offers = resolve_offers(offers)
     limit = time_limit_s if time_limit_s is not None and time_limit_s > 0 else math.inf
     s = Setting(spec, workload, slo, budget, offers, cluster, spot, inter_node_gbps, kv_compression, seed,
-                limit, max_gpus, eff, MIXED_CHUNKS if mixed_chunk else (), verify=verify)
+                limit, max_gpus, eff, mixed_chunk, verify=verify)
     try:
         if strategy == "thunderserve":
             ev, evaluation = plan_thunderserve(s, phases=("prefill", "decode") if disaggregate else
@@ -540,7 +537,7 @@ def build_plan(s: Setting, ev: Evaluator, e: Evaluation, strategy: str) -> Plan:
     }
     plan = Plan(model=s.model.name if s.model.name else "custom", instances=instances, replicas=replicas,
                 routing=routing, strategy=strategy, seed=s.seed, expected=expected,
-                workload=s.workload.to_dict(), slo=s.slo.to_dict(), allow_mixed_chunk=bool(s.mixed_chunks))
+                workload=s.workload.to_dict(), slo=s.slo.to_dict(), allow_mixed_chunk=s.mixed_chunk)
     plan.network = cluster.network_dict()
     plan.validate(budget_per_hour=s.budget if s.pool is None else None)
     return plan
