@@ -3,7 +3,6 @@ whatever the machine's speed or load."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,9 +33,12 @@ def _deployed(plan: Plan) -> dict:
 
 
 def _wall_at(monkeypatch: pytest.MonkeyPatch, speed: float) -> None:
-    """The work clock sees wall time run ``speed`` x as fast (a machine that much slower, or loaded)."""
-    t0 = time.perf_counter()
-    monkeypatch.setattr(work, "time", SimpleNamespace(perf_counter=lambda: t0 + speed * (time.perf_counter() - t0)))
+    """The work clock sees a machine ``speed`` x slower than the reference: wall time advances ``speed``
+    seconds per reference second of work counted. It is driven by the counts, not by this machine's real
+    time, so neither this machine's speed nor its load (the other test worker) can move the result."""
+    before = work.counts()
+    monkeypatch.setattr(work, "time", SimpleNamespace(
+        perf_counter=lambda: speed * work.reference_seconds(work.since(before))))
 
 
 @pytest.fixture(scope="module")
