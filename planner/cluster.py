@@ -7,6 +7,7 @@ Inside a node, GPUs talk over the GPU type's own link (NVLink or PCIe, from ``pl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,25 @@ def _parse_entry(entry: str) -> tuple[int, int, str]:
     return nodes, count, entry.strip()
 
 
+MAX_POOL_GPUS = 256  # as many as the planner rents at most (``offers.MAX_GPUS``): its search is sized for that
+
+
+def _positive_gbps(value: Any, where: str) -> float:
+    """A link's Gbit/s as a positive, finite float: zero would divide the KV and pipeline transfer times."""
+    try:
+        gbps = float(value)
+    except (TypeError, ValueError):
+        raise PoolError(f"{where} must be a number of Gbit/s, not {value!r}") from None
+    if not 0 < gbps < math.inf:
+        raise PoolError(f"{where} must be positive and finite Gbit/s, not {value!r}")
+    return gbps
+
+
+def _check_size(gpus: int, where: str) -> None:
+    if gpus > MAX_POOL_GPUS:
+        raise PoolError(f"{where}: {gpus} GPUs; the planner takes pools of at most {MAX_POOL_GPUS}")
+
+
 def pool_from_spec(spec: str, inter_node_gbps: float | None = None) -> Cluster:
     """A pool of owned nodes from ``2xL40S,4xRTX4090`` (each entry one node; ``3*2xL40S`` = three
     such nodes) or from a YAML file (see ``pool_from_yaml``)."""
@@ -138,6 +158,7 @@ def pool_from_spec(spec: str, inter_node_gbps: float | None = None) -> Cluster:
             raise PoolError(f"--pool {raw!r}: {e}") from None
         except ValueError:
             raise PoolError(f"--pool entry {raw!r}: expected [NODES*][COUNTx]GPU, e.g. 2xL40S or 3*1xL4") from None
+        _check_size(sum(n.gpu_count for n in nodes) + n_nodes * count, f"--pool {spec!r}")
         for _ in range(n_nodes):
             nid = f"n{len(nodes)}"
             nodes.append(Node(nid, canon, count, round(GPUS[canon].ref_price * count, 4), False, "pool", "", "owned",
@@ -178,23 +199,26 @@ def pool_from_yaml(path: Path, inter_node_gbps: float | None = None) -> Cluster:
             raise PoolError(f"pool file {path}: nodes[{i}]: count and price must be numbers") from None
         if count < 1:
             raise PoolError(f"pool file {path}: nodes[{i}].count must be >= 1")
+        if not 0 <= price < math.inf:
+            raise PoolError(f"pool file {path}: nodes[{i}].price must be a finite $/h >= 0, not {raw['price']!r}")
         nid = str(raw.get("id", f"n{i}"))
         nodes.append(Node(nid, canon, count, price, bool(raw.get("spot", False)), str(raw.get("region", "pool")),
                           str(raw.get("zone", "")), "owned", f"{count}x_{canon}"))
     if len({n.id for n in nodes}) != len(nodes):
         raise PoolError(f"pool file {path}: node ids must be unique")
+    _check_size(sum(n.gpu_count for n in nodes), f"pool file {path}")
     ids = {n.id for n in nodes}
     links: dict[tuple[str, str], float] = {}
     for link in doc.get("links") or []:
         try:
-            a, b, gbps = str(link[0]), str(link[1]), float(link[2])
-        except (TypeError, ValueError, IndexError):
+            a, b, gbps = str(link[0]), str(link[1]), link[2]
+        except (TypeError, IndexError, KeyError):
             raise PoolError(f"pool file {path}: links entries are [node, node, gbps], got {link!r}") from None
         if a not in ids or b not in ids:
             raise PoolError(f"pool file {path}: link {link!r} names an unknown node")
-        links[(a, b)] = gbps
+        links[(a, b)] = _positive_gbps(gbps, f"pool file {path}: link {link!r}")
     gbps = doc.get("inter_node_gbps", inter_node_gbps if inter_node_gbps is not None else DEFAULT_GBPS["zone"])
-    return Cluster(nodes, inter_node_gbps=float(gbps), links_gbps=links)
+    return Cluster(nodes, inter_node_gbps=_positive_gbps(gbps, f"pool file {path}: inter_node_gbps"), links_gbps=links)
 
 
 def cluster_from_instances(instances: list[Any], network: dict[str, Any] | None = None) -> Cluster:

@@ -23,12 +23,17 @@ class Materialized:
     models: dict[str, ReplicaModel]
 
 
-def replica_model(ctx: PlanContext, spec: ReplicaSpec) -> ReplicaModel:
+def check_layer_split(model: ModelSpec, spec: ReplicaSpec) -> list[int]:
+    """The replica's layer split, if it gives each of its stages its layers of ``model``; else PlanError."""
     split = list(spec.layer_split)
-    if len(split) != spec.pp or sum(split) != ctx.model.layers:
-        raise PlanError(f"replica {spec.id}: layer_split {split} does not give {ctx.model.layers} layers to "
+    if len(split) != spec.pp or sum(split) != model.layers:
+        raise PlanError(f"replica {spec.id}: layer_split {split} does not give {model.layers} layers to "
                         f"{spec.pp} stages")
-    return build_replica_model(ctx, list(spec.gpus), spec.tp, split)
+    return split
+
+
+def replica_model(ctx: PlanContext, spec: ReplicaSpec) -> ReplicaModel:
+    return build_replica_model(ctx, list(spec.gpus), spec.tp, check_layer_split(ctx.model, spec))
 
 
 def plan_context(plan: Plan, *, workload: Workload | None = None, slo: SLO | None = None,

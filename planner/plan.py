@@ -44,6 +44,7 @@ Plan JSON (``Plan.to_json()``), every field documented here and in the README:
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -182,6 +183,9 @@ class Plan:
         node_ids = [i.id for i in self.instances]
         if len(set(node_ids)) != len(node_ids):
             raise PlanError("duplicate instance id")
+        for i in self.instances:
+            if i.gpu_count < 1 or not 0 <= i.price_per_hour < math.inf:
+                raise PlanError(f"instance {i.id}: gpu_count must be >= 1 and price_per_hour a finite $/h >= 0")
         nodes = {i.id: i for i in self.instances}
         replica_ids = [r.id for r in self.replicas]
         if len(set(replica_ids)) != len(replica_ids):
@@ -206,6 +210,9 @@ class Plan:
                 used.add((node, idx))
             if set(r.node_ids) != {n for n, _ in r.gpus}:
                 raise PlanError(f"replica {r.id}: node_ids do not match its GPUs")
+            if r.layer_split and (len(r.layer_split) != r.pp or min(r.layer_split) < 1):
+                raise PlanError(f"replica {r.id}: layer_split {r.layer_split} must give >= 1 layer to each of {r.pp} "
+                                "stages")
         roles = {r.id: r.role for r in self.replicas}
         for route in self.routing:
             if route.weight < -tol:
@@ -222,8 +229,23 @@ class Plan:
             total = sum(r.weight for r in self.routing)
             if abs(total - 1.0) > 1e-4:
                 raise PlanError(f"routing weights sum to {total}, not 1")
+        self._validate_network(set(node_ids))
         if budget_per_hour is not None and self.cost_per_hour > budget_per_hour + tol:
             raise PlanError(f"plan costs ${self.cost_per_hour:.2f}/h, over the ${budget_per_hour:.2f}/h budget")
+
+    def _validate_network(self, node_ids: set[str]) -> None:
+        """The network a plan was made for: Gbit/s that the transfer times can divide by, links between its nodes."""
+        net = self.network
+        gbps = net.get("inter_node_gbps")
+        if gbps is not None and not (isinstance(gbps, int | float) and 0 < gbps < math.inf):
+            raise PlanError(f"network.inter_node_gbps must be positive Gbit/s or null, not {gbps!r}")
+        for link in net.get("links") or []:
+            if not (isinstance(link, list | tuple) and len(link) == 3 and {link[0], link[1]} <= node_ids
+                    and isinstance(link[2], int | float) and 0 < link[2] < math.inf):
+                raise PlanError(f"network.links entries are [node, node, positive Gbit/s] of the plan's nodes, "
+                                f"not {link!r}")
+        if not isinstance(net.get("zones") or {}, dict):
+            raise PlanError("network.zones must map node ids to zones")
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from planner.capacity import ColocatedPolicy
 from planner.cluster import Cluster, cluster_from_instances
-from planner.deployment import plan_context
+from planner.deployment import check_layer_split, plan_context
 from planner.evaluate import Evaluation, Evaluator, Group
 from planner.parallel import PlanContext, ReplicaConfig, configure_group, role_capacity, spec_policy
 from planner.plan import Instance, Plan, PlanError, ReplicaSpec, Route
@@ -115,7 +115,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     kept = {r.id: spec_policy(r) for r in survivors if r.role == "both"}
     dropped = [r.id for r in plan.replicas if set(r.node_ids) & lost]
     specs: list[tuple[str, list[tuple[str, int]], int, list[int], str]] = [
-        (r.id, list(r.gpus), r.tp, list(r.layer_split), r.role) for r in survivors]
+        (r.id, list(r.gpus), r.tp, check_layer_split(ctx.model, r), r.role) for r in survivors]
     added: list[str] = []
     if new_instances:
         fresh = Cluster([n for n in cluster.nodes if n.id in {i.id for i in new_instances}],

@@ -120,15 +120,13 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
     Raises PlanningError (BudgetTooSmall included) with a one-line reason.
     """
     t0 = time.perf_counter()
-    if strategy not in STRATEGIES:
-        raise PlanningError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-    if kv_compression not in ("auto", "none", "int8", "int4"):
-        raise PlanningError(f"kv_compression must be auto, none, int8 or int4, not {kv_compression!r}")
+    _check_arguments(strategy, kv_compression, workload, seed, inter_node_gbps, max_gpus, time_limit_s)
     spec = load_model(model) if isinstance(model, str) else model
     cluster = pool_from_spec(pool, inter_node_gbps) if isinstance(pool, str) else pool
     if cluster is None:
-        if budget is None or budget <= 0:
-            raise PlanningError("a positive --budget ($/h) is needed to rent (or pass --pool to use your own GPUs)")
+        if budget is None or not 0 < budget < math.inf:
+            raise PlanningError("a positive, finite --budget ($/h) is needed to rent (or pass --pool to use your "
+                                f"own GPUs), not {budget}")
         offers = resolve_offers(offers)
     limit = time_limit_s if time_limit_s is not None and time_limit_s > 0 else math.inf
     s = Setting(spec, workload, slo, budget, offers, cluster, spot, inter_node_gbps, kv_compression, seed,
@@ -151,6 +149,26 @@ def plan_deployment(model: str | ModelSpec, workload: Workload, slo: SLO, *, bud
     if s.clock.wall_bound:  # the machine ran slower than the work clock allows for: the plan may vary
         s.stats["wall_clock_bound"] = 1.0
     return build_plan(s, ev, evaluation, strategy)
+
+
+def _check_arguments(strategy: str, kv_compression: str, workload: Workload, seed: int,
+                     inter_node_gbps: float | None, max_gpus: int, time_limit_s: float | None) -> None:
+    """One clear PlanningError for an argument out of range, before it becomes a traceback deep in the
+    search (a zero bandwidth divides, a negative seed reaches numpy, an infinite rate never ends)."""
+    if strategy not in STRATEGIES:
+        raise PlanningError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    if kv_compression not in ("auto", "none", "int8", "int4"):
+        raise PlanningError(f"kv_compression must be auto, none, int8 or int4, not {kv_compression!r}")
+    if not 0 <= workload.rate < math.inf:
+        raise PlanningError(f"--rate must be finite and >= 0 requests/s, not {workload.rate}")
+    if seed < 0:
+        raise PlanningError(f"--seed must be >= 0, not {seed}")
+    if inter_node_gbps is not None and not 0 < inter_node_gbps < math.inf:
+        raise PlanningError(f"--inter-node-gbps must be positive and finite, not {inter_node_gbps}")
+    if max_gpus < 1:
+        raise PlanningError(f"--max-gpus must be >= 1, not {max_gpus}")
+    if time_limit_s is not None and math.isnan(time_limit_s):
+        raise PlanningError("--time-limit must be seconds (0: no cap), not nan")
 
 
 def plan_thunderserve(s: Setting, *, phases: tuple[str, ...] = ("prefill", "decode", "both"),

@@ -76,6 +76,26 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         (["reschedule", "--plan", str(plan_path), "--moved", "n0=lambda"], "expected NODE=CLOUD/REGION"),
         (["reschedule", "--plan", str(plan_path), "--moved", "n9=lambda/x"], "no node 'n9' in the plan"),
         (["reschedule", "--plan", str(plan_path), "--moved", "n0=lambda/x@cheap"], "is not a number"),
+        # each of these was a traceback (or a hang, or a misleading message) before it was checked up front
+        (["plan", "--model", "llama-2-7b", "--budget", "5", "--seed", "-1"], "--seed must be >= 0"),
+        (["plan", "--model", "llama-2-7b", "--budget", "5", "--inter-node-gbps", "0"], "--inter-node-gbps must be"),
+        (["plan", "--model", "llama-2-7b", "--budget", "inf"], "positive, finite --budget"),
+        (["plan", "--model", "llama-2-7b", "--budget", "nan"], "positive, finite --budget"),
+        (["plan", "--model", "llama-2-7b", "--budget", "5", "--rate", "nan"], "--rate must be finite"),
+        (["plan", "--model", "llama-2-7b", "--budget", "5", "--max-gpus", "0"], "--max-gpus must be >= 1"),
+        (["plan", "--model", "llama-2-7b", "--pool", "100*4xH100"], "pools of at most 256"),
+        (["plan", "--model", "llama-2-7b", "--pool", str(_pool_file(tmp_path, "inter_node_gbps: 0"))],
+         "inter_node_gbps must be positive"),
+        (["plan", "--model", "llama-2-7b", "--pool", str(_pool_file(tmp_path, "links: [[a, b, 0]]"))],
+         "must be positive and finite Gbit/s"),
+        (["plan", "--model", "llama-2-7b", "--pool", str(_pool_file(tmp_path, "links: [{a: a, b: b}]"))],
+         "links entries are [node, node, gbps]"),
+        (["simulate", "--plan", str(_broken_plan(tmp_path, plan_path, network={"inter_node_gbps": 0}))],
+         "network.inter_node_gbps must be positive"),
+        (["simulate", "--plan", str(_broken_plan(tmp_path, plan_path, workload={"rate": "fast"}))],
+         "the plan's workload or slo is malformed"),
+        (["reschedule", "--plan", str(_broken_plan(tmp_path, plan_path, network={"links": [["n0"]]})), "--lose", "n0"],
+         "network.links entries are"),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)
@@ -83,6 +103,21 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         assert message in res.output, (args, res.output)
         assert "Traceback" not in res.output
         assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1
+
+
+def _pool_file(tmp_path: Path, extra: str) -> Path:
+    path = tmp_path / f"pool{len(list(tmp_path.glob('pool*.yaml')))}.yaml"
+    path.write_text(f"nodes:\n  - {{id: a, gpu: L40S, count: 2}}\n  - {{id: b, gpu: L40S}}\n{extra}\n")
+    return path
+
+
+def _broken_plan(tmp_path: Path, plan_path: Path, **fields: object) -> Path:
+    """The plan at ``plan_path`` with ``fields`` replaced (as a hand-edited plan file would be)."""
+    data = json.loads(plan_path.read_text())
+    data.update(fields)
+    path = tmp_path / f"broken{len(list(tmp_path.glob('broken*.json')))}.json"
+    path.write_text(json.dumps(data))
+    return path
 
 
 def test_a_plan_cut_short_by_its_time_limit_says_what_it_left_out() -> None:

@@ -64,6 +64,52 @@ def test_up_that_cannot_plan_leaves_nothing_running(tmp_path: Path) -> None:
     assert not record.exists(), "a deployment that never came up must not be recorded"
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budget", "inf"], "--budget must be a positive, finite"),
+    (["--budget", "2", "--port", "70000"], "--port must be 0-65535"),
+    (["--budget", "2", "--tpot", "nan"], "--ttft and --tpot must be positive"),
+    (["--budget", "2", "--input-len", "0"], "--input-len and --output-len must be >= 1"),
+    (["--budget", "2", "--engine-model", "no-such-model"], "--engine-model 'no-such-model': not smollm2"),
+])
+def test_up_says_what_is_wrong_with_an_argument_before_starting_anything(tmp_path: Path, args: list[str],
+                                                                         message: str) -> None:
+    """Each of these once started Redis and nodes and then failed with a traceback, a misleading line, or
+    (an unknown engine model) waited out its whole --timeout while the engines failed to start."""
+    from typer.testing import CliRunner
+
+    from tsctl.main import app
+
+    res = CliRunner().invoke(app, ["up", "--local", "-d", "bad-args", *args], env={"TS_HOME": str(tmp_path)})
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert not (tmp_path / "deployments" / "bad-args").exists()
+
+
+def test_up_stops_waiting_when_the_replicas_keep_failing_to_start(tmp_path: Path) -> None:
+    """An engine model that passes the argument check but cannot load (a folder whose config.json is empty):
+    the controller restarts the failed engines; ``up`` gives up after two failed starts per replica, says why
+    with the engine's own last lines, instead of waiting out --timeout, and ``down`` leaves nothing running."""
+    model = tmp_path / "broken-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["TS_HOME"] = str(tmp_path / "home")
+    up = [sys.executable, "-m", "tsctl", "up", "--local", "--budget", "2", "--max-nodes", "2", "-d", "broken",
+          "--engine-model", str(model), "--port", "0", "--timeout", "150"]
+    try:
+        proc = subprocess.run(up, env=env, capture_output=True, text=True, timeout=170)
+    finally:
+        subprocess.run([sys.executable, "-m", "tsctl", "down", "-d", "broken"], env=env, capture_output=True,
+                       timeout=120)
+    left = _processes_using(tmp_path / "home")
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "replicas keep failing to start" in proc.stderr and "cannot load model" in proc.stderr, proc.stderr
+    assert "not ready after" not in proc.stderr
+    assert not left, [p.cmdline() for p in left]
+
+
 @pytest.mark.parametrize("admin_key", ["-starts-with-a-dash", "plain_key-123", "--looks-like-a-flag"])
 def test_the_gateway_takes_any_admin_key_tsctl_generates(admin_key: str) -> None:
     """A URL-safe random key starts with '-' one time in 64; passed as a separate argument, argparse took

@@ -67,6 +67,10 @@ def up(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait until the gateway is ready"),
 ) -> None:
     """Plan, rent, start workers and the gateway; print the URL, an API key and a curl line."""
+    problem = _bad_up_argument(budget, rate, input_len, output_len, ttft, tpot, max_nodes, port, timeout,
+                               engine_model if local else "")
+    if problem:
+        raise fail(problem)
     try:
         existing = Deployment.load(deployment)
         if any(alive(p) for p in existing.pids().values()):
@@ -94,6 +98,34 @@ def up(
         _bring_up(dep, cfg, port, timeout)
     except RedisUnavailable as e:
         raise fail(str(e)) from None
+
+
+LOCAL_ENGINE_MODELS = ("smollm2", "tiny", "emulated")  # or a folder with a config.json (the reference engine's --model)
+
+
+def _bad_up_argument(budget: float, rate: float, input_len: int, output_len: int, ttft: float, tpot: float,
+                     max_nodes: int, port: int, timeout: float, engine_model: str) -> str | None:
+    """What is wrong with ``tsctl up``'s arguments, said before anything starts (or None)."""
+    finite = float("inf")
+    if not 0 < budget < finite:
+        return f"--budget must be a positive, finite $/h, not {budget}"
+    if not 0 <= rate < finite:
+        return f"--rate must be finite and >= 0 requests/s, not {rate}"
+    if input_len < 1 or output_len < 1:
+        return "--input-len and --output-len must be >= 1 token"
+    if not (0 <= ttft < finite and 0 <= tpot < finite):
+        return "--ttft and --tpot must be positive seconds (or 0 for the default)"
+    if max_nodes < 0:
+        return f"--max-nodes must be >= 1 (or 0 for the default), not {max_nodes}"
+    if not 0 <= port <= 65535:
+        return f"--port must be 0-65535, not {port}"
+    if not timeout > 0:
+        return f"--timeout must be positive seconds, not {timeout}"
+    if engine_model and engine_model not in LOCAL_ENGINE_MODELS and not os.path.isfile(
+            os.path.join(engine_model, "config.json")):
+        return (f"--engine-model {engine_model!r}: not {', '.join(LOCAL_ENGINE_MODELS)}, or a folder with a "
+                "config.json")
+    return None
 
 
 def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float) -> None:
@@ -146,9 +178,9 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
     dep.gateway_pid = _start_gateway(dep)
     dep.save()
     # 4. watch it come up
-    ok = _run(_watch_until_ready(dep, wait_s=timeout))
-    if not ok:
-        err.print(f"[red]error:[/red] not ready after {timeout:.0f}s; logs in {dep.dir}; `tsctl down -d {dep.name}`")
+    problem = _run(_watch_until_ready(dep, wait_s=timeout))
+    if problem:
+        err.print(f"[red]error:[/red] {problem}; logs in {dep.dir}; `tsctl down -d {dep.name}`")
         raise typer.Exit(1)
     model_id = _served_model(dep)
     console.print(f"\n[bold green]ready[/bold green]  {dep.gateway_url}   (deployment {dep.name}, logs {dep.dir})")
@@ -213,9 +245,16 @@ def _served_model(dep: Deployment) -> str:
         return dep.model
 
 
-async def _watch_until_ready(dep: Deployment, wait_s: float) -> bool:
+# `tsctl up` stops waiting once replicas failed this many times each (the controller restarts a failed replica;
+# one that cannot start, a wrong engine model say, would otherwise keep `up` waiting for its whole --timeout)
+FAILED_STARTS_PER_REPLICA = 2
+
+
+async def _watch_until_ready(dep: Deployment, wait_s: float) -> str | None:
+    """None once the gateway answers ready; else why it did not (the details printed above)."""
     state = StateStore.from_url(dep.redis_url, dep.name)
     deadline = time.monotonic() + wait_s
+    failures: dict[str, str] = {}  # replica_failed event id -> reason
     try:
         async with aiohttp.ClientSession() as http:
             with Live(console=console, refresh_per_second=4, transient=False) as live:
@@ -224,16 +263,35 @@ async def _watch_until_ready(dep: Deployment, wait_s: float) -> bool:
                     ready = await _gateway_ready(http, dep.gateway_url)
                     live.update(progress_table(snap, ready))
                     if ready:
-                        return True
+                        return None
+                    failures.update({e["id"]: e["reason"] for e in snap["events"] if e["kind"] == "replica_failed"})
+                    if _failing_to_start(snap, len(failures)):
+                        err.print(f"[red]replicas keep failing to start[/red] ({len(failures)} failed starts, last: "
+                                  f"{escape(list(failures.values())[-1])}); last lines of {_engine_log(dep)}:")
+                        err.print(escape(_tail(_engine_log(dep), 6)))
+                        return "replicas keep failing to start"
                     for name, pid in (("controller", dep.controller_pid), ("gateway", dep.gateway_pid)):
                         if not alive(pid):
                             err.print(f"[red]{name} exited[/red]; last lines of {dep.log_path(name)}:")
                             err.print(escape(_tail(dep.log_path(name))))
-                            return False
+                            return f"the {name} exited"
                     await asyncio.sleep(0.5)
-        return False
+        return f"not ready after {wait_s:.0f}s"
     finally:
         await state.close()
+
+
+def _failing_to_start(snap: dict[str, Any], failed_starts: int) -> bool:
+    """No replica has come up, and they have failed ``FAILED_STARTS_PER_REPLICA`` times each."""
+    states = [r.get("status") for r in snap["replicas"]]
+    planned = max(1, len(snap["plan_replicas"]))
+    return "ready" not in states and failed_starts >= FAILED_STARTS_PER_REPLICA * planned
+
+
+def _engine_log(dep: Deployment) -> Any:
+    """The newest engine log of a local deployment (its node agents write one per replica), else the controller's."""
+    logs = sorted((dep.dir / "nodes").glob("*-engines/replica-*.log"), key=lambda p: p.stat().st_mtime)
+    return logs[-1] if logs else dep.log_path("controller")
 
 
 async def _gateway_ready(http: aiohttp.ClientSession, url: str) -> bool:

@@ -54,8 +54,8 @@ def _planner_errors() -> tuple[type[BaseException], ...]:
 def _workload(rate: float, input_len: int, output_len: int, trace: Path | None) -> Any:
     from planner.workload import Lengths, Workload, workload_from_trace
 
-    if rate < 0:
-        _fail("--rate must be >= 0 requests/s", 2)
+    if not 0 <= rate < float("inf"):
+        _fail(f"--rate must be finite and >= 0 requests/s, not {rate}", 2)
     if trace is not None:
         return workload_from_trace(trace, rate)
     if input_len < 1 or output_len < 1:
@@ -196,6 +196,18 @@ def _load_plan(path: Path) -> Any:
     return plan_obj
 
 
+def _plan_workload(p: Any) -> tuple[Any, Any]:
+    """The workload and SLO the plan was made for (defaults where it has none), or one error line."""
+    from planner.plan import PlanError
+    from planner.workload import SLO, Workload
+
+    try:
+        return (Workload.from_dict(p.workload) if p.workload else Workload(1.0),
+                SLO.from_dict(p.slo) if p.slo else SLO(2.0, 0.1))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"the plan's workload or slo is malformed ({e}); fix it or plan again") from e
+
+
 def simulate(
     plan_path: Path = typer.Option(..., "--plan", help="Plan JSON (from tsctl plan --json/--out)"),
     rate: float = typer.Option(None, "--rate", help="requests/s (default: the plan's)"),
@@ -220,7 +232,7 @@ def simulate(
 
     try:
         p = _load_plan(plan_path)
-        base = Workload.from_dict(p.workload) if p.workload else Workload(1.0)
+        base, slo0 = _plan_workload(p)
         r = rate if rate is not None else base.rate
         if r is None or r <= 0:
             _fail("--rate must be > 0 (the plan has no rate)", 2)
@@ -229,7 +241,6 @@ def simulate(
         else:
             wl = Workload(r, Lengths.fixed(input_len) if input_len else base.input,
                           Lengths.fixed(output_len) if output_len else base.output, base.arrival, base.cv)
-        slo0 = SLO.from_dict(p.slo) if p.slo else SLO(2.0, 0.1)
         slo = SLO(parse_seconds(ttft, "--ttft") if ttft else slo0.ttft_s,
                   parse_seconds(tpot, "--tpot") if tpot else slo0.tpot_s, slo0.attainment)
         if duration <= 0:
