@@ -120,6 +120,17 @@ class CompletionRequest(OpenAIRequest):
     echo: bool = False
 
 
+def _logit_bias(value: Any) -> dict[str, float]:
+    """OpenAI's ``logit_bias``: token id (as a string) -> bias in [-100, 100]; SGLang takes the same map."""
+    if not isinstance(value, dict):
+        raise _type_error("logit_bias", "an object mapping token ids to biases", value)
+    for key in value:
+        if not (isinstance(key, str) and key.isdigit()):
+            raise invalid(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias")
+        get_number(value, key, -100.0, 100.0, path=f"logit_bias.{key}")
+    return {key: float(bias) for key, bias in value.items()}
+
+
 def _common(body: dict[str, Any], req: OpenAIRequest) -> None:
     req.stream = get_bool(body, "stream")
     opts = body.get("stream_options")
@@ -143,8 +154,10 @@ def _common(body: dict[str, Any], req: OpenAIRequest) -> None:
         if top_k == 0:
             raise invalid("'top_k' must be -1 (no limit) or at least 1, got 0", "top_k")
         s["top_k"] = top_k
-    if (seed := get_int(body, "seed")) is not None:
+    if (seed := get_int(body, "seed", -(2**63), 2**63 - 1)) is not None:  # OpenAI's seed is an int64
         s["sampling_seed"] = seed
+    if body.get("logit_bias") is not None:
+        s["logit_bias"] = _logit_bias(body["logit_bias"])
     if (min_tokens := get_int(body, "min_tokens", 0)) is not None:
         s["min_new_tokens"] = min_tokens
     if get_bool(body, "ignore_eos"):

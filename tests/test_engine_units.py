@@ -221,3 +221,67 @@ def test_concurrent_first_use_converts_smollm2_once(tmp_path: object, monkeypatc
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(set(found)) == 1 and (found[0] / "config.json").exists()
+
+
+def test_a_negative_seed_samples_like_any_other_seed() -> None:
+    """OpenAI's seed is an int64: a negative one reached numpy's RNG, which takes none, and the step failed."""
+    logits = np.linspace(0.0, 1.0, 50, dtype=np.float32)
+
+    def draws(seed: int) -> list[int]:
+        sampler = SequenceSampler(SamplingParams(temperature=1.0, seed=seed), frozenset(), False, 0)
+        return [sampler.choose(logits).token for _ in range(8)]
+
+    assert draws(-5) == draws(-5) and draws(-(2**63)) == draws(-(2**63))
+    assert draws(-5) != draws(5)
+
+
+async def test_one_sequence_whose_sampling_fails_leaves_the_batch_and_the_rest_go_on() -> None:
+    """A sampling error in a decode step fails that request alone (it leaves the batch); the three it was
+    batched with finish with the tokens they get alone. Before, any error in the step failed the whole batch."""
+    from replicas.engine.config import EngineConfig
+    from replicas.engine.engine import Engine
+
+    engine = Engine(EngineConfig(model="emulated", context_length=512))
+    await engine.load()
+    try:
+        async def run(prompts: list[str], poison: int | None) -> list[object]:
+            body = {"text": prompts, "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+            items = parse_generate(body, engine.tokenizer, engine.context_length).items
+            seqs = [await engine.start(item) for item in items]
+            if poison is not None:
+                sampler, calls = seqs[poison].sampler, []
+                real = sampler.choose
+
+                def failing(*args: object, **kw: object) -> object:
+                    calls.append(1)
+                    if len(calls) == 3:
+                        raise RuntimeError("sampler broke")
+                    return real(*args, **kw)
+                sampler.choose = failing  # type: ignore[method-assign]
+            for seq in seqs:
+                await seq.wait_finished()
+            return [seq.error.message if seq.error else list(seq.output_ids) for seq in seqs]
+
+        prompts = [f"request number {i}" for i in range(4)]
+        alone = await run(prompts, None)
+        together = await run(prompts, poison=1)
+        assert isinstance(together[1], str) and "sampler broke" in together[1]
+        assert [together[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+        assert engine.scheduler is not None and not engine.scheduler.running  # the failed row left the batch
+        assert await run(prompts[:1], None) == alone[:1]  # and the engine goes on serving
+    finally:
+        await engine.close()
+
+
+def test_logit_bias_moves_the_choice_greedy_or_sampled() -> None:
+    logits = np.array([0.0, 3.0, 1.0, 2.0], dtype=np.float32)
+    favour = SamplingParams(temperature=0, logit_bias={2: 100.0})
+    assert SequenceSampler(favour, frozenset(), False, 0).choose(logits, 1).token == 2  # not the plain argmax
+    ban = SamplingParams(temperature=1.0, seed=3, logit_bias={1: -100.0, 99: 5.0})  # 99: past the vocabulary
+    sampler = SequenceSampler(ban, frozenset(), False, 0)
+    assert 1 not in {sampler.choose(logits).token for _ in range(50)}
+    assert parse_sampling_params({"logit_bias": {"2": 1.5}}).logit_bias == {2: 1.5}
+    for bad in ({"x": 1}, {"2": 200}, [2]):
+        with pytest.raises(ApiError) as err:
+            parse_sampling_params({"logit_bias": bad})
+        assert err.value.param == "sampling_params.logit_bias"

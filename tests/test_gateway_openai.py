@@ -102,6 +102,23 @@ def test_completions_stop_strings_and_logprobs(client: openai.OpenAI) -> None:
     assert content[0].logprob == pytest.approx(max(t.logprob for t in content[0].top_logprobs))
 
 
+def test_logit_bias_reaches_the_workers(client: openai.OpenAI) -> None:
+    """OpenAI's logit_bias goes through the gateway to both PD workers (SGLang's sampling param of the same
+    name): +100 on one token makes it every token, the prefill worker's first one included; -100 bans it.
+    It used to be dropped silently."""
+    forced = {"905": 100}  # " world" in SmolLM2's vocabulary
+    one = client.completions.create(model="tiny", prompt="Hello", max_tokens=1, temperature=0, logit_bias=forced)
+    six = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logit_bias=forced)
+    piece = one.choices[0].text
+    assert piece.strip() and six.choices[0].text == piece * 6
+    banned = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0,
+                                       logit_bias={"905": -100})
+    assert piece not in banned.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=2, logit_bias={"905": 101})
+    assert err.value.body["param"] == "logit_bias.905"  # type: ignore[index]
+
+
 def test_decode_killed_mid_stream_resumes_exactly(cluster: tuple[GatewayProcess, list[EngineProcess]],
                                                   client: openai.OpenAI) -> None:
     gw, (_, d0, d1) = cluster

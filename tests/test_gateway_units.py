@@ -183,6 +183,10 @@ def test_logprobs_of_prefill_come_first() -> None:
          "stream_options.include_usage"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, "seed"),  # not an int64
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": [1]}, "logit_bias"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": -101}}, "logit_bias.7"),
     ],
 )
 def test_chat_validation_names_the_field(body: dict[str, object], param: str) -> None:
@@ -201,6 +205,10 @@ def test_chat_and_completion_requests_map_to_sampling_params() -> None:
     assert req.messages == [{"role": "system", "content": "ab"}]
     assert req.max_tokens == 7 and req.stop == ["\n"] and req.stream and req.include_usage
     assert req.sampling == {"temperature": 0.0, "sampling_seed": 3} and req.logprobs == 2
+    biased = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": 5}})
+    assert biased.sampling == {"logit_bias": {"7": 5.0}}
+    negative = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": -(2**63)})
+    assert negative.sampling == {"sampling_seed": -(2**63)}  # OpenAI's seed is any int64; the engine maps it
     comp = parse_completion({"model": "m", "prompt": [[1, 2, 3]], "max_tokens": 5, "echo": True})
     assert comp.prompt == [1, 2, 3] and comp.echo
     for bad, param in (({"model": "m", "prompt": ["a", "b"]}, "prompt"), ({"model": "m", "prompt": ""}, "prompt"),

@@ -36,6 +36,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI, SGLang)
 
     @property
     def greedy(self) -> bool:
@@ -139,7 +140,21 @@ def parse_sampling_params(raw: Any, prefix: str = "sampling_params") -> Sampling
     seed = raw.get("sampling_seed", raw.get("seed"))
     if seed is not None:
         p.seed = check_int(seed, name + "sampling_seed")
+    if raw.get("logit_bias") is not None:
+        p.logit_bias = check_logit_bias(raw["logit_bias"], name + "logit_bias")
     return p
+
+
+def check_logit_bias(value: Any, param: str) -> dict[int, float]:
+    """OpenAI's (and SGLang's) logit bias: {"token id": bias from -100 to 100}."""
+    if not isinstance(value, dict):
+        raise bad_request(f"{param} must be an object mapping token ids to biases, got {type(value).__name__}", param)
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad_request(f"{param}: keys must be token ids (digits), got {key!r}", param)
+        out[int(key)] = check_number(bias, param, low=-100.0, high=100.0)
+    return out
 
 
 @dataclass
@@ -155,7 +170,10 @@ class SequenceSampler:
     def __init__(self, params: SamplingParams, eos_ids: frozenset[int], want_logprob: bool, top_n: int) -> None:
         self.params = params
         self._rng: np.random.Generator | None = None
-        self._plain_greedy = params.greedy and not params.penalized
+        self._plain_greedy = params.greedy and not params.penalized and not params.logit_bias
+        bias = params.logit_bias
+        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self._bias = np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
         self.counts: Counter[int] = Counter()
         self.generated = 0
         self.want_logprob = want_logprob
@@ -167,7 +185,8 @@ class SequenceSampler:
     @property
     def rng(self) -> np.random.Generator:
         if self._rng is None:  # created on first use: greedy requests never pay for seeding one
-            self._rng = np.random.default_rng(self.params.seed)
+            seed = self.params.seed  # any integer (OpenAI's is an int64, negative too): numpy takes one >= 0
+            self._rng = np.random.default_rng(None if seed is None else seed % 2**64)
         return self._rng
 
     @property
@@ -198,6 +217,9 @@ class SequenceSampler:
     def _sample(self, raw: np.ndarray) -> int:
         p = self.params
         logits = raw.astype(np.float64, copy=True)
+        if self._bias_ids.size:  # ids past this model's vocabulary bias nothing
+            inside = self._bias_ids < logits.shape[0]
+            logits[self._bias_ids[inside]] += self._bias[inside]
         if p.penalized and self.counts:
             ids = np.fromiter(self.counts.keys(), dtype=np.int64)
             cnt = np.fromiter(self.counts.values(), dtype=np.float64)

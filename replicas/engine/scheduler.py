@@ -47,6 +47,8 @@ class StepResult:
     decoded: list[tuple[Sequence, TokenChoice]] = field(default_factory=list)
     prefilled: list[tuple[Sequence, TokenChoice]] = field(default_factory=list)
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+    # decoded, but picking its token failed: its row leaves the batch, the rest of the batch goes on
+    evicted: list[tuple[Sequence, Exception]] = field(default_factory=list)
     prefill_tokens: int = 0
 
 
@@ -192,7 +194,11 @@ class Scheduler:
             argmax = logits.argmax(axis=1) if logits.size else np.zeros(0, dtype=np.int64)
             for row, key in enumerate(keys):
                 seq = by_key[key]
-                result.decoded.append((seq, seq.sampler.choose(logits[row], int(argmax[row]))))
+                try:  # one sequence's sampling must not fail the batch it shares
+                    result.decoded.append((seq, seq.sampler.choose(logits[row], int(argmax[row]))))
+                except Exception as e:
+                    log.exception("sampling failed for %s", key)
+                    result.evicted.append((seq, e))
         for seq in plan.admit:
             try:
                 result.prefilled.append((seq, self._admit(seq)))
@@ -247,6 +253,10 @@ class Scheduler:
         for seq, err in result.failed:  # never joined the batch, or the batch was replaced
             self.running.pop(seq.key, None)
             seq.fail(ApiError(500, f"engine step failed: {err!r}"))
+        for seq, err in result.evicted:
+            self.running.pop(seq.key, None)
+            self._leaving.append(seq.key)
+            seq.fail(ApiError(500, f"sampling failed: {err!r}"))
         for seq, choice in result.prefilled:
             if seq.finished:  # aborted while computing
                 if seq.mode != Mode.PREFILL:
