@@ -49,6 +49,14 @@ def prompt_ids(tok: GatewayTokenizer, req: OpenAIRequest) -> list[int]:
     return tok.encode(req.prompt)
 
 
+def check_logit_bias_vocab(tok: GatewayTokenizer, req: OpenAIRequest) -> None:
+    """A logit_bias token id outside the vocabulary is the client's error (400 here, as SGLang's), not a worker's."""
+    bad = next((t for t in req.sampling.get("logit_bias", {}) if int(t) >= tok.vocab_size), None)
+    if bad is not None:
+        raise invalid(f"'logit_bias' holds token id {bad}, outside the vocabulary (size {tok.vocab_size})",
+                      "logit_bias")
+
+
 def token_budget(gw: Gateway, req: OpenAIRequest, n_prompt: int) -> int:
     """max_tokens, defaulted and checked against the context length (400 naming the field)."""
     ctx = gw.model.context_length
@@ -71,6 +79,7 @@ async def serve_openai(request: web.Request, gw: Gateway, req: OpenAIRequest, ki
     assert tok is not None
     check_model(gw, req.model)
     ids = prompt_ids(tok, req)
+    check_logit_bias_vocab(tok, req)
     budget = token_budget(gw, req, len(ids))
     await gw.auth.charge(principal, len(ids) + budget)
     gen = TokenGeneration(gw, ids, req.sampling, budget, req.logprobs)

@@ -285,3 +285,12 @@ def test_logit_bias_moves_the_choice_greedy_or_sampled() -> None:
         with pytest.raises(ApiError) as err:
             parse_sampling_params({"logit_bias": bad})
         assert err.value.param == "sampling_params.logit_bias"
+    tok = ByteTokenizer()  # as SGLang: an id outside the vocabulary is a 400 naming the field
+    with pytest.raises(ApiError) as err:
+        parse_generate({"text": "hi", "sampling_params": {"logit_bias": {str(tok.vocab_size): 1}}}, tok, 64)
+    assert err.value.param == "sampling_params.logit_bias"
+    with pytest.raises(ApiError) as err:
+        parse_completion({"prompt": "hi", "logit_bias": {str(tok.vocab_size): 1}}, tok, 64)
+    assert err.value.param == "logit_bias"
+    assert parse_chat({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": -3}}, tok,
+                      64).items[0].params.logit_bias == {7: -3.0}

@@ -117,6 +117,9 @@ def test_logit_bias_reaches_the_workers(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="Hello", max_tokens=2, logit_bias={"905": 101})
     assert err.value.body["param"] == "logit_bias.905"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=2, logit_bias={"10000000": 5})
+    assert err.value.body["param"] == "logit_bias"  # type: ignore[index]
 
 
 def test_decode_killed_mid_stream_resumes_exactly(cluster: tuple[GatewayProcess, list[EngineProcess]],

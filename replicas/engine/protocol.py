@@ -17,6 +17,7 @@ from replicas.engine.sampling import (
     SamplingParams,
     check_bool,
     check_int,
+    check_logit_bias,
     check_number,
     check_stop,
     parse_sampling_params,
@@ -139,6 +140,9 @@ def parse_generate(body: Any, tok: Tokenizer, context_length: int) -> ParsedRequ
         params = [parse_sampling_params(sp, f"sampling_params[{i}]") for i, sp in enumerate(raw_sp)]
     else:
         params = [parse_sampling_params(raw_sp)] * n
+    for i, sp in enumerate(params):
+        check_bias_vocab(sp, tok, f"sampling_params[{i}].logit_bias" if isinstance(raw_sp, list) else
+                         "sampling_params.logit_bias")
     rids = _per_item(body, "rid", n, batch, _check_str, None)
     rids = [r or uuid.uuid4().hex for r in rids]
     stream = check_bool(body["stream"], "stream") if body.get("stream") is not None else False
@@ -159,6 +163,13 @@ def parse_generate(body: Any, tok: Tokenizer, context_length: int) -> ParsedRequ
         for i in range(n)
     ]
     return ParsedRequest(items=items, batch=batch, stream=stream)
+
+
+def check_bias_vocab(p: SamplingParams, tok: Tokenizer, param: str) -> None:
+    """SGLang answers 400 for a logit_bias token id outside the vocabulary: so does the reference engine."""
+    bad = next((t for t in p.logit_bias if t >= tok.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {tok.vocab_size})", param)
 
 
 def openai_sampling(body: dict[str, Any], default_max: int | None) -> SamplingParams:
@@ -204,6 +215,8 @@ def openai_sampling(body: dict[str, Any], default_max: int | None) -> SamplingPa
             setattr(p, name, check_bool(body[name], name))
     if body.get("seed") is not None:
         p.seed = check_int(body["seed"], "seed")
+    if body.get("logit_bias") is not None:
+        p.logit_bias = check_logit_bias(body["logit_bias"], "logit_bias")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
         raise bad_request("response_format: only {\"type\": \"text\"} is supported by the reference engine",
@@ -262,6 +275,7 @@ def parse_completion(body: Any, tok: Tokenizer, context_length: int) -> ParsedRe
     if body.get("suffix"):
         raise bad_request("suffix is not supported by the reference engine", "suffix")
     params = openai_sampling(body, default_max=16)
+    check_bias_vocab(params, tok, "logit_bias")
     logprobs = body.get("logprobs")
     top = 0 if logprobs is None else check_int(logprobs, "logprobs", low=0, high=MAX_TOP_LOGPROBS)
     stream, include_usage = _stream_options(body)
@@ -305,6 +319,7 @@ def parse_chat(body: Any, tok: Tokenizer, context_length: int) -> ParsedRequest:
     messages = chat_messages(body.get("messages"))
     ids = check_prompt(tok.chat_ids(messages), tok, context_length, "messages")
     params = openai_sampling(body, default_max=context_length - len(ids))
+    check_bias_vocab(params, tok, "logit_bias")
     want = check_bool(body["logprobs"], "logprobs") if body.get("logprobs") is not None else False
     top = 0
     if body.get("top_logprobs") is not None:
