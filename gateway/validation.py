@@ -46,6 +46,8 @@ def get_int(body: dict[str, Any], name: str, lo: int | None = None, hi: int | No
     path = path or name
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:  # JSON ints past 64 bits: floats
+        raise invalid(f"'{path}' must be an integer within 64 bits, got {value:.0f}", path)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _type_error(path, "an integer", value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):

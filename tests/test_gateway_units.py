@@ -184,6 +184,7 @@ def test_logprobs_of_prefill_come_first() -> None:
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, "seed"),  # not an int64
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 2.0**80}, "seed"),  # as JSON parses it
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, "logit_bias"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": [1]}, "logit_bias"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": -101}}, "logit_bias.7"),
