@@ -156,7 +156,10 @@ def plan_table(plan: Plan, replicas: dict[str, ReplicaRecord], pool: WorkerPool)
 
     A route whose replica is missing, not ``ready``, has no URL, or still serves another role than
     the plan gives it (a role switch the controller has not finished) is dropped and the remaining
-    weights renormalise; a plan without routing entries falls back to uniform over all pairs.
+    weights renormalise; a plan without routing entries falls back to uniform over all pairs. If no
+    route survives while the plan's replicas could still serve in the roles they serve now (the plan
+    wants a decode replica that is still booting, and the one standing in for it is still decoding),
+    those pairs are used, uniformly, until the plan's own routes are ready: serving beats waiting.
     """
     def worker(rid: str, role: str) -> Worker | None:
         rec = replicas.get(rid)
@@ -181,4 +184,16 @@ def plan_table(plan: Plan, replicas: dict[str, ReplicaRecord], pool: WorkerPool)
         p, d = worker(p_id, "prefill"), worker(d_id, "decode")
         if p is not None and d is not None:
             pairs.append(Pair(p, d, weight, replicas[p_id].bootstrap_port))
+    if not pairs:
+        pairs = _live_role_pairs([replicas[r.id] for r in plan.replicas if r.id in replicas], pool)
     return RoutingTable(pairs, version=plan.version, model=plan.model, source="plan")
+
+
+def _live_role_pairs(records: list[ReplicaRecord], pool: WorkerPool) -> list[Pair]:
+    """Every pair the ready replicas form in the roles they serve now, weighted evenly."""
+    ready = [r for r in records if r.status == "ready" and r.url]
+    prefill = [r for r in ready if r.role == "prefill"]
+    decode = [pool.get(r.url, "decode", name=r.id) for r in ready if r.role == "decode"]
+    pairs = [Pair(pool.get(p.url, "prefill", name=p.id), d, 1.0, p.bootstrap_port) for p in prefill for d in decode]
+    both = [pool.get(r.url, "both", name=r.id) for r in ready if r.role == "both"]
+    return pairs + [Pair(w, w, 1.0) for w in both]

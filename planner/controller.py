@@ -540,7 +540,7 @@ class Controller:
             rec = records.get(spec.id)
             if rec is None or rec.status == "stopped":
                 self._run_busy(spec.id, self._start_replica(plan, spec.id, hosts))
-            elif rec.role != spec.role and rec.status == "ready":
+            elif rec.role != spec.role and rec.status == "ready" and not strands_its_role(plan, rec, records):
                 self._run_busy(spec.id, self._switch_role(rec, spec.role, hosts))
         # 3. replicas the plan no longer has
         wanted = {r.id for r in plan.replicas}
@@ -709,6 +709,25 @@ class Controller:
 
 
 PRICE_TOLERANCE = 0.01  # relative: a price that differs less is the same market (catalog rounding)
+
+
+def strands_its_role(plan: Plan, rec: ReplicaRecord, records: dict[str, ReplicaRecord]) -> bool:
+    """Would switching ``rec`` now leave nothing to serve with (no ready colocated replica, no ready
+    prefill-decode pair) while a replica the plan gives ``rec``'s current role is still coming up? Then
+    the switch waits for it: make before break. After a loss the reschedule flips a prefill replica to
+    decode; the replacement node's decode replica then takes over, and flipping back before it is ready
+    left no decode worker at all for the seconds it took to boot (a 5 s stall in `bench/chaos_soak.py`)."""
+    planned = {s.id for s in plan.replicas}
+    others = [r for rid, r in records.items() if rid in planned and rid != rec.id and r.status == "ready"]
+    if _servable(others) or not _servable([*others, rec]):
+        return False
+    return any(s.role == rec.role and s.id != rec.id and (s.id not in records or records[s.id].status != "ready")
+               for s in plan.replicas)
+
+
+def _servable(records: list[ReplicaRecord]) -> bool:
+    roles = {r.role for r in records}
+    return "both" in roles or {"prefill", "decode"} <= roles
 
 
 def _placement_differs(planned: Instance, actual: Instance) -> bool:

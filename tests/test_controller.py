@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -434,3 +434,73 @@ async def test_a_node_that_runs_somewhere_else_than_planned_is_planned_where_it_
     assert len(replans) == 1 and replans[0].data["moved"] == ["n3"]
     assert "n3 runs lambda/us-west-1 on-demand $0.40/h, planned local/local spot $0.22/h" in replans[0].reason
     await ctl.stop()
+
+
+class HoldingAgent(RecordingAgent):
+    """Like ``RecordingAgent``, but the replicas named in ``held`` stay ``starting`` (an engine still loading)."""
+
+    held: ClassVar[set[str]] = set()
+
+    async def start_replica(self, body: dict[str, Any]) -> dict[str, Any]:
+        out = await super().start_replica(body)
+        if body["id"] in self.held:
+            await self.state.modify_replica(body["id"], lambda r: setattr(r, "status", "starting"))
+        return out
+
+
+class HoldingController(Controller):
+    __test__ = False
+
+    def _agent(self, node: NodeRecord) -> Any:
+        return HoldingAgent(self.state, node.id)
+
+
+async def test_a_role_switch_that_would_leave_nothing_to_serve_waits_for_the_replica_taking_over(fresh: Any) -> None:
+    """Make before break. After the decode nodes were lost, r0 stands in as decode; the plan that folds in
+    the replacement gives r0 back to prefill and the new r4 the decode role. While r4 is still starting,
+    switching r0 would leave no decode replica at all: r0 keeps decoding until r4 is ready, then switches."""
+    state = fresh()
+    prov = RecordOnlyProvisioner(state)
+    ctl = HoldingController(state, prov, config(), tick_s=0.05)
+    n = [Instance(f"n{i}", "local-L4", "L4", 1, True, SPOT_L4, "local", "local") for i in (0, 2, 4)]
+    plan = Plan("smollm2", n, [ReplicaSpec("r0", ["n0"], [("n0", 0)], 1, 1, "prefill", [30]),
+                               ReplicaSpec("r2", ["n2"], [("n2", 0)], 1, 1, "prefill", [30]),
+                               ReplicaSpec("r4", ["n4"], [("n4", 0)], 1, 1, "decode", [30])],
+                [Route("r0", "r4", 0.5, "none"), Route("r2", "r4", 0.5, "none")], strategy="test")
+    plan.validate(BUDGET)
+    await state.publish_plan(plan)
+    ctl.plan = plan
+    await state.put_replica(ReplicaRecord(id="r0", node_ids=["n0"], role="decode", url="http://127.0.0.1:9/r0",
+                                          status="ready"))
+    await state.put_replica(ReplicaRecord(id="r2", node_ids=["n2"], role="prefill", url="http://127.0.0.1:9/r2",
+                                          status="ready"))
+    HoldingAgent.held = {"r4"}
+
+    async def passes(n: int) -> None:
+        for _ in range(n):
+            await ctl.reconcile()
+            await asyncio.sleep(0.05)
+
+    try:
+        async def r4_starting() -> bool:
+            await passes(1)
+            rec = (await state.replicas()).get("r4")
+            return rec is not None and rec.status == "starting"
+
+        await eventually(r4_starting, "r4 to be starting on its new node")
+        await passes(10)
+        replicas = await state.replicas()
+        assert replicas["r0"].role == "decode", "r0 switched while r4 was still starting"
+        assert "role_switch" not in await event_kinds(state)
+        await state.modify_replica("r4", lambda r: setattr(r, "status", "ready"))
+
+        async def r0_back_to_prefill() -> bool:
+            await passes(1)
+            return (await state.replicas())["r0"].role == "prefill"
+
+        await eventually(r0_back_to_prefill, "r0 to switch back to prefill once r4 is ready")
+    finally:
+        HoldingAgent.held = set()
+        for t in list(ctl._tasks):
+            t.cancel()
+        await prov.close(release_nodes=False)

@@ -133,6 +133,32 @@ def test_plan_table_drops_replicas_that_are_not_ready() -> None:
     assert {p.label() for p in plan_table(plan, recs, WorkerPool()).pairs} == {"c0"}
 
 
+def test_a_plan_not_servable_yet_is_served_in_the_roles_replicas_serve_now() -> None:
+    """After a decode node is lost, p1 stands in as decode; the replacement's plan gives p1 back to prefill
+    and d2 (still booting) the decode role. Until d2 is ready no route of the plan is usable: the table
+    pairs the ready replicas as they serve now (p0 -> p1) rather than leaving requests waiting, and goes
+    back to the plan's routes once they are usable."""
+    plan = Plan(
+        model="tiny",
+        instances=[Instance(f"n{i}", "x", "L4", 1, True, 1.0) for i in range(3)],
+        replicas=[ReplicaSpec("p0", ["n0"], [("n0", 0)], 1, 1, "prefill"),
+                  ReplicaSpec("p1", ["n1"], [("n1", 0)], 1, 1, "prefill"),
+                  ReplicaSpec("d2", ["n2"], [("n2", 0)], 1, 1, "decode")],
+        routing=[Route("p0", "d2", 0.5), Route("p1", "d2", 0.5)],
+        version=8,
+    )
+    recs = {
+        "p0": ReplicaRecord("p0", ["n0"], "prefill", url="http://p0:1", bootstrap_port=9100, status="ready"),
+        "p1": ReplicaRecord("p1", ["n1"], "decode", url="http://p1:1", status="ready"),
+        "d2": ReplicaRecord("d2", ["n2"], "decode", url="http://d2:1", status="starting"),
+        "gone": ReplicaRecord("gone", ["n9"], "decode", url="http://gone:1", status="ready"),  # not in the plan
+    }
+    table = plan_table(plan, recs, WorkerPool())
+    assert [(p.label(), p.bootstrap_port) for p in table.pairs] == [("p0->p1", 9100)]
+    recs["d2"] = ReplicaRecord("d2", ["n2"], "decode", url="http://d2:1", status="ready")
+    assert {p.label() for p in plan_table(plan, recs, WorkerPool()).pairs} == {"p0->d2"}
+
+
 # -- bodies -------------------------------------------------------------------------------------------
 def test_splice_adds_bootstrap_fields_that_win_over_the_clients() -> None:
     pool = WorkerPool()

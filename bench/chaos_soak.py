@@ -1,0 +1,210 @@
+"""What a user sees while the cloud keeps taking spot nodes away: requests lost and latency, against the same
+deployment left alone.
+
+One `tsctl up --local` deployment (embedded Redis, controller, gateway, node agents in their own process
+groups, the reference engine) serves a steady load of streaming chat requests (``--streams`` clients, each
+sending its next request when the last ends). First ``--duration`` seconds undisturbed (the baseline), then
+``--duration`` seconds in which a node is preempted (SIGKILL of its process group, `tsctl chaos preempt`, as a
+spot reclaim does without warning) at exponential intervals of mean ``--interval`` seconds, a ready node
+picked at random each time. The controller reschedules, the gateway retries and migrates, replacements are
+rented within the budget. A request counts as failed on any non-200 answer, an error event in its stream, a
+stream that ends without ``[DONE]``, or a client-side error.
+
+    python bench/chaos_soak.py [--duration 90] [--interval 15] [--streams 4] [--engine-model emulated]
+
+Prints a rich table and one final JSON line (latencies of the chaos phase as ratios over the baseline's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+TSCTL = [sys.executable, "-m", "tsctl"]
+
+
+class Deployment:
+    """A local deployment driven through `tsctl`, in a TS_HOME of its own."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.name = name
+        self.env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"TS_HOME": str(home)}
+        self.home = home
+
+    def tsctl(self, *args: str, timeout: float = 300) -> str:
+        proc = subprocess.run([*TSCTL, *args, "-d", self.name], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"tsctl {' '.join(args)} failed: {proc.stderr[-2000:]}")
+        return proc.stdout
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.tsctl("status", "--json", "--events", "500"))
+
+    def record(self) -> dict[str, Any]:
+        return json.loads((self.home / "deployments" / self.name / "deployment.json").read_text())
+
+
+class Phase:
+    """One phase's outcomes: per request, its TTFT and end-to-end seconds, or why it failed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ttft: list[float] = []
+        self.e2e: list[float] = []
+        self.failures: list[str] = []
+
+    def summary(self) -> dict[str, Any]:
+        def q(xs: list[float], p: float) -> float:
+            return round(float(np.percentile(xs, p)), 4) if xs else float("nan")
+
+        return {"ok": len(self.e2e), "failed": len(self.failures), "ttft_p50_s": q(self.ttft, 50),
+                "ttft_p99_s": q(self.ttft, 99), "e2e_p50_s": q(self.e2e, 50), "e2e_p99_s": q(self.e2e, 99),
+                "failure_sample": self.failures[:3]}
+
+
+async def one_request(http: aiohttp.ClientSession, url: str, key: str, model: str, text: str,
+                      max_tokens: int) -> tuple[float, float]:
+    """Stream one chat completion; (TTFT, E2E) seconds, or an exception saying what went wrong."""
+    t0 = time.monotonic()
+    ttft = None
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    async with http.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                         timeout=aiohttp.ClientTimeout(total=180)) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+        done = False
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error'].get('message', '')[:200]}")
+            if ttft is None and any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+                ttft = time.monotonic() - t0
+        if not done:
+            raise RuntimeError("stream ended without [DONE]")
+    return (ttft if ttft is not None else time.monotonic() - t0), time.monotonic() - t0
+
+
+async def load(phase: Phase, url: str, key: str, model: str, streams: int, until: float, max_tokens: int) -> None:
+    async def client(i: int) -> None:
+        n = 0
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < until:
+                n += 1
+                try:
+                    ttft, e2e = await one_request(http, url, key, model, f"client {i} request {n}: tell a story",
+                                                  max_tokens)
+                    phase.ttft.append(ttft)
+                    phase.e2e.append(e2e)
+                except Exception as e:
+                    phase.failures.append(f"{type(e).__name__}: {e}")
+
+    await asyncio.gather(*(client(i) for i in range(streams)))
+
+
+async def chaos(dep: Deployment, until: float, interval: float, rng: random.Random, log: list[dict[str, Any]]) -> None:
+    """Preempt a random ready node at exponential intervals until ``until``."""
+    while True:
+        wait = rng.expovariate(1.0 / interval)
+        if time.monotonic() + wait >= until:
+            return
+        await asyncio.sleep(wait)
+        snap = await asyncio.to_thread(dep.status)
+        ready = sorted(n["id"] for n in snap["nodes"] if n["status"] == "ready")
+        if not ready:
+            log.append({"t": time.monotonic(), "node": None})
+            continue
+        victim = rng.choice(ready)
+        await asyncio.to_thread(dep.tsctl, "chaos", "preempt", victim)
+        log.append({"t": time.monotonic(), "node": victim, "ready_before": len(ready)})
+
+
+async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
+    rec = dep.record()
+    url, key = rec["gateway_url"], rec["api_key"]
+    async with aiohttp.ClientSession() as http, http.get(url + "/v1/models",
+                                                          headers={"Authorization": f"Bearer {key}"}) as r:
+        model = (await r.json())["data"][0]["id"]
+    base, hit = Phase("baseline"), Phase("chaos")
+    await load(base, url, key, model, args.streams, time.monotonic() + args.duration, args.max_tokens)
+    preemptions: list[dict[str, Any]] = []
+    until = time.monotonic() + args.duration
+    await asyncio.gather(load(hit, url, key, model, args.streams, until, args.max_tokens),
+                         chaos(dep, until, args.interval, random.Random(args.seed), preemptions))
+    snap = await asyncio.to_thread(dep.status)
+    kinds = [e["kind"] for e in snap["events"]]
+    return {"baseline": base.summary(), "chaos": hit.summary(),
+            "preemptions": sum(1 for p in preemptions if p["node"]),
+            "reschedules": kinds.count("reschedule"), "replacements": kinds.count("replan"),
+            "role_switches": kinds.count("role_switch"),
+            "spend_per_hour": snap["spend_per_hour"], "budget_per_hour": snap["budget_per_hour"]}
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b and b == b and a == a else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, default=90.0, help="seconds of each phase")
+    ap.add_argument("--interval", type=float, default=15.0, help="mean seconds between preemptions")
+    ap.add_argument("--streams", type=int, default=4, help="concurrent streaming clients")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--engine-model", default="emulated", help="the reference engine's model: emulated, tiny, smollm2")
+    ap.add_argument("--budget", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="ts-chaos-"))
+    dep = Deployment(home, "chaos")
+    t0 = time.monotonic()
+    dep.tsctl("up", "--local", "--budget", str(args.budget), "--engine-model", args.engine_model, "--port", "0",
+              timeout=600)
+    up_s = time.monotonic() - t0
+    try:
+        out = asyncio.run(run(args, dep))
+    finally:
+        dep.tsctl("down", timeout=300)
+    b, c = out["baseline"], out["chaos"]
+    table = Table(title=f"chaos soak: {args.streams} streams, {args.duration:.0f} s a phase, a node preempted every "
+                        f"~{args.interval:.0f} s ({out['preemptions']} preemptions)")
+    for col in ("phase", "ok", "failed", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"):
+        table.add_column(col)
+    for name, s in (("baseline", b), ("chaos", c)):
+        table.add_row(name, str(s["ok"]), str(s["failed"]), f"{s['ttft_p50_s']:.3f}s", f"{s['ttft_p99_s']:.3f}s",
+                      f"{s['e2e_p50_s']:.3f}s", f"{s['e2e_p99_s']:.3f}s")
+    Console().print(table)
+    print(f"logs: {home / 'deployments' / dep.name}")
+    print(f"up in {up_s:.1f}s; reschedules {out['reschedules']}, replacements {out['replacements']}, role switches "
+          f"{out['role_switches']}; spend ${out['spend_per_hour']}/h of ${out['budget_per_hour']}/h")
+    result = {"bench": "chaos_soak", **vars(args), **out, "up_seconds": round(up_s, 1),
+              "failed_ratio": ratio(c["failed"], c["ok"] + c["failed"]),
+              "ttft_p99_ratio": ratio(c["ttft_p99_s"], b["ttft_p99_s"]),
+              "e2e_p50_ratio": ratio(c["e2e_p50_s"], b["e2e_p50_s"]),
+              "e2e_p99_ratio": ratio(c["e2e_p99_s"], b["e2e_p99_s"])}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
