@@ -10,7 +10,7 @@ picked at random each time. The controller reschedules, the gateway retries and 
 rented within the budget. A request counts as failed on any non-200 answer, an error event in its stream, a
 stream that ends without ``[DONE]``, or a client-side error.
 
-    python bench/chaos_soak.py [--duration 90] [--interval 15] [--streams 4] [--engine-model emulated]
+    python bench/chaos_soak.py [--duration 90] [--interval 15] [--streams 4] [--engine-model emulated] [--any-phases]
 
 Prints a rich table and one final JSON line (latencies of the chaos phase as ratios over the baseline's).
 """
@@ -175,12 +175,14 @@ def main() -> None:
     ap.add_argument("--engine-model", default="emulated", help="the reference engine's model: emulated, tiny, smollm2")
     ap.add_argument("--budget", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--any-phases", action="store_true",
+                    help="let the planner choose colocated replicas too (`tsctl up --any-phases`; default: split)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ts-chaos-"))
     dep = Deployment(home, "chaos")
     t0 = time.monotonic()
     dep.tsctl("up", "--local", "--budget", str(args.budget), "--engine-model", args.engine_model, "--port", "0",
-              timeout=600)
+              *(["--any-phases"] if args.any_phases else []), timeout=600)
     up_s = time.monotonic() - t0
     try:
         out = asyncio.run(run(args, dep))
