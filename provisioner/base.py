@@ -168,7 +168,8 @@ class Provisioner(ABC):
                 if rec.status == "ready":
                     return rec
                 if rec.status not in LIVE_STATUSES:
-                    raise ProvisionError(f"node {node_id} is {rec.status}, not ready")
+                    why = await self._last_reason(node_id, rec.status)
+                    raise ProvisionError(f"node {node_id} is {rec.status}, not ready" + (f": {why}" if why else ""))
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"node {node_id} not ready after {timeout_s:.0f}s")
@@ -267,6 +268,13 @@ class Provisioner(ABC):
                           stream_id=stream_id)
         self._hub.publish(event)
         return event
+
+    async def _last_reason(self, node_id: str, status: str) -> str:
+        """Why the node reached ``status``, from its latest ``node.<status>`` event (empty if none is recent)."""
+        for event in reversed(await self.state.recent_events(500)):
+            if event.kind == f"node.{status}" and event.data.get("node_id") == node_id:
+                return event.reason
+        return ""
 
     def _close_hub(self) -> None:
         self._hub.close()

@@ -232,7 +232,9 @@ async def test_release_stops_the_group_and_leaves_nothing(make_local: Any, state
 
 async def test_budget_market_choice_and_bad_requests(make_local: Any, state: StateStore) -> None:
     fallback = SpotFallbackPolicy(max_spot_failures=2)
-    prov = await make_local(budget=2.0, fallback=fallback)
+    # heartbeats are not what this test is about: with the 1.5 s TTL, a CI run once saw n5 "preempted"
+    # while the test still waited for n0..n4 on a loaded machine (heartbeat expiry, most likely)
+    prov = await make_local(budget=2.0, fallback=fallback, heartbeat_ttl_s=10.0)
     await prov.acquire(NodeRequest("n0", instance_type="local-A100", spot=True))  # $1.19
     with pytest.raises(BudgetExceeded, match=r"\$1.64/h refused.*\$1.19/h already committed.*\$0.81/h left"):
         await prov.acquire(NodeRequest("n1", instance_type="local-A100", spot=False))
@@ -284,6 +286,8 @@ async def test_an_agent_that_cannot_start_fails_and_frees_its_budget(make_local:
     failed = await next_event(events, "failed", "n0", timeout_s=60)
     assert "exited with code 1" in failed.reason and "No module named replicas.no_such_agent" in failed.reason
     assert await prov.ledger.holds() == {}
+    with pytest.raises(ProvisionError, match="n0 is failed, not ready: agent exited with code 1"):
+        await prov.wait_ready("n0", 5)  # says why, as the controller's replacement.failed event then does
 
 
 async def test_random_preemptions_are_seeded(make_local: Any, state: StateStore) -> None:
