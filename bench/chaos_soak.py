@@ -1,16 +1,18 @@
 """What a user sees while the cloud keeps taking spot nodes away: requests lost and latency, against the same
 deployment left alone.
 
-One `tsctl up --local` deployment (embedded Redis, controller, gateway, node agents in their own process
-groups, the reference engine) serves a steady load of streaming chat requests (``--streams`` clients, each
-sending its next request when the last ends). First ``--duration`` seconds undisturbed (the baseline), then
-``--duration`` seconds in which a node is preempted (SIGKILL of its process group, `tsctl chaos preempt`, as a
-spot reclaim does without warning) at exponential intervals of mean ``--interval`` seconds, a ready node
-picked at random each time. The controller reschedules, the gateway retries and migrates, replacements are
-rented within the budget. A request counts as failed on any non-200 answer, an error event in its stream, a
-stream that ends without ``[DONE]``, or a client-side error.
+One `tsctl up --local` deployment (embedded Redis, controller, gateway, node agents in their own process groups,
+the reference engine) serves a steady load of streaming chat requests (``--streams`` clients, each sending its next
+request when the last ends). First ``--duration`` seconds undisturbed (the baseline), then ``--duration`` seconds
+in which a node is preempted (SIGKILL of its process group, `tsctl chaos preempt`, as a spot reclaim does without
+warning) at exponential intervals of mean ``--interval`` seconds, a ready node picked at random each time; with
+``--controller-outage S`` the controller is also SIGKILLed a third of the way in and restarted S seconds later
+(losses in between wait for the new controller). The controller reschedules, the gateway retries and migrates,
+replacements are rented within the budget. A request counts as failed on any non-200 answer, an error event in its
+stream, a stream that ends without ``[DONE]``, or a client-side error.
 
     python bench/chaos_soak.py [--duration 90] [--interval 15] [--streams 4] [--engine-model emulated] [--any-phases]
+        [--controller-outage 15]
 
 Prints a rich table and one final JSON line (latencies of the chaos phase as ratios over the baseline's).
 """
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -141,6 +145,19 @@ async def chaos(dep: Deployment, until: float, interval: float, rng: random.Rand
         log.append({"t": time.monotonic(), "node": victim, "ready_before": len(ready)})
 
 
+async def controller_outage(dep: Deployment, start_in: float, outage_s: float, log: list[dict[str, Any]]) -> None:
+    """SIGKILL the controller ``start_in`` seconds from now (a crash), restart it ``outage_s`` later: nodes lost
+    meanwhile are found by the new controller, which adopts the living ones from Redis."""
+    await asyncio.sleep(start_in)
+    pid = dep.record()["controller_pid"]
+    if pid > 0:  # os.kill(0, ...) would signal our own process group
+        os.kill(pid, signal.SIGKILL)
+        log.append({"t": time.monotonic(), "controller": "killed"})
+    await asyncio.sleep(outage_s)
+    await asyncio.to_thread(dep.tsctl, "restart", "controller")
+    log.append({"t": time.monotonic(), "controller": "restarted"})
+
+
 async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
     rec = dep.record()
     url, key = rec["gateway_url"], rec["api_key"]
@@ -151,14 +168,20 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
     await load(base, url, key, model, args.streams, time.monotonic() + args.duration, args.max_tokens)
     preemptions: list[dict[str, Any]] = []
     until = time.monotonic() + args.duration
+    outage: list[dict[str, Any]] = []
     await asyncio.gather(load(hit, url, key, model, args.streams, until, args.max_tokens),
-                         chaos(dep, until, args.interval, random.Random(args.seed), preemptions))
+                         chaos(dep, until, args.interval, random.Random(args.seed), preemptions),
+                         *([controller_outage(dep, args.duration / 3, args.controller_outage, outage)]
+                           if args.controller_outage > 0 else []))
     snap = await asyncio.to_thread(dep.status)
     kinds = [e["kind"] for e in snap["events"]]
+    down = (outage[0]["t"], outage[1]["t"]) if len(outage) == 2 else (math.inf, -math.inf)
     return {"baseline": base.summary(), "chaos": hit.summary(),
             "preemptions": sum(1 for p in preemptions if p["node"]),
             "reschedules": kinds.count("reschedule"), "replacements": kinds.count("replan"),
-            "role_switches": kinds.count("role_switch"),
+            "role_switches": kinds.count("role_switch"), "controller_restarts": kinds.count("controller.started") - 1,
+            "preempted_while_controller_down": sum(bool(p["node"]) and down[0] <= p["t"] <= down[1]
+                                                   for p in preemptions),
             "spend_per_hour": snap["spend_per_hour"], "budget_per_hour": snap["budget_per_hour"]}
 
 
@@ -175,6 +198,9 @@ def main() -> None:
     ap.add_argument("--engine-model", default="emulated", help="the reference engine's model: emulated, tiny, smollm2")
     ap.add_argument("--budget", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--controller-outage", type=float, default=0.0,
+                    help="seconds the controller is down (SIGKILLed a third into the chaos phase, then `tsctl "
+                         "restart controller`); 0: it stays up")
     ap.add_argument("--any-phases", action="store_true",
                     help="let the planner choose colocated replicas too (`tsctl up --any-phases`; default: split)")
     args = ap.parse_args()
