@@ -70,6 +70,7 @@ def test_up_that_cannot_plan_leaves_nothing_running(tmp_path: Path) -> None:
     (["--budget", "2", "--tpot", "nan"], "--ttft and --tpot must be positive"),
     (["--budget", "2", "--input-len", "0"], "--input-len and --output-len must be >= 1"),
     (["--budget", "2", "--engine-model", "no-such-model"], "--engine-model 'no-such-model': not smollm2"),
+    (["--budget", "2", "-d", "../outside"], "deployment name '../outside'"),  # wrote outside $TS_HOME/deployments
 ])
 def test_up_says_what_is_wrong_with_an_argument_before_starting_anything(tmp_path: Path, args: list[str],
                                                                          message: str) -> None:
@@ -81,7 +82,7 @@ def test_up_says_what_is_wrong_with_an_argument_before_starting_anything(tmp_pat
 
     res = CliRunner().invoke(app, ["up", "--local", "-d", "bad-args", *args], env={"TS_HOME": str(tmp_path)})
     assert res.exit_code == 1 and message in res.output, res.output
-    assert not (tmp_path / "deployments" / "bad-args").exists()
+    assert not any(tmp_path.iterdir()), list(tmp_path.rglob("*"))  # nothing written, inside or outside
 
 
 def test_up_stops_waiting_when_the_replicas_keep_failing_to_start(tmp_path: Path) -> None:

@@ -26,7 +26,15 @@ from planner.controller import CONFIG_META_KEY, ControllerConfig
 from planner.embedded_redis import REDIS_URL_ENV, EmbeddedRedis, RedisUnavailable, check_redis, free_port
 from planner.offers import MAX_GPUS
 from planner.state import StateStore
-from tsctl.runtime import Deployment, DeploymentNotFound, alive, python_module, spawn_detached, stop_process
+from tsctl.runtime import (
+    Deployment,
+    DeploymentNotFound,
+    alive,
+    bad_deployment_name,
+    python_module,
+    spawn_detached,
+    stop_process,
+)
 
 console = Console()
 err = Console(stderr=True)
@@ -67,8 +75,8 @@ def up(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait until the gateway is ready"),
 ) -> None:
     """Plan, rent, start workers and the gateway; print the URL, an API key and a curl line."""
-    problem = _bad_up_argument(budget, rate, input_len, output_len, ttft, tpot, max_nodes, port, timeout,
-                               engine_model if local else "")
+    problem = bad_deployment_name(deployment) or _bad_up_argument(
+        budget, rate, input_len, output_len, ttft, tpot, max_nodes, port, timeout, engine_model if local else "")
     if problem:
         raise fail(problem)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,19 @@ def ts_home() -> Path:
 
 class DeploymentNotFound(RuntimeError):
     """No deployment of that name is recorded on this machine."""
+
+
+# A deployment's name is a folder under $TS_HOME/deployments, a Redis key prefix and part of process tags:
+# letters, digits, '.', '_', '-' (not '..': `-d ../x` wrote outside the deployments folder)
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def bad_deployment_name(name: str) -> str | None:
+    """Why ``name`` cannot name a deployment, or None."""
+    if DEPLOYMENT_NAME.fullmatch(name) and ".." not in name:
+        return None
+    return (f"deployment name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(no '..')")
 
 
 @dataclass
@@ -63,6 +77,8 @@ class Deployment:
 
     @classmethod
     def load(cls, name: str) -> Deployment:
+        if problem := bad_deployment_name(name):
+            raise DeploymentNotFound(problem)
         path = ts_home() / "deployments" / name / "deployment.json"
         if not path.is_file():
             raise DeploymentNotFound(f"no deployment {name!r} on this machine (looked in {path}); run `tsctl up` first")
