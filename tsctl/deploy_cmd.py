@@ -8,6 +8,7 @@ up, and prints the URL, the key and a `curl` line. The controller does the renti
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import signal
@@ -114,14 +115,13 @@ LOCAL_ENGINE_MODELS = ("smollm2", "tiny", "emulated")  # or a folder with a conf
 def _bad_up_argument(budget: float, rate: float, input_len: int, output_len: int, ttft: float, tpot: float,
                      max_nodes: int, port: int, timeout: float, engine_model: str) -> str | None:
     """What is wrong with ``tsctl up``'s arguments, said before anything starts (or None)."""
-    finite = float("inf")
-    if not 0 < budget < finite:
+    if not 0 < budget < math.inf:
         return f"--budget must be a positive, finite $/h, not {budget}"
-    if not 0 <= rate < finite:
+    if not 0 <= rate < math.inf:
         return f"--rate must be finite and >= 0 requests/s, not {rate}"
     if input_len < 1 or output_len < 1:
         return "--input-len and --output-len must be >= 1 token"
-    if not (0 <= ttft < finite and 0 <= tpot < finite):
+    if not (0 <= ttft < math.inf and 0 <= tpot < math.inf):
         return "--ttft and --tpot must be positive seconds (or 0 for the default)"
     if max_nodes < 0:
         return f"--max-nodes must be >= 1 (or 0 for the default), not {max_nodes}"
