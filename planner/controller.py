@@ -805,6 +805,11 @@ def build_provisioner(state: StateStore, redis_url: str, cfg: ControllerConfig) 
     raise ValueError(f"unknown provider {cfg.provider!r} (local or skypilot)")
 
 
+# A controller whose Redis is gone for good (its deployment torn down under it) tried again every second and
+# logged 1.4 MB an hour; now the pause doubles up to this, and a Redis that comes back is found within it.
+REDIS_RETRY_MAX_S = 30.0
+
+
 async def serve(redis_url: str, deployment: str, config: ControllerConfig | None) -> None:
     """Run the controller until SIGTERM (release every node) or SIGINT (leave them for a successor).
 
@@ -825,6 +830,7 @@ async def serve(redis_url: str, deployment: str, config: ControllerConfig | None
     loop.add_signal_handler(signal.SIGTERM, lambda: (release_on_exit.set(), stop.set()))
     loop.add_signal_handler(signal.SIGINT, stop.set)
     owner = ""
+    unreachable = 0  # Redis failures in a row: the pause before trying again doubles, up to REDIS_RETRY_MAX_S
     try:
         while not stop.is_set():
             ledger, provisioner = build_provisioner(state, redis_url, config)
@@ -833,14 +839,17 @@ async def serve(redis_url: str, deployment: str, config: ControllerConfig | None
             try:
                 await ledger.set_limit(config.budget)
                 await controller.run(stop)
+                unreachable = 0
             except (RedisError, OSError) as e:
-                log.error("controller stopped: Redis unreachable (%s)", e)
+                unreachable += 1
+                log.error("controller stopped: Redis unreachable (%s); %d time(s) in a row", e, unreachable)
             finally:
                 await provisioner.close(release_nodes=release_on_exit.is_set())
             if not stop.is_set():
-                log.warning("stepped down; waiting to take the controller lease again")
+                pause = min(REDIS_RETRY_MAX_S, 2.0 ** max(0, unreachable - 1))
+                log.warning("stepped down; trying to take the controller lease again in %.0f s", pause)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                    await asyncio.wait_for(stop.wait(), pause)
     finally:
         if release_on_exit.is_set():
             with contextlib.suppress(Exception):

@@ -504,3 +504,25 @@ async def test_a_role_switch_that_would_leave_nothing_to_serve_waits_for_the_rep
         for t in list(ctl._tasks):
             t.cancel()
         await prov.close(release_nodes=False)
+
+
+async def test_a_controller_whose_redis_is_gone_backs_off(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Its deployment torn down under it (Redis gone for good), a controller retried every second, forever,
+    logging each time (an orphan wrote 1.4 MB in 90 minutes). The pause now doubles: 1 s, 2 s, 4 s ..."""
+    import logging
+    import socket
+
+    from planner import controller as ctl_module
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    caplog.set_level(logging.WARNING, logger="planner.controller")
+    task = asyncio.create_task(ctl_module.serve(dead, "gone", config(workdir=str(tmp_path))))
+    await asyncio.sleep(3.5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    lines = [r.getMessage() for r in caplog.records]
+    pauses = [m.rsplit(" in ", 1)[1] for m in lines if "take the controller lease" in m]
+    assert pauses[:2] == ["1 s", "2 s"] and len(pauses) <= 3, pauses

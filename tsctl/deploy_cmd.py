@@ -181,6 +181,7 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
     dep.api_key, dep.admin_key = _run(seed_state())
     # 3. the controller and the gateway, detached
     dep.controller_pid = _start_controller(dep, cfg)
+    dep.save()  # at once: if anything below fails (or `up` is interrupted), `tsctl down` still finds the controller
     gw_port = port if port and _port_free(port) else free_port()
     dep.gateway_url = f"http://127.0.0.1:{gw_port}"
     dep.gateway_pid = _start_gateway(dep)
