@@ -72,6 +72,23 @@ def node_processes(pgid: int | None, tag: str) -> list[psutil.Process]:
     return found
 
 
+def tagged_node_ids(deployment: str) -> set[str]:
+    """Ids of this deployment's local nodes that still have a live process, found by their tag alone
+    (what `tsctl down` falls back to when Redis, which records the nodes, is gone)."""
+    prefix = f"{deployment}/"
+    found: set[str] = set()
+    for proc in psutil.process_iter(["pid", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            tag = proc.environ().get(NODE_TAG_ENV, "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if tag.startswith(prefix):
+            found.add(tag[len(prefix):])
+    return found
+
+
 def signal_node(pgid: int | None, tag: str, sig: signal.Signals) -> int:
     """Send ``sig`` to the node's group and to every tagged process; returns how many were signalled."""
     if signallable_group(pgid):

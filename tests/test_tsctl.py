@@ -123,3 +123,38 @@ def test_the_gateway_takes_any_admin_key_tsctl_generates(admin_key: str) -> None
                      admin_key=admin_key)
     cfg = parse_config(gateway_args(dep))
     assert cfg.admin_key == admin_key and cfg.port == 8123 and cfg.deployment == "d1"
+
+
+def test_down_finds_local_nodes_when_redis_and_the_controller_are_gone(tmp_path: Path) -> None:
+    """Redis records the nodes, and the controller releases them; with both SIGKILLed (a crash of the host's
+    services), `tsctl down` finds the nodes by the tag their processes carry and leaves nothing running.
+    Before, it skipped the nodes whenever Redis did not answer, and their agents and engines ran on."""
+    import json
+    import signal
+    import uuid
+
+    from provisioner.process_group import tagged_node_ids
+
+    name = f"orphans{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"TS_HOME": str(tmp_path)}
+    tsctl = [sys.executable, "-m", "tsctl"]
+    try:
+        up = subprocess.run([*tsctl, "up", "--local", "--budget", "2", "--engine-model", "emulated", "-d", name,
+                             "--port", "0", "--timeout", "150"], env=env, capture_output=True, text=True, timeout=200)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        record = json.loads((tmp_path / "deployments" / name / "deployment.json").read_text())
+        assert len(tagged_node_ids(name)) >= 2
+        for pid in (record["controller_pid"], record["redis_pid"]):
+            assert pid and pid > 0  # os.kill(0, ...) would signal this test's own process group
+            os.kill(pid, signal.SIGKILL)
+        down = subprocess.run([*tsctl, "down", "-d", name], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert tagged_node_ids(name) == set()
+    finally:
+        for p in _processes_using(tmp_path):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        from provisioner.process_group import kill_node, node_tag
+
+        for node_id in tagged_node_ids(name):  # a failing run of this test leaves nothing behind either
+            kill_node(None, node_tag(name, node_id))

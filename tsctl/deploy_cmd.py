@@ -507,12 +507,27 @@ def down(
     left = _stop_services(dep)
     leftovers = _run(_release_leftovers(dep, wipe=not keep_state)) if _redis_up(dep) else []
     left += leftovers
+    if dep.mode == "local":
+        left += _kill_tagged_nodes(dep)
     if dep.redis_pid and not stop_process(dep.redis_pid, grace_s=10):
         left.append(f"redis pid {dep.redis_pid}")
     if left:
         raise fail("still running: " + ", ".join(left))
     dep.remove()
     console.print("[green]down[/green]: nodes released, controller, gateway and Redis stopped")
+
+
+def _kill_tagged_nodes(dep: Deployment) -> list[str]:
+    """Local nodes still running that Redis did not list (Redis gone, or its records wiped): found by the
+    tag every process of a local node carries, and killed. Returns what would not die."""
+    from provisioner.process_group import kill_node, node_tag, tagged_node_ids
+
+    left = []
+    for node_id in sorted(tagged_node_ids(dep.name)):
+        survivors = kill_node(None, node_tag(dep.name, node_id))
+        if survivors:
+            left.append(f"node {node_id} ({len(survivors)} processes)")
+    return left
 
 
 def _redis_up(dep: Deployment) -> bool:
