@@ -28,7 +28,7 @@ from provisioner.chaos import RandomPreemptor
 from provisioner.events import NodeEvent
 from provisioner.fallback import SpotFallbackPolicy
 from provisioner.local import LocalProvisioner
-from provisioner.process_group import NODE_TAG_ENV, parse_pgid, signallable_group
+from provisioner.process_group import NODE_TAG_ENV, parse_pgid, signallable_group, tagged_node_ids
 from replicas.agent_client import AgentClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,17 +63,7 @@ def node_pids(deployment: str, node_id: str | None = None) -> list[int]:
 
 
 def live_node_ids(deployment: str) -> set[str]:
-    out = set()
-    for p in psutil.process_iter(["status"]):
-        if p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        try:
-            tag = p.environ().get(NODE_TAG_ENV, "")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        if tag.startswith(f"{deployment}/"):
-            out.add(tag.split("/", 1)[1])
-    return out
+    return tagged_node_ids(deployment)
 
 
 @pytest.fixture
