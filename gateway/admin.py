@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from gateway.context import GATEWAY, Gateway
-from gateway.errors import ApiError
+from gateway.errors import ApiError, invalid
 from gateway.http import read_body
 from gateway.validation import get_bool, get_int, get_str, parse_object
 from planner.state import StateStore, hash_api_key
@@ -51,11 +51,16 @@ async def list_keys(request: web.Request) -> web.Response:
     return _json({"keys": [asdict(k) for k in sorted(keys, key=lambda k: k.created_at)]})
 
 
+MAX_KEY_NAME = 200  # a label shown in `GET /admin/keys`, stored in Redis with the key's hash
+
+
 async def create_key(request: web.Request) -> web.Response:
     gw = await _admin(request)
     store = _keys_store(gw)
     body = parse_object(await read_body(request, gw.cfg))
     name = get_str(body, "name", required=True) or ""
+    if len(name) > MAX_KEY_NAME:
+        raise invalid(f"'name' may be at most {MAX_KEY_NAME} characters, got {len(name)}", "name")
     rpm = get_int(body, "rpm", 1)
     tpm = get_int(body, "tpm", 1)
     admin = get_bool(body, "admin")

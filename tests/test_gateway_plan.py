@@ -160,6 +160,8 @@ async def test_admin_keys_limits_revocation_and_metrics(state: StateStore, redis
             assert r.status == 401
         async with session.post(gw.url + "/admin/keys", json={"name": "alice", "rpm": "3"}, headers=admin) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "rpm"
+        async with session.post(gw.url + "/admin/keys", json={"name": "a" * 10_000}, headers=admin) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "name"
         async with session.post(gw.url + "/admin/keys", json={"name": "alice", "rpm": 3}, headers=admin) as r:
             assert r.status == 201
             created = await r.json()
