@@ -141,13 +141,20 @@ class RoutingTable:
         return b
 
 
+def uniform_pairs(workers: Iterable[tuple[str, str, int | None, str]], pool: WorkerPool) -> list[Pair]:
+    """Every prefill x decode pair plus each colocated worker, weighted evenly; ``workers`` are (url, role,
+    bootstrap port, name)."""
+    workers = list(workers)
+    prefills = [(pool.get(url, "prefill", name), port) for url, role, port, name in workers if role == "prefill"]
+    decodes = [pool.get(url, "decode", name) for url, role, _, name in workers if role == "decode"]
+    both = [pool.get(url, "both", name) for url, role, _, name in workers if role == "both"]
+    pairs = [Pair(p, d, 1.0, port) for (p, port), d in itertools.product(prefills, decodes)]
+    return pairs + [Pair(w, w, 1.0) for w in both]
+
+
 def static_table(workers: list[StaticWorker], pool: WorkerPool, model: str | None = None) -> RoutingTable:
     """Command-line workers with uniform weights: every prefill x decode pair, plus each colocated worker."""
-    prefills = [(pool.get(w.url, "prefill"), w.bootstrap_port) for w in workers if w.role == "prefill"]
-    decodes = [pool.get(w.url, "decode") for w in workers if w.role == "decode"]
-    both = [pool.get(w.url, "both") for w in workers if w.role == "both"]
-    pairs = [Pair(p, d, 1.0, port) for (p, port), d in itertools.product(prefills, decodes)]
-    pairs += [Pair(w, w, 1.0) for w in both]
+    pairs = uniform_pairs(((w.url, w.role, w.bootstrap_port, "") for w in workers), pool)
     return RoutingTable(pairs, version=0, model=model, source="static")
 
 
@@ -184,16 +191,8 @@ def plan_table(plan: Plan, replicas: dict[str, ReplicaRecord], pool: WorkerPool)
         p, d = worker(p_id, "prefill"), worker(d_id, "decode")
         if p is not None and d is not None:
             pairs.append(Pair(p, d, weight, replicas[p_id].bootstrap_port))
-    if not pairs:
-        pairs = _live_role_pairs([replicas[r.id] for r in plan.replicas if r.id in replicas], pool)
+    if not pairs:  # the ready replicas as they serve now
+        live = (replicas[r.id] for r in plan.replicas if r.id in replicas)
+        pairs = uniform_pairs(((r.url, r.role, r.bootstrap_port, r.id) for r in live if r.status == "ready" and r.url),
+                              pool)
     return RoutingTable(pairs, version=plan.version, model=plan.model, source="plan")
-
-
-def _live_role_pairs(records: list[ReplicaRecord], pool: WorkerPool) -> list[Pair]:
-    """Every pair the ready replicas form in the roles they serve now, weighted evenly."""
-    ready = [r for r in records if r.status == "ready" and r.url]
-    prefill = [r for r in ready if r.role == "prefill"]
-    decode = [pool.get(r.url, "decode", name=r.id) for r in ready if r.role == "decode"]
-    pairs = [Pair(pool.get(p.url, "prefill", name=p.id), d, 1.0, p.bootstrap_port) for p in prefill for d in decode]
-    both = [pool.get(r.url, "both", name=r.id) for r in ready if r.role == "both"]
-    return pairs + [Pair(w, w, 1.0) for w in both]

@@ -72,11 +72,11 @@ def node_processes(pgid: int | None, tag: str) -> list[psutil.Process]:
     return found
 
 
-def tagged_node_ids(deployment: str) -> set[str]:
-    """Ids of this deployment's local nodes that still have a live process, found by their tag alone
-    (what `tsctl down` falls back to when Redis, which records the nodes, is gone)."""
+def tagged_processes(deployment: str) -> dict[str, list[psutil.Process]]:
+    """This deployment's live (non-zombie) local-node processes by node id, found by their tag alone (what
+    `tsctl down` falls back to when Redis, which records the nodes, is gone)."""
     prefix = f"{deployment}/"
-    found: set[str] = set()
+    found: dict[str, list[psutil.Process]] = {}
     for proc in psutil.process_iter(["pid", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
@@ -85,8 +85,13 @@ def tagged_node_ids(deployment: str) -> set[str]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         if tag.startswith(prefix):
-            found.add(tag[len(prefix):])
+            found.setdefault(tag[len(prefix):], []).append(proc)
     return found
+
+
+def tagged_node_ids(deployment: str) -> set[str]:
+    """Ids of this deployment's local nodes that still have a live process."""
+    return set(tagged_processes(deployment))
 
 
 def signal_node(pgid: int | None, tag: str, sig: signal.Signals) -> int:

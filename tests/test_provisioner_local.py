@@ -28,7 +28,7 @@ from provisioner.chaos import RandomPreemptor
 from provisioner.events import NodeEvent
 from provisioner.fallback import SpotFallbackPolicy
 from provisioner.local import LocalProvisioner
-from provisioner.process_group import NODE_TAG_ENV, parse_pgid, signallable_group, tagged_node_ids
+from provisioner.process_group import parse_pgid, signallable_group, tagged_node_ids, tagged_processes
 from replicas.agent_client import AgentClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,22 +48,9 @@ def node_group(rec: Any) -> int:
 
 
 def node_pids(deployment: str, node_id: str | None = None) -> list[int]:
-    """Live (non-zombie) processes of this deployment's virtual nodes, found by their environment tag."""
-    found = []
-    for p in psutil.process_iter(["pid", "status"]):
-        if p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        try:
-            tag = p.environ().get(NODE_TAG_ENV, "")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        if tag == f"{deployment}/{node_id}" or (node_id is None and tag.startswith(f"{deployment}/")):
-            found.append(p.pid)
-    return found
-
-
-def live_node_ids(deployment: str) -> set[str]:
-    return tagged_node_ids(deployment)
+    """Live (non-zombie) processes of this deployment's virtual nodes (or of one), found by their environment tag."""
+    by_node = tagged_processes(deployment)
+    return [p.pid for nid, procs in by_node.items() if node_id in (None, nid) for p in procs]
 
 
 @pytest.fixture
@@ -308,7 +295,7 @@ async def test_restarted_provisioner_adopts_running_nodes(make_local: Any, state
     await next_event(events, "ready")
     await next_event(events, "ready")
     await first.close(release_nodes=False)  # the controller dies; the nodes run on (their own sessions)
-    assert set(live_node_ids(state.deployment)) == {"n0", "n1"}
+    assert set(tagged_node_ids(state.deployment)) == {"n0", "n1"}
     n1 = await state.get_node("n1")
     os.killpg(node_group(n1), signal.SIGKILL)  # lost while nobody watches
     for _ in range(100):
@@ -354,7 +341,7 @@ async def test_budget_holds_through_a_preemption_storm(make_local: Any, state: S
 
     async def check(where: str) -> None:
         nonlocal checks
-        running = await asyncio.to_thread(live_node_ids, state.deployment)  # first: see the comment below
+        running = await asyncio.to_thread(tagged_node_ids, state.deployment)  # first: see the comment below
         async with state.r.pipeline(transaction=True) as pipe:  # holds and records as one snapshot
             pipe.hgetall(state.budget_holds_key)
             pipe.hgetall(state.nodes_key)

@@ -27,6 +27,7 @@ from planner.controller import CONFIG_META_KEY, ControllerConfig
 from planner.embedded_redis import REDIS_URL_ENV, EmbeddedRedis, RedisUnavailable, check_redis, free_port
 from planner.offers import MAX_GPUS
 from planner.state import StateStore
+from replicas.engine.backends import unknown_model
 from tsctl.runtime import (
     Deployment,
     DeploymentNotFound,
@@ -109,9 +110,6 @@ def up(
         raise fail(str(e)) from None
 
 
-LOCAL_ENGINE_MODELS = ("smollm2", "tiny", "emulated")  # or a folder with a config.json (the reference engine's --model)
-
-
 def _bad_up_argument(budget: float, rate: float, input_len: int, output_len: int, ttft: float, tpot: float,
                      max_nodes: int, port: int, timeout: float, engine_model: str) -> str | None:
     """What is wrong with ``tsctl up``'s arguments, said before anything starts (or None)."""
@@ -129,10 +127,8 @@ def _bad_up_argument(budget: float, rate: float, input_len: int, output_len: int
         return f"--port must be 0-65535, not {port}"
     if not timeout > 0:
         return f"--timeout must be positive seconds, not {timeout}"
-    if engine_model and engine_model not in LOCAL_ENGINE_MODELS and not os.path.isfile(
-            os.path.join(engine_model, "config.json")):
-        return (f"--engine-model {engine_model!r}: not {', '.join(LOCAL_ENGINE_MODELS)}, or a folder with a "
-                "config.json")
+    if engine_model and (problem := unknown_model(engine_model)):
+        return f"--engine-model {engine_model!r}: {problem}"
     return None
 
 

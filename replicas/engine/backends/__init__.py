@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from replicas.engine.backends.base import Backend
     from replicas.engine.config import EngineConfig
+
+
+BUILTIN_MODELS = ("smollm2", "tiny", "emulated")
+
+
+def unknown_model(model: str) -> str | None:
+    """Why ``--model`` names nothing the reference engine can load (a built-in name, or a folder with a
+    config.json), or None. Torch-free: `tsctl up` checks ``--engine-model`` with it before starting anything."""
+    if model in BUILTIN_MODELS or (Path(model) / "config.json").is_file():
+        return None
+    return f"not {', '.join(BUILTIN_MODELS)}, or a folder with config.json"
 
 
 def load_backend(cfg: EngineConfig) -> Backend:

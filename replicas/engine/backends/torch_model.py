@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from replicas.engine.backends import batch_sizes
+from replicas.engine.backends import batch_sizes, unknown_model
 from replicas.engine.backends.base import PrefillResult
 from replicas.engine.backends.kv_cache import SeqKV, TorchDecodeBatch
 from replicas.engine.model_store import (
@@ -77,8 +77,8 @@ class TorchBackend:
             self.model_path = TINY_NAME
         else:
             folder = Path(model)
-            if not (folder / "config.json").exists():
-                raise ModelUnavailable(f"--model {model!r}: not smollm2, tiny, emulated, or a folder with config.json")
+            if problem := unknown_model(model):
+                raise ModelUnavailable(f"--model {model!r}: {problem}")
             self.tokenizer = HFTokenizer(str(folder))
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
             self.model_path = os.path.abspath(model)
