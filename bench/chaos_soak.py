@@ -7,12 +7,13 @@ request when the last ends). First ``--duration`` seconds undisturbed (the basel
 in which a node is preempted (SIGKILL of its process group, `tsctl chaos preempt`, as a spot reclaim does without
 warning) at exponential intervals of mean ``--interval`` seconds, a ready node picked at random each time; with
 ``--controller-outage S`` the controller is also SIGKILLed a third of the way in and restarted S seconds later
-(losses in between wait for the new controller). The controller reschedules, the gateway retries and migrates,
-replacements are rented within the budget. A request counts as failed on any non-200 answer, an error event in its
-stream, a stream that ends without ``[DONE]``, or a client-side error.
+(losses in between wait for the new controller); with ``--crash-services`` the controller and then the gateway
+are SIGKILLed (`tsctl chaos crash`) and come back by themselves (their keepalives). The controller reschedules,
+the gateway retries and migrates, replacements are rented within the budget. A request counts as failed on any
+non-200 answer, an error event in its stream, a stream that ends without ``[DONE]``, or a client-side error.
 
     python bench/chaos_soak.py [--duration 90] [--interval 15] [--streams 4] [--engine-model emulated] [--any-phases]
-        [--controller-outage 15]
+        [--controller-outage 15] [--crash-services]
 
 Prints a rich table and one final JSON line (latencies of the chaos phase as ratios over the baseline's).
 """
@@ -158,6 +159,16 @@ async def controller_outage(dep: Deployment, start_in: float, outage_s: float, l
     log.append({"t": time.monotonic(), "controller": "restarted"})
 
 
+async def service_crashes(dep: Deployment, phase_s: float, log: list[dict[str, Any]]) -> None:
+    """`tsctl chaos crash` the controller a quarter into the chaos phase and the gateway at three quarters (SIGKILL,
+    as an OOM kill would); their keepalives restart them, nobody runs `tsctl restart`. Streams in flight on the
+    gateway when it dies are lost (the client's connection goes with it); new connections wait in the socket."""
+    for wait, service in ((0.25, "controller"), (0.5, "gateway")):
+        await asyncio.sleep(wait * phase_s)
+        await asyncio.to_thread(dep.tsctl, "chaos", "crash", service)
+        log.append({"t": time.monotonic(), "crashed": service})
+
+
 async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
     rec = dep.record()
     url, key = rec["gateway_url"], rec["api_key"]
@@ -169,10 +180,12 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
     preemptions: list[dict[str, Any]] = []
     until = time.monotonic() + args.duration
     outage: list[dict[str, Any]] = []
+    crashes: list[dict[str, Any]] = []
     await asyncio.gather(load(hit, url, key, model, args.streams, until, args.max_tokens),
                          chaos(dep, until, args.interval, random.Random(args.seed), preemptions),
                          *([controller_outage(dep, args.duration / 3, args.controller_outage, outage)]
-                           if args.controller_outage > 0 else []))
+                           if args.controller_outage > 0 else []),
+                         *([service_crashes(dep, args.duration, crashes)] if args.crash_services else []))
     snap = await asyncio.to_thread(dep.status)
     kinds = [e["kind"] for e in snap["events"]]
     down = (outage[0]["t"], outage[1]["t"]) if len(outage) == 2 else (math.inf, -math.inf)
@@ -180,6 +193,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
             "preemptions": sum(1 for p in preemptions if p["node"]),
             "reschedules": kinds.count("reschedule"), "replacements": kinds.count("replan"),
             "role_switches": kinds.count("role_switch"), "controller_restarts": kinds.count("controller.started") - 1,
+            "service_crashes": [c["crashed"] for c in crashes], "service_restarts": kinds.count("service.restarted"),
             "preempted_while_controller_down": sum(bool(p["node"]) and down[0] <= p["t"] <= down[1]
                                                    for p in preemptions),
             "spend_per_hour": snap["spend_per_hour"], "budget_per_hour": snap["budget_per_hour"]}
@@ -201,6 +215,9 @@ def main() -> None:
     ap.add_argument("--controller-outage", type=float, default=0.0,
                     help="seconds the controller is down (SIGKILLed a third into the chaos phase, then `tsctl "
                          "restart controller`); 0: it stays up")
+    ap.add_argument("--crash-services", action="store_true",
+                    help="`tsctl chaos crash` the controller a quarter into the chaos phase and the gateway at three "
+                         "quarters; their keepalives restart them")
     ap.add_argument("--any-phases", action="store_true",
                     help="let the planner choose colocated replicas too (`tsctl up --any-phases`; default: split)")
     args = ap.parse_args()

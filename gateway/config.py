@@ -26,6 +26,7 @@ class GatewayConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    listen_fd: int | None = None  # an inherited listening socket (from tsctl.keepalive) instead of host:port
     # plan mode
     redis_url: str | None = None
     deployment: str = "default"
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--listen-fd", type=int, metavar="FD",
+                   help="serve on this inherited listening socket instead of binding --host/--port (a supervisor "
+                        "holds it, so connections wait in its backlog while the gateway restarts)")
     g = p.add_argument_group("plan mode (routing from Redis)")
     g.add_argument("--redis-url", help="Redis holding the plan, replicas and API keys")
     g.add_argument("--deployment", default="default", help="deployment namespace in Redis")
@@ -162,12 +166,15 @@ def parse_config(argv: list[str] | None = None) -> GatewayConfig:
         raise ConfigError("no workers: pass --redis-url (plan mode) or --prefill/--decode/--worker (static mode)")
     if not ns.no_auth and not ns.api_key and not ns.redis_url:
         raise ConfigError("no API keys: pass --api-key KEY, --redis-url (keys in Redis), or --no-auth")
+    if ns.listen_fd is not None and ns.listen_fd < 0:
+        raise ConfigError(f"--listen-fd {ns.listen_fd}: a file descriptor is not negative")
     for name in ("max_attempts", "max_body_bytes", "default_max_tokens"):
         if getattr(ns, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     return GatewayConfig(
         host=ns.host,
         port=ns.port,
+        listen_fd=ns.listen_fd,
         redis_url=ns.redis_url,
         deployment=ns.deployment,
         plan_refresh_s=ns.plan_refresh_s,

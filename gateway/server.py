@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 
 from aiohttp import web
@@ -27,8 +28,11 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     await runner.setup()
     loop = asyncio.get_running_loop()
     # not web.TCPSite: each connection's protocol is wrapped in a request-head deadline (slow headers)
-    listener = await loop.create_server(header_deadline.protocol_factory(runner, cfg.header_timeout_s), cfg.host,
-                                        cfg.port, backlog=4096, reuse_address=True)
+    factory = header_deadline.protocol_factory(runner, cfg.header_timeout_s)
+    if cfg.listen_fd is not None:
+        listener = await loop.create_server(factory, sock=inherited_listener(cfg.listen_fd), backlog=4096)
+    else:
+        listener = await loop.create_server(factory, cfg.host, cfg.port, backlog=4096, reuse_address=True)
     host, port = listener.sockets[0].getsockname()[:2]
     if cfg.no_auth:
         log.warning("--no-auth: anyone who can reach http://%s:%s can use it without an API key", host, port)
@@ -41,6 +45,16 @@ async def serve(cfg: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     finally:
         listener.close()  # stop accepting; the runner then finishes and closes the open connections
         await runner.cleanup()
+
+
+def inherited_listener(fd: int) -> socket.socket:
+    """The listening TCP socket a supervisor passed as ``fd``; OSError when it is not one."""
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise OSError(f"file descriptor {fd} is not a listening TCP socket")
+    sock.setblocking(False)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,5 +76,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: --tokenizer {cfg.tokenizer}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:
-        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
+        where = f"--listen-fd {cfg.listen_fd}" if cfg.listen_fd is not None else f"{cfg.host}:{cfg.port}"
+        print(f"error: cannot listen on {where}: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -323,6 +323,36 @@ def test_config_parses_router_style_flags_and_refuses_bad_ones() -> None:
     assert plan.plan_mode and plan.auth_enabled
 
 
+def test_an_inherited_listening_socket_is_served_and_anything_else_is_one_error_line(tmp_path) -> None:
+    """``--listen-fd``: the gateway serves on a listening socket it was handed (``tsctl.keepalive --listen``); a
+    descriptor that is not one (a file, here) is one error line and exit 1, not a traceback."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    base = [sys.executable, "-m", "gateway", "--worker", "http://127.0.0.1:9", "--no-auth", "--tokenizer", "none"]
+    with open(tmp_path / "not-a-socket", "w") as f:
+        fd = f.fileno()
+        bad = subprocess.run([*base, "--listen-fd", str(fd)], pass_fds=(fd,), capture_output=True, text=True,
+                             timeout=60)
+    assert bad.returncode == 1 and bad.stderr.startswith(f"error: cannot listen on --listen-fd {fd}: "), bad.stderr
+    assert "Traceback" not in bad.stderr
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    proc = subprocess.Popen([*base, "--port", "1", "--listen-fd", str(listener.fileno())],
+                            pass_fds=(listener.fileno(),), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"gateway listening on http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        listener.close()
+
+
 # -- errors after a stream started --------------------------------------------------------------------
 async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event() -> None:
     """The status line is gone already: the client gets an error event and [DONE], not a torn stream."""

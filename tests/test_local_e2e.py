@@ -212,6 +212,35 @@ def test_controller_and_gateway_restart_resume_from_redis(cluster: LocalCluster)
             time.sleep(0.5)
 
 
+def test_a_crashed_controller_or_gateway_comes_back_by_itself(cluster: LocalCluster) -> None:
+    """`tsctl chaos crash` SIGKILLs each, as an OOM kill would, and nobody runs `tsctl restart`: its keepalive
+    starts it again. The controller is off the request path, so the load sees no failure; the gateway is the
+    URL: a request sent right after its crash waits in the listening socket the keepalive holds, and the new
+    gateway answers it (same key)."""
+    with SteadyLoad(cluster, streams=2) as load:
+        time.sleep(1)
+        t_crash = time.time()
+        cluster.tsctl("chaos", "crash", "controller", "-d", cluster.name)
+        cluster.wait_for(lambda s: [e for e in events_of(s, "controller.started") if e["ts"] > t_crash], 60,
+                         "the restarted controller to take the lease")
+        time.sleep(2)
+    assert not load.failures, load.failures[:5]
+    snap = cluster.status()
+    restarted = [e for e in events_of(snap, "service.restarted") if e["ts"] > t_crash]
+    assert [e["reason"].split(" after")[0] for e in restarted] == ["controller killed by SIGKILL"]
+    assert all(svc["running"] for svc in snap["services"].values()), snap["services"]
+    gateway_before = snap["services"]["gateway"]["pid"]
+    t_crash, t0 = time.time(), time.monotonic()
+    cluster.tsctl("chaos", "crash", "gateway", "-d", cluster.name)
+    # no retry: the keepalive holds the listening socket, so this connection waits for the new gateway
+    assert chat(cluster, "right after the gateway crashed", stream=False)
+    print(f"\ngateway answered a request sent right after its crash in {time.monotonic() - t0:.1f}s")
+    snap = cluster.status()
+    assert snap["services"]["gateway"]["running"] and snap["services"]["gateway"]["pid"] != gateway_before
+    restarted = [e for e in events_of(snap, "service.restarted") if e["ts"] > t_crash]
+    assert [e["reason"].split(" after")[0] for e in restarted] == ["gateway killed by SIGKILL"]
+
+
 def test_down_leaves_nothing_behind(cluster: LocalCluster) -> None:
     procs = cluster.processes()
     assert procs, "the deployment should be running before down"

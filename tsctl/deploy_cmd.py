@@ -176,7 +176,7 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
 
     dep.api_key, dep.admin_key = _run(seed_state())
     # 3. the controller and the gateway, detached
-    dep.controller_pid = _start_controller(dep, cfg)
+    dep.controller_pid = _start_controller(dep)  # its config is in Redis (seed_state)
     dep.save()  # at once: if anything below fails (or `up` is interrupted), `tsctl down` still finds the controller
     gw_port = port if port and _port_free(port) else free_port()
     dep.gateway_url = f"http://127.0.0.1:{gw_port}"
@@ -199,18 +199,39 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
     )
 
 
-def _start_controller(dep: Deployment, cfg: ControllerConfig | None = None) -> int:
-    """The controller, detached; without ``cfg`` it reads its config (and everything else) from Redis."""
-    config = ("--config", orjson.dumps(_asdict(cfg)).decode()) if cfg is not None else ()
-    return spawn_detached(
-        python_module("planner.controller", "--redis-url", dep.redis_url, "--deployment", dep.name, *config),
-        dep.log_path("controller"),
-    )
+def _start_controller(dep: Deployment) -> int:
+    """The controller, detached, under a keepalive; it reads its config (and everything else) from Redis, so a
+    restart after a crash resumes from the same."""
+    return _start_service(dep, "controller",
+                          python_module("planner.controller", "--redis-url", dep.redis_url, "--deployment", dep.name))
 
 
 def _start_gateway(dep: Deployment) -> int:
-    """The gateway, detached, on the port of ``dep.gateway_url``."""
-    return spawn_detached(python_module("gateway", *gateway_args(dep)), dep.log_path("gateway"))
+    """The gateway, detached, under a keepalive that holds its listening socket (on the port of
+    ``dep.gateway_url``): while a crashed gateway restarts, connections wait instead of being refused."""
+    port = dep.gateway_url.rsplit(":", 1)[1]
+    return _start_service(dep, "gateway", python_module("gateway", *gateway_args(dep)), "--listen", f"127.0.0.1:{port}")
+
+
+def _start_service(dep: Deployment, name: str, argv: list[str], *options: str) -> int:
+    """``argv`` under ``tsctl.keepalive`` (restarted when it crashes, each restart an event); the keepalive's pid."""
+    keepalive = python_module("tsctl.keepalive", name, "--redis-url", dep.redis_url, "--deployment", dep.name,
+                              *options, "--")
+    return spawn_detached([*keepalive, *argv], dep.log_path(name))
+
+
+def service_pid(keepalive_pid: int | None) -> int | None:
+    """The pid of the service a keepalive runs now (None when there is none)."""
+    import psutil
+
+    if not keepalive_pid or keepalive_pid <= 0:
+        return None
+    try:
+        children = psutil.Process(keepalive_pid).children()
+    except psutil.Error:
+        return None
+    live = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    return live[0].pid if live else None
 
 
 def gateway_args(dep: Deployment) -> list[str]:
@@ -367,6 +388,18 @@ async def snapshot(state: StateStore, events: int = 10) -> dict[str, Any]:
     }
 
 
+def services(dep: Deployment) -> dict[str, dict[str, Any]]:
+    """Whether this machine's control services run: the controller and the gateway (each under its keepalive:
+    ``pid`` is the service's, None while the keepalive waits to restart it) and an embedded Redis."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, keeper in (("controller", dep.controller_pid), ("gateway", dep.gateway_pid)):
+        pid = service_pid(keeper)
+        out[name] = {"running": pid is not None, "pid": pid, "keepalive_pid": keeper if alive(keeper) else None}
+    if dep.redis_pid:
+        out["redis"] = {"running": alive(dep.redis_pid), "pid": dep.redis_pid}
+    return out
+
+
 def _public(rec: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -421,7 +454,11 @@ def status_tables(snap: dict[str, Any], loads: dict[str, Any]) -> list[Any]:
         events.add_column(col)
     for e in snap["events"]:
         events.add_row(time.strftime("%H:%M:%S", time.localtime(e["ts"])), e["kind"], escape(e["reason"][:100]))
-    return [head, nodes, reps, events]
+    parts: list[Any] = [head]
+    if "services" in snap:
+        parts.append("  ".join(f"{name} " + ("[green]running[/green]" if svc["running"] else "[red]down[/red]")
+                               for name, svc in snap["services"].items()))
+    return [*parts, nodes, reps, events]
 
 
 def _state_for(deployment: str, redis_url: str | None) -> tuple[Deployment | None, StateStore]:
@@ -452,7 +489,10 @@ def status(
     dep, state = _state_for(deployment, redis_url or None)
 
     async def once() -> tuple[dict[str, Any], dict[str, Any]]:
-        return await snapshot(state, events), await _worker_loads(dep)
+        snap = await snapshot(state, events)
+        if dep is not None:
+            snap["services"] = services(dep)
+        return snap, await _worker_loads(dep)
 
     async def main() -> None:
         try:
@@ -591,6 +631,32 @@ def chaos_preempt(
 
     killed = _run(main())
     console.print(f"preempted: {', '.join(killed)}; watch it heal with `tsctl status -w -d {deployment}`")
+
+
+@chaos_app.command("crash")
+def chaos_crash(
+    service: str = typer.Argument(..., help="controller or gateway"),
+    deployment: str = typer.Option("default", "--deployment", "-d"),
+) -> None:
+    """SIGKILL the controller or the gateway, as an OOM kill would; its keepalive starts it again."""
+    if service not in ("controller", "gateway"):
+        raise fail(f"service must be controller or gateway, not {service!r}")
+    dep, state = _state_for(deployment, None)
+    if dep is None:
+        raise fail(f"no deployment {deployment!r} on this machine")
+    pid = service_pid(dep.controller_pid if service == "controller" else dep.gateway_pid)
+    if pid is None:
+        raise fail(f"the {service} of {deployment!r} is not running; `tsctl restart {service} -d {deployment}`")
+
+    async def record() -> None:
+        try:
+            await state.emit("service.crash_injected", f"tsctl chaos crash {service}", service=service, pid=pid)
+        finally:
+            await state.close()
+
+    _run(record())
+    os.kill(pid, signal.SIGKILL)
+    console.print(f"{service} (pid {pid}) killed; its keepalive restarts it: `tsctl status -w -d {deployment}`")
 
 
 # -- restart -----------------------------------------------------------------------------------------------------
