@@ -7,10 +7,11 @@ request when the last ends). First ``--duration`` seconds undisturbed (the basel
 in which a node is preempted (SIGKILL of its process group, `tsctl chaos preempt`, as a spot reclaim does without
 warning) at exponential intervals of mean ``--interval`` seconds, a ready node picked at random each time; with
 ``--controller-outage S`` the controller is also SIGKILLed a third of the way in and restarted S seconds later
-(losses in between wait for the new controller); with ``--crash-services`` the controller and then the gateway
-are SIGKILLed (`tsctl chaos crash`) and come back by themselves (their keepalives). The controller reschedules,
-the gateway retries and migrates, replacements are rented within the budget. A request counts as failed on any
-non-200 answer, an error event in its stream, a stream that ends without ``[DONE]``, or a client-side error.
+(losses in between wait for the new controller); with ``--crash-services`` the controller, the embedded Redis and
+the gateway are SIGKILLed in turn (`tsctl chaos crash`) and come back by themselves (their keepalives). The
+controller reschedules, the gateway retries and migrates, replacements are rented within the budget. A request
+counts as failed on any non-200 answer, an error event in its stream, a stream that ends without ``[DONE]``, or a
+client-side error.
 
     python bench/chaos_soak.py [--duration 90] [--interval 15] [--streams 4] [--engine-model emulated] [--any-phases]
         [--controller-outage 15] [--crash-services]
@@ -160,10 +161,11 @@ async def controller_outage(dep: Deployment, start_in: float, outage_s: float, l
 
 
 async def service_crashes(dep: Deployment, phase_s: float, log: list[dict[str, Any]]) -> None:
-    """`tsctl chaos crash` the controller a quarter into the chaos phase and the gateway at three quarters (SIGKILL,
-    as an OOM kill would); their keepalives restart them, nobody runs `tsctl restart`. Streams in flight on the
-    gateway when it dies are lost (the client's connection goes with it); new connections wait in the socket."""
-    for wait, service in ((0.25, "controller"), (0.5, "gateway")):
+    """`tsctl chaos crash` the controller a quarter into the chaos phase, the embedded Redis at half, the gateway at
+    three quarters (SIGKILL, as an OOM kill would); their keepalives restart them, nobody runs `tsctl restart`.
+    Streams in flight on the gateway when it dies are lost (the client's connection goes with it); new
+    connections wait in the socket."""
+    for wait, service in ((0.25, "controller"), (0.25, "redis"), (0.25, "gateway")):
         await asyncio.sleep(wait * phase_s)
         await asyncio.to_thread(dep.tsctl, "chaos", "crash", service)
         log.append({"t": time.monotonic(), "crashed": service})
@@ -216,8 +218,8 @@ def main() -> None:
                     help="seconds the controller is down (SIGKILLed a third into the chaos phase, then `tsctl "
                          "restart controller`); 0: it stays up")
     ap.add_argument("--crash-services", action="store_true",
-                    help="`tsctl chaos crash` the controller a quarter into the chaos phase and the gateway at three "
-                         "quarters; their keepalives restart them")
+                    help="`tsctl chaos crash` the controller a quarter into the chaos phase, the embedded Redis at "
+                         "half, the gateway at three quarters; their keepalives restart them")
     ap.add_argument("--any-phases", action="store_true",
                     help="let the planner choose colocated replicas too (`tsctl up --any-phases`; default: split)")
     args = ap.parse_args()

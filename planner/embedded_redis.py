@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -66,14 +67,19 @@ def check_redis(url: str, timeout_s: float = 2.0) -> None:
 
 
 class EmbeddedRedis:
-    """One redis-server child process with no persistence, bound to loopback.
+    """One redis-server child process bound to loopback; no persistence unless ``persist``.
 
+    ``persist``: an append-only file in ``workdir`` (fsync every second; what Redis acknowledged survives the
+    process, since each write reaches the file before the reply), so a server restarted on the same port and
+    directory comes back with every key (`tsctl up --local` runs it so, under a keepalive).
     Use as a context manager, or ``start()`` / ``stop()``. ``url`` is valid after ``start``.
     """
 
-    def __init__(self, port: int | None = None, workdir: str | None = None, binary: str | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: str | None = None, binary: str | None = None,
+                 persist: bool = False) -> None:
         self.port = port
         self.binary = binary
+        self.persist = persist
         self._own_dir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="ts-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,8 +94,9 @@ class EmbeddedRedis:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self, timeout_s: float = 10.0, detach: bool = False) -> str:
-        """Start the server and wait until it answers PING. ``detach`` survives our own exit."""
+    def start(self, timeout_s: float = 10.0, detach: bool = False, wrapper: Sequence[str] = ()) -> str:
+        """Start the server and wait until it answers PING. ``detach`` survives our own exit; ``wrapper`` is a
+        command the server runs under (``pid`` is then the wrapper's: a supervisor that restarts it)."""
         binary = self.binary or find_redis_server()
         last_error = ""
         explicit_port = self.port
@@ -97,9 +104,10 @@ class EmbeddedRedis:
         for _ in range(1 if explicit_port else 5):
             port = explicit_port or free_port()
             log = open(os.path.join(self.workdir, "redis.log"), "ab")
+            aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
             self.proc = subprocess.Popen(
                 [
-                    binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    *wrapper, binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
                     "--dir", self.workdir, "--protected-mode", "yes", "--loglevel", "warning",
                 ],
                 stdout=log,

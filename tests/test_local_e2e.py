@@ -241,6 +241,30 @@ def test_a_crashed_controller_or_gateway_comes_back_by_itself(cluster: LocalClus
     assert [e["reason"].split(" after")[0] for e in restarted] == ["gateway killed by SIGKILL"]
 
 
+def test_a_crashed_embedded_redis_comes_back_with_every_key_and_no_request_fails(cluster: LocalCluster) -> None:
+    """`tsctl chaos crash redis` SIGKILLs the embedded redis-server under load: its keepalive restarts it on the
+    same port from its append-only file. The gateway serves on through it (cached keys, the routing table it
+    holds), and afterwards the plan, the nodes, the replicas and the API key are all still there."""
+    before = cluster.status()
+    with SteadyLoad(cluster, streams=2) as load:
+        time.sleep(1)
+        t_crash = time.time()
+        cluster.tsctl("chaos", "crash", "redis", "-d", cluster.name)
+        after = cluster.wait_for(
+            lambda s: s if [e for e in events_of(s, "service.restarted") if e["ts"] > t_crash] else None, 30,
+            "Redis to come back and the restart to be recorded")
+        time.sleep(3)  # load through the controller's and the agents' reconnections
+    assert not load.failures, load.failures[:5]
+    assert [e["reason"].split(" after")[0] for e in events_of(after, "service.restarted") if e["ts"] > t_crash] == [
+        "redis killed by SIGKILL"]
+    assert after["plan_version"] >= before["plan_version"]
+    assert {n["id"] for n in after["nodes"]} >= {n["id"] for n in before["nodes"]}
+    assert {r["id"] for r in after["replicas"]} >= {r["id"] for r in before["replicas"] if r["status"] == "ready"}
+    assert before["events"][-1]["id"] in {e["id"] for e in after["events"]}  # the event log too (a wipe fails this)
+    assert chat(cluster, "after Redis came back", stream=False)  # the key is checked against Redis again
+    assert all(svc["running"] for svc in cluster.status()["services"].values())
+
+
 def test_down_leaves_nothing_behind(cluster: LocalCluster) -> None:
     procs = cluster.processes()
     assert procs, "the deployment should be running before down"

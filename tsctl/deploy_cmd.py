@@ -141,10 +141,7 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
         check_redis(url)
         dep.redis_url = url
     else:
-        server = EmbeddedRedis(workdir=str(dep.dir / "redis"))
-        (dep.dir / "redis").mkdir(parents=True, exist_ok=True)
-        dep.redis_url = server.start(detach=True)
-        dep.redis_pid = server.pid
+        dep.redis_url, dep.redis_pid = _start_embedded_redis(dep)
     dep.save()
     # 2. the plan, made here so that a budget too small fails now with one line
     from planner.controller import plan_for_config
@@ -197,6 +194,25 @@ def _bring_up(dep: Deployment, cfg: ControllerConfig, port: int, timeout: float)
                f"-H 'Content-Type: application/json' -d '{body}'"),
         soft_wrap=True,
     )
+
+
+def _start_embedded_redis(dep: Deployment, tries: int = 5) -> tuple[str, int | None]:
+    """Our own redis-server, persisted to the deployment's directory and under a keepalive, so a crashed Redis
+    comes back on the same port with every key (plan, nodes, replicas, API keys, events). Its URL and the
+    keepalive's pid; a free port can be taken between the probe and the bind: then another port."""
+    workdir = dep.dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    problem = RedisUnavailable("no try made")
+    for _ in range(tries):
+        port = free_port()
+        url = f"redis://127.0.0.1:{port}/0"
+        server = EmbeddedRedis(port=port, workdir=str(workdir), persist=True)
+        keepalive = python_module("tsctl.keepalive", "redis", "--redis-url", url, "--deployment", dep.name, "--")
+        try:
+            return server.start(detach=True, wrapper=keepalive), server.pid
+        except RedisUnavailable as e:
+            problem = e
+    raise problem
 
 
 def _start_controller(dep: Deployment) -> int:
@@ -389,15 +405,19 @@ async def snapshot(state: StateStore, events: int = 10) -> dict[str, Any]:
 
 
 def services(dep: Deployment) -> dict[str, dict[str, Any]]:
-    """Whether this machine's control services run: the controller and the gateway (each under its keepalive:
-    ``pid`` is the service's, None while the keepalive waits to restart it) and an embedded Redis."""
+    """Whether this machine's services run: the controller, the gateway and an embedded Redis, each under its
+    keepalive (``pid`` is the service's, None while the keepalive waits to restart it)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, keeper in (("controller", dep.controller_pid), ("gateway", dep.gateway_pid)):
+    for name, keeper in _keepalive_pids(dep).items():
         pid = service_pid(keeper)
         out[name] = {"running": pid is not None, "pid": pid, "keepalive_pid": keeper if alive(keeper) else None}
-    if dep.redis_pid:
-        out["redis"] = {"running": alive(dep.redis_pid), "pid": dep.redis_pid}
     return out
+
+
+def _keepalive_pids(dep: Deployment) -> dict[str, int | None]:
+    """The keepalive of each service this machine runs for ``dep`` (Redis only when it is our embedded one)."""
+    named = {"controller": dep.controller_pid, "gateway": dep.gateway_pid}
+    return named | ({"redis": dep.redis_pid} if dep.redis_pid else {})
 
 
 def _public(rec: Any) -> dict[str, Any]:
@@ -635,16 +655,19 @@ def chaos_preempt(
 
 @chaos_app.command("crash")
 def chaos_crash(
-    service: str = typer.Argument(..., help="controller or gateway"),
+    service: str = typer.Argument(..., help="controller, gateway, or redis (the embedded one)"),
     deployment: str = typer.Option("default", "--deployment", "-d"),
 ) -> None:
-    """SIGKILL the controller or the gateway, as an OOM kill would; its keepalive starts it again."""
-    if service not in ("controller", "gateway"):
-        raise fail(f"service must be controller or gateway, not {service!r}")
+    """SIGKILL the controller, the gateway or the embedded Redis, as an OOM kill would; its keepalive starts it
+    again (Redis from its append-only file, on the same port)."""
     dep, state = _state_for(deployment, None)
     if dep is None:
         raise fail(f"no deployment {deployment!r} on this machine")
-    pid = service_pid(dep.controller_pid if service == "controller" else dep.gateway_pid)
+    keepalives = _keepalive_pids(dep)
+    if service not in keepalives:
+        raise fail(f"service must be one of {', '.join(keepalives)}, not {service!r}"
+                   + ("" if dep.redis_pid else " (this deployment's Redis is not ours: REDIS_URL)"))
+    pid = service_pid(keepalives[service])
     if pid is None:
         raise fail(f"the {service} of {deployment!r} is not running; `tsctl restart {service} -d {deployment}`")
 

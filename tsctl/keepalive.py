@@ -9,7 +9,8 @@ The rules:
 - a first run that fails within ``MIN_UPTIME_S`` could not start (a taken port, a bad flag): no loop, the
   keepalive exits with its status, so ``tsctl up`` reports it at once;
 - any other failure (non-zero exit, a signal) is restarted after a pause that doubles from ``FIRST_PAUSE_S``
-  to ``MAX_PAUSE_S`` while runs keep failing within ``STABLE_S``, each restart an event ``service.restarted``;
+  to ``MAX_PAUSE_S`` while runs keep failing within ``STABLE_S``, each restart an event ``service.restarted``
+  (written once the new run has started: the service may be the embedded Redis itself);
 - SIGTERM, SIGINT or SIGHUP to the keepalive go on to the service (in a process group of its own, so that
   ``tsctl down`` and ``tsctl restart``, which signal the keepalive's group, reach it once) and end the
   keepalive once the service has exited;
@@ -40,6 +41,7 @@ MIN_UPTIME_S = 10.0
 STABLE_S = 60.0
 FIRST_PAUSE_S = 0.1  # systemd's RestartSec default
 MAX_PAUSE_S = 30.0
+REPORT_FOR_S = 5.0  # how long a restart's event may wait for Redis to answer
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
@@ -95,6 +97,7 @@ class Keepalive:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         quick_failures = 0
+        restarted: dict[str, Any] | None = None  # the restart to record once the new run is up
         while True:
             started = time.monotonic()
             # its own process group: a signal to the keepalive's group reaches it once, from here (twice, the
@@ -103,6 +106,9 @@ class Keepalive:
                                           pass_fds=(self.listener.fileno(),) if self.listener else ())
             if self.stop_signal is not None:  # it came while the child was being made
                 self._on_signal(self.stop_signal, None)
+            if restarted is not None:  # now, not at the crash: the service may be the Redis the event goes to
+                self._report(restarted)
+                restarted = None
             code = self.child.wait()
             uptime = time.monotonic() - started
             if self.stop_signal is not None or code == 0:
@@ -115,8 +121,8 @@ class Keepalive:
             self.restarts += 1
             log.warning("%s %s after %.1f s; restart %d in %.1f s", self.name, describe(code), uptime,
                         self.restarts, pause)
-            self._report({"service": self.name, "exit": describe(code), "uptime_s": round(uptime, 1),
-                          "restarts": self.restarts, "pause_s": pause})
+            restarted = {"service": self.name, "exit": describe(code), "uptime_s": round(uptime, 1),
+                         "restarts": self.restarts, "pause_s": pause}
             self._pause(pause)
             if self.stop_signal is not None:
                 return 128 + self.stop_signal
@@ -139,10 +145,20 @@ def redis_reporter(redis_url: str, deployment: str) -> Callable[[dict[str, Any]]
         from planner.state import StateStore
 
         async def emit() -> None:
+            from redis.exceptions import ConnectionError as RedisConnectionError
+
             state = StateStore.from_url(redis_url, deployment)
+            reason = f"{fields['service']} {fields['exit']} after {fields['uptime_s']:.0f} s"
+            deadline = time.monotonic() + REPORT_FOR_S
             try:
-                reason = f"{fields['service']} {fields['exit']} after {fields['uptime_s']:.0f} s"
-                await asyncio.wait_for(state.emit("service.restarted", reason, **fields), 5.0)
+                while True:  # a Redis that has just been restarted takes a moment to accept connections
+                    try:
+                        await asyncio.wait_for(state.emit("service.restarted", reason, **fields), REPORT_FOR_S)
+                        return
+                    except (RedisConnectionError, OSError):
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
             finally:
                 await state.close()
 
