@@ -163,30 +163,37 @@ def _read_stderr_so_far(proc: subprocess.Popen[bytes]) -> bytes:
     return _STDERR[proc.pid]
 
 
-# A service that answers each connection on the socket it was handed with its run number, and whose first run
-# crashes after 0.5 s.
+# A service that answers each connection on the socket it was handed with its run number after ``work`` seconds
+# (a stream in flight), and on SIGINT or SIGTERM finishes the connection in hand and exits 0 (as the gateway
+# drains). Its first run (crash-first) or every later one (crash-later) crashes after 0.5 s when asked to.
 LISTENER = textwrap.dedent("""
-    import os, socket, sys, time
-    runs = sys.argv[1]
+    import os, signal, socket, sys, time
+    runs, mode, work = sys.argv[1], sys.argv[2], float(sys.argv[3])
     with open(runs, "a") as f:
         f.write(f"{os.getpid()}\\n")
     n = len(open(runs).read().split())
-    assert sys.argv[2] == "--listen-fd"
-    sock = socket.socket(fileno=int(sys.argv[3]))
-    if n == 1:
+    assert sys.argv[4] == "--listen-fd"
+    sock = socket.socket(fileno=int(sys.argv[5]))
+    sock.settimeout(0.05)
+    if (n == 1 and mode == "crash-first") or (n > 1 and mode == "crash-later"):
         time.sleep(0.5)
         os._exit(9)
-    while True:
-        conn, _ = sock.accept()
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while not stop:
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        time.sleep(work)
         conn.sendall(f"run {n}".encode())
         conn.close()
 """)
 
 
-def test_a_connection_made_while_the_service_restarts_waits_for_the_next_run(
-        tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]) -> None:
-    """``--listen``: the keepalive holds the socket across runs, so a client that connects in the 1.5 s between a
-    crash and the next run is answered by that run instead of being refused."""
+def _listening_keepalive(tmp_path: Path, mode: str, work: float, pause: float) -> tuple[
+        subprocess.Popen[bytes], Path, int]:
     import socket
 
     service = tmp_path / "listener.py"
@@ -195,15 +202,86 @@ def test_a_connection_made_while_the_service_restarts_waits_for_the_next_run(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    boot = (f"import tsctl.keepalive as k; k.MIN_UPTIME_S = 0.3; k.FIRST_PAUSE_S = 1.5; "
-            f"k.main({['svc', '--listen', f'127.0.0.1:{port}', '--', sys.executable, str(service), str(runs)]!r})")
-    proc = subprocess.Popen([sys.executable, "-c", boot], start_new_session=True, stderr=subprocess.PIPE)
+    command = [sys.executable, str(service), str(runs), mode, str(work)]
+    boot = (f"import tsctl.keepalive as k; k.MIN_UPTIME_S = 0.3; k.FIRST_PAUSE_S = {pause}; "
+            f"k.RELOAD_OVERLAP_S = 1.0; k.main({['svc', '--listen', f'127.0.0.1:{port}', '--', *command]!r})")
+    return subprocess.Popen([sys.executable, "-c", boot], start_new_session=True, stderr=subprocess.PIPE), runs, port
+
+
+def _ask(port: int) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        return conn.recv(64)
+
+
+def test_a_connection_made_while_the_service_restarts_waits_for_the_next_run(
+        tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]) -> None:
+    """``--listen``: the keepalive holds the socket across runs, so a client that connects in the 1.5 s between a
+    crash and the next run is answered by that run instead of being refused."""
+    proc, runs, port = _listening_keepalive(tmp_path, "crash-first", work=0.0, pause=1.5)
     cleanup.append(proc)
     _wait(lambda: b"restart 1 in 1.5 s" in _read_stderr_so_far(proc), 20, "the first run to crash")
     assert len(_runs(runs)) == 1  # between runs: nothing accepts
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
-        assert conn.recv(64) == b"run 2"
+    assert _ask(port) == b"run 2"
     # the port is held: a second keepalive on it cannot start, and says so in one line
     taken = subprocess.run([sys.executable, "-m", "tsctl.keepalive", "svc", "--listen", f"127.0.0.1:{port}", "--",
                             sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=30)
     assert taken.returncode == 1 and taken.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_reload_starts_the_new_run_first_and_the_old_one_finishes_what_it_has(
+        tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]) -> None:
+    """SIGHUP (`tsctl restart`) with a held socket: run 2 starts; after the overlap (1 s here) run 1 gets SIGINT and
+    finishes the answer it was working on (a stream is not cut); a client that connects after that is answered by
+    run 2; run 1 then exits."""
+    import concurrent.futures
+
+    proc, runs, port = _listening_keepalive(tmp_path, "serve", work=2.5, pause=0.1)
+    cleanup.append(proc)
+    _wait(lambda: _runs(runs), 20, "the first run")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(_ask, port)
+        time.sleep(0.5)  # run 1 has it in hand
+        os.kill(proc.pid, signal.SIGHUP)
+        _wait(lambda: b"svc reloaded" in _read_stderr_so_far(proc), 20, "the new run to take over")
+        assert len(_runs(runs)) == 2 and in_flight.running()
+        later = pool.submit(_ask, port)
+        assert in_flight.result(timeout=20) == b"run 1"
+        assert later.result(timeout=20) == b"run 2"
+    first = _runs(runs)[0]
+    _wait(lambda: _gone(first), 10, "the old run to exit once its work is done")
+    assert proc.poll() is None
+
+
+def test_a_reload_whose_new_run_fails_leaves_the_old_one_serving(
+        tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]) -> None:
+    """A new version that dies within the overlap (bad code, a bad flag): the old run was never told to stop, goes
+    on serving, and stays the keepalive's service."""
+    proc, runs, port = _listening_keepalive(tmp_path, "crash-later", work=0.0, pause=0.1)
+    cleanup.append(proc)
+    _wait(lambda: _runs(runs), 20, "the first run")
+    first = _runs(runs)[0]
+    os.kill(proc.pid, signal.SIGHUP)
+    _wait(lambda: b"before taking over" in _read_stderr_so_far(proc), 20, "the new run to fail")
+    assert len(_runs(runs)) == 2 and not _gone(first)
+    assert _ask(port) == b"run 1"
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert _gone(first)
+
+
+def test_a_reload_without_a_socket_starts_the_new_run_once_the_old_one_has_exited(
+        tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]) -> None:
+    """SIGHUP without a held socket (the controller, Redis): SIGINT to the run, then a new one; not a crash, so no
+    restart is counted, and the keepalive stays."""
+    proc, runs = _keepalive(tmp_path, "serve")
+    cleanup.append(proc)
+    _wait(lambda: _runs(runs), 20, "the first run")
+    os.kill(proc.pid, signal.SIGHUP)
+    _wait(lambda: len(_runs(runs)) == 2, 20, "the new run")
+    assert _gone(_runs(runs)[0])
+    assert proc.poll() is None
+    log = _read_stderr_so_far(proc)
+    assert b"svc reloaded" in log and b"restart 1" not in log

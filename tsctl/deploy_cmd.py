@@ -8,6 +8,7 @@ up, and prints the URL, the key and a `curl` line. The controller does the renti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import secrets
@@ -238,6 +239,7 @@ def _start_service(dep: Deployment, name: str, argv: list[str], *options: str) -
 
 def service_pid(keepalive_pid: int | None) -> int | None:
     """The pid of the service a keepalive runs now (None when there is none)."""
+
     import psutil
 
     if not keepalive_pid or keepalive_pid <= 0:
@@ -246,8 +248,12 @@ def service_pid(keepalive_pid: int | None) -> int | None:
         children = psutil.Process(keepalive_pid).children()
     except psutil.Error:
         return None
-    live = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    return live[0].pid if live else None
+    live = []
+    for c in children:
+        with contextlib.suppress(psutil.Error):
+            if c.status() != psutil.STATUS_ZOMBIE:
+                live.append((c.create_time(), c.pid))
+    return max(live)[1] if live else None  # the newest: a reload's old run may still be finishing
 
 
 def gateway_args(dep: Deployment) -> list[str]:
@@ -687,7 +693,8 @@ def restart(
     service: str = typer.Argument(..., help="controller or gateway"),
     deployment: str = typer.Option("default", "--deployment", "-d"),
 ) -> None:
-    """Restart the controller or the gateway; it resumes from what Redis holds (plan, nodes, keys)."""
+    """Restart the controller or the gateway: its keepalive runs a new one (the gateway's starts before the old one
+    stops accepting, and the old one finishes its streams); it resumes from what Redis holds (plan, nodes, keys)."""
     try:
         dep = Deployment.load(deployment)
     except DeploymentNotFound as e:
@@ -696,9 +703,21 @@ def restart(
         raise fail(f"service must be controller or gateway, not {service!r}")
     if not _redis_up(dep):
         raise fail(f"Redis at {dep.redis_url} is not answering; the deployment is gone: `tsctl down -d {deployment}`")
-    pid = dep.controller_pid if service == "controller" else dep.gateway_pid
-    # SIGINT: the controller hands over and leaves the nodes running (SIGTERM is `tsctl down`: release all)
-    stop_process(pid, grace_s=10, sig=signal.SIGINT if service == "controller" else signal.SIGTERM)
+    keeper = dep.controller_pid if service == "controller" else dep.gateway_pid
+    before = service_pid(keeper)
+    if keeper and before is not None:  # its keepalive runs it: SIGHUP, a new run replaces it
+        os.kill(keeper, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while (now := service_pid(keeper)) in (None, before):
+            if time.monotonic() > deadline or not alive(keeper):
+                raise fail(f"the {service} did not come back; see {dep.log_path(service)}")
+            time.sleep(0.1)
+        how = "the old one finishes its streams" if service == "gateway" else "the old one handed over"
+        console.print(f"{service} restarted (pid {now} replaces {before}; {how})")
+        return
+    # no keepalive (it was killed): a new one. SIGINT: a controller still running hands over and leaves the
+    # nodes running (SIGTERM is `tsctl down`: release all)
+    stop_process(keeper, grace_s=10, sig=signal.SIGINT if service == "controller" else signal.SIGTERM)
     if service == "controller":
         dep.controller_pid = _start_controller(dep)  # reads its config, the plan and the nodes from Redis
     else:
