@@ -256,6 +256,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 await watcher.refresh()  # serve the current plan from the first request if Redis is up
             tasks.append(asyncio.create_task(watcher.run(), name="plan-watch"))
+            tasks.append(asyncio.create_task(gw.workload.run(gw.state), name="workload-meter"))
     tasks.append(asyncio.create_task(health_loop(gw), name="health"))
     tasks.append(asyncio.create_task(discovery_loop(gw, app[DISCOVERED]), name="discovery"))
     try:

@@ -24,6 +24,7 @@ from gateway.tokenizer import GatewayTokenizer
 from gateway.upstream import Exchange
 from gateway.upstream_http import UpstreamPool
 from gateway.workers import WorkerPool
+from gateway.workload_meter import WorkloadMeter
 from planner.plan import Plan
 from planner.state import StateStore
 
@@ -57,6 +58,7 @@ class Gateway:
     rng: random.Random = field(default_factory=random.Random)
     plan: Plan | None = None  # the plan in use (plan mode), for /admin/plan
     table_changed: asyncio.Event = field(default_factory=asyncio.Event)  # set on every swap
+    workload: WorkloadMeter = field(default_factory=WorkloadMeter)  # lengths served, for the controller
 
     async def choose_pair(self, avoid: set | None = None) -> Pair:
         """A pair from the current table; when none is usable, wait (up to --wait-for-pair-s) for the

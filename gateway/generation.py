@@ -137,6 +137,7 @@ class TokenGeneration:
         while True:
             if len(self.output_ids) >= self.max_new_tokens:  # the last attempt died right after its last token
                 self.finish_reason = "length"
+                gw.workload.record(len(self.prompt_ids), len(self.output_ids))
                 return
             pair = await gw.choose_pair(avoid)  # 503 no_workers when none comes
             self.pairs_used.append(pair.label())
@@ -165,6 +166,7 @@ class TokenGeneration:
                     raise UpstreamError(f"{pair.decode.role} worker {pair.decode.name} ended the stream early",
                                         worker=pair.decode)
                 outcome = True
+                gw.workload.record(len(self.prompt_ids), len(self.output_ids))
                 return
             except UpstreamError as e:
                 err = e

@@ -26,6 +26,7 @@ from gateway.http import CLIENT_GONE, start_sse
 from gateway.sse import DONE
 from gateway.upstream import Exchange, UpstreamError, splice_bootstrap
 from gateway.upstream_http import UpstreamIOError, UpstreamResponse
+from gateway.workload_meter import STREAM_TAIL_BYTES
 
 log = logging.getLogger("gateway.passthrough")
 
@@ -102,6 +103,8 @@ async def serve_passthrough(request: web.Request, gw: Gateway, raw: bytes, path:
                     data = merge_logprobs(await ex.prefill_body(), data)
                 await ex.close(True)
                 gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)
+                if up.status == 200:
+                    gw.workload.record_answer(data)
                 return web.Response(body=data, status=up.status, content_type="application/json")
             first = await up.readany()
             if not first:
@@ -139,8 +142,11 @@ async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamRe
             await _relay_merged(resp, ex, up, first)
         else:
             await resp.write(first)
+            tail = first
             while chunk := await up.readany():
                 await resp.write(chunk)
+                tail = tail[-STREAM_TAIL_BYTES:] + chunk
+            gw.workload.record_answer(tail[-2 * STREAM_TAIL_BYTES:])
         outcome = True
         await resp.write_eof()
         gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)

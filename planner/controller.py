@@ -7,6 +7,9 @@ controller left running. The loop:
 - reconcile, every ``tick_s`` and after every node event: rent the plan's nodes that do not exist yet,
   start the plan's replicas on ready nodes through their agents, switch the role of a replica whose
   role differs from the plan's (after draining), stop replicas and release nodes the plan dropped;
+- on a workload shift (the gateways' measured mean prompt or output length moved past a ratio from the plan's,
+  ``check_workload``): the same lightweight reschedule for the observed mix, published when re-deciding phases
+  pays; later re-plans then plan for the observed workload;
 - on a lost node (preempted, terminated, failed, or found dead on restart): the lightweight reschedule
   (``planner.reschedule``: survivors keep their GPUs and parallelism; only phases and routing change),
   published at once so gateways route around the loss; then replacement capacity within the budget,
@@ -82,6 +85,12 @@ class ControllerConfig:
     replace_ready_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
     workdir: str = ""
+    # a workload shift: the gateways' measured length mix, over the last window, against the plan's
+    workload_check_s: float = 15.0  # how often to look (0: never)
+    workload_window_s: float = 120.0
+    workload_min_requests: int = 50  # fewer in the window: too few to say
+    workload_shift_ratio: float = 1.5  # a mean prompt or output length this many times the plan's (or 1/x)
+    workload_min_gain: float = 0.1  # re-decide phases only for this much more goodput than keeping them
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ControllerConfig:
@@ -185,10 +194,19 @@ class Controller:
         self._unplaceable: set[frozenset[Instance]] = set()  # node moves a re-plan could not take (tried once)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agents: dict[str, Any] = {}
+        self._shift_considered: Any = None  # an observed Workload judged not worth re-deciding phases for
 
     # -- planning -----------------------------------------------------------------------------------
     def _workload(self) -> Any:
-        return workload_of(self.cfg)
+        """The (Workload, SLO) to plan for: the one the gateways measured once a shift was acted on (in the
+        plan), else the one the deployment was asked for."""
+        from planner.observed_workload import is_observed
+        from planner.workload import Workload
+
+        asked, slo = workload_of(self.cfg)
+        if self.plan is not None and is_observed(self.plan.workload):
+            return Workload.from_dict(self.plan.workload), slo
+        return asked, slo
 
     def make_plan(self) -> Plan:
         return plan_for_config(self.cfg)
@@ -232,6 +250,8 @@ class Controller:
                                     cost_per_hour=plan.cost_per_hour, replicas=len(plan.replicas))
             await self._resume_replacements()  # before the first pass, so it releases none of them
             watcher = asyncio.create_task(self._follow_events(events))
+            if self.cfg.workload_check_s > 0:
+                self._spawn(self._watch_workload(stop), "workload-watch")
             while not stop.is_set() and not self.lease_lost.is_set():
                 self._wake.clear()  # before the pass: a wake-up during it runs the next pass at once
                 try:
@@ -312,6 +332,62 @@ class Controller:
                 self._spawn(self.handle_lost([ev.node_id], seen_at=ev.at, cause=f"{ev.kind}: {ev.reason}"),
                             f"lost-{ev.node_id}")
             self._wake.set()
+
+    # -- workload shift --------------------------------------------------------------------------------
+    async def _watch_workload(self, stop: asyncio.Event) -> None:
+        """Every ``workload_check_s``: has the length mix the gateways serve moved away from the plan's?"""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.cfg.workload_check_s)
+            if stop.is_set():
+                return
+            try:
+                await self.check_workload()
+            except Exception as e:  # Redis away, a reschedule that failed: look again next time
+                log.warning("workload check failed: %s", e)
+
+    async def check_workload(self) -> str | None:
+        """Reschedule for the observed workload when it shifted and re-deciding phases pays
+        (``workload_min_gain``); else record that the plan was kept. Returns the event kind, or None when
+        nothing shifted (or too little was seen)."""
+        from planner.observed_workload import shift, to_workload
+
+        cfg = self.cfg
+        sample = await self.state.workload_window(cfg.workload_window_s)
+        if sample.requests < cfg.workload_min_requests or self.plan is None:
+            return None
+        planned, _ = self._workload()
+        observed = to_workload(sample, planned.rate)
+        moved = shift(planned, observed, cfg.workload_shift_ratio)
+        considered = self._shift_considered
+        if moved is None or (considered is not None and shift(considered, observed, cfg.workload_shift_ratio) is None):
+            return None
+        async with self._plan_lock:
+            plan = self.plan
+            if plan is None:
+                return None
+            from planner.reschedule import reschedule
+
+            _, slo = self._workload()
+            t0 = time.perf_counter()
+            new_plan, changes = await asyncio.to_thread(reschedule, plan, workload=observed, slo=slo)
+            solve_ms = round((time.perf_counter() - t0) * 1000, 2)
+            gain = changes.goodput_after / changes.goodput_kept - 1 if changes.goodput_kept > 0 else float("inf")
+            seen = {"observed": observed.to_dict(), "requests": sample.requests, "window_s": sample.seconds,
+                    "goodput_kept": round(changes.goodput_kept, 4), "goodput_after": round(changes.goodput_after, 4),
+                    "gain": round(gain, 4) if gain != float("inf") else None, "solve_ms": solve_ms}
+            if gain < cfg.workload_min_gain:
+                # not worth a role switch: remember this mix, so the same one is not re-solved every check
+                self._shift_considered = observed
+                await self.state.emit("workload_shift.kept", f"{moved}; re-deciding phases gains {gain:.0%}, "
+                                      f"under {cfg.workload_min_gain:.0%}: plan kept", **seen)
+                return "workload_shift.kept"
+            self._shift_considered = None
+            await self._publish(new_plan, "workload_shift", f"{moved}; {len(changes.role_flips)} role flip(s), "
+                                f"goodput {changes.goodput_kept:.2f} -> {changes.goodput_after:.2f} req/s",
+                                changes=_changes_dict(changes), expected=new_plan.expected, **seen)
+        self._wake.set()  # the reconcile pass switches the flipped replicas (after draining)
+        return "workload_shift"
 
     # -- loss and replacement -----------------------------------------------------------------------------
     async def handle_lost(self, node_ids: list[str], seen_at: float | None = None, cause: str = "") -> None:

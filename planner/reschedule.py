@@ -45,7 +45,8 @@ class Changes:
     added_replicas: list[str] = field(default_factory=list)
     role_flips: list[tuple[str, str, str]] = field(default_factory=list)  # (replica, old role, new role)
     routing_deltas: list[tuple[str, str, float, float]] = field(default_factory=list)  # (p, d, old w, new w)
-    goodput_before: float = 0.0
+    goodput_before: float = 0.0  # what the plan expected (its own workload, all its nodes)
+    goodput_kept: float = 0.0  # the surviving replicas in their current phases, on the new conditions
     goodput_after: float = 0.0
     seconds: float = 0.0
 
@@ -56,7 +57,8 @@ class Changes:
             "dropped_replicas": self.dropped_replicas, "added_replicas": self.added_replicas,
             "role_flips": [{"replica": r, "from": a, "to": b} for r, a, b in self.role_flips],
             "routing_deltas": [{"prefill": p, "decode": d, "from": a, "to": b} for p, d, a, b in self.routing_deltas],
-            "goodput_before": round(self.goodput_before, 4), "goodput_after": round(self.goodput_after, 4),
+            "goodput_before": round(self.goodput_before, 4), "goodput_kept": round(self.goodput_kept, 4),
+            "goodput_after": round(self.goodput_after, 4),
             "seconds": round(self.seconds, 4),
         }
 
@@ -139,12 +141,12 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
     options = [("both",) if c else ("prefill", "decode") for c in colocated]
     if sum(1 for c in colocated if not c) == 1:
         options = [("both",) if c else ("prefill", "decode", "both") for c in colocated]
-    best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
-                          clock, time_limit_s, kept)
+    best, now = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
+                               clock, time_limit_s, kept)
     if best.goodput <= 0 and any(not c for c in colocated):  # PD cannot serve: go colocated
         options = [("both",)] * len(specs)
-        best = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
-                              clock, time_limit_s, kept)
+        best, _ = _search_phases(ev, configs, specs, options, {i.id: i.price_per_hour for i in instances},
+                                 clock, time_limit_s, kept)
 
     new_plan = _to_plan(plan, instances, specs, ev.balanced(ev.lean(best)), ctx, network)
     changes = Changes(sorted(lost), [i.id for i in new_instances], moved, dropped, added)
@@ -159,6 +161,7 @@ def reschedule(plan: Plan, *, lost_nodes: Iterable[str] = (), new_instances: Ite
         if abs(a - b) > 1e-6:
             changes.routing_deltas.append((key[0], key[1], round(a, 6), round(b, 6)))
     changes.goodput_before = float(plan.expected.get("goodput_rps", 0.0))
+    changes.goodput_kept = now.goodput
     changes.goodput_after = best.goodput
     changes.seconds = time.perf_counter() - t0
     new_plan.expected["reschedule_seconds"] = round(changes.seconds, 4)
@@ -203,7 +206,9 @@ def _plan_kv_mode(plan: Plan) -> str:
 
 
 def _search_phases(ev: Evaluator, configs: _Configs, specs, options, prices: dict[str, float],
-                   clock: WorkClock, deadline: float, kept: dict[str, ColocatedPolicy] | None = None) -> Evaluation:
+                   clock: WorkClock, deadline: float,
+                   kept: dict[str, ColocatedPolicy] | None = None) -> tuple[Evaluation, Evaluation]:
+    """The best phases found, and the current phases' evaluation (what keeping them is worth now)."""
     groups: list[Group] = [tuple(s[1]) for s in specs]
     kept = kept or {}
     per_role: list[dict[str, ReplicaConfig]] = []
@@ -225,13 +230,13 @@ def _search_phases(ev: Evaluator, configs: _Configs, specs, options, prices: dic
     if len(specs) <= EXHAUSTIVE_MAX and n_combos <= 1 << EXHAUSTIVE_MAX:
         combos = list(itertools.product(*options))
         combos.sort(key=lambda rs: (-bound(rs), rs != current))
-        best = score(current)
+        best = now = score(current)
         for rs in combos[:SCORED_PER_SEARCH]:
             e = score(rs)
             if e.goodput > best.goodput * (1 + 1e-9):
                 best = e
-        return best
-    best = score(current)  # many replicas: single-flip local search from the current phases
+        return best, now
+    best = now = score(current)  # many replicas: single-flip local search from the current phases
     roles = list(current)
     improved = True
     while improved and clock() < deadline:
@@ -248,7 +253,7 @@ def _search_phases(ev: Evaluator, configs: _Configs, specs, options, prices: dic
             if e.goodput > best.goodput * (1 + 1e-6):
                 best, roles, improved = e, list(cand), True
                 break
-    return best
+    return best, now
 
 
 def _to_plan(old: Plan, instances: list[Instance], specs, e: Evaluation, ctx: PlanContext, network: dict) -> Plan:

@@ -19,6 +19,9 @@ write node records and events. Keys are namespaced per deployment as ``ts:{deplo
 - ``ts:{d}:apikeys`` (hash): sha256(key) -> ``ApiKeyRecord`` JSON; plaintext keys are never stored.
 - ``ts:{d}:rl:{keyhash}:{minute}`` (hash with TTL): request and token counters (fields req, tok) of
   one key in one minute window.
+- ``ts:{d}:workload:{bucket}`` (hash with TTL): what the gateways finished in one ``WORKLOAD_BUCKET_S`` window
+  (fields requests, input_sum, input_sq, output_sum, output_sq), added with HINCRBYFLOAT by every gateway; the
+  controller reads a window of them back to see the workload shift (``planner.observed_workload``).
 - ``ts:{d}:controller:leader`` (string with TTL): the controller holding the lease; one acts at a time.
 - ``ts:{d}:meta`` (hash): deployment facts (gateway URL, budget, model, local/cloud, started_at).
 - ``ts:{d}:budget:limit`` (string, int micro-USD/h): the hourly budget the provisioners enforce.
@@ -38,7 +41,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -46,12 +49,18 @@ from redis.exceptions import WatchError
 
 from planner.plan import Plan
 
+if TYPE_CHECKING:
+    from planner.observed_workload import WorkloadSample
+
 PLAN_HISTORY = 50
 # Every command gets a reply within this or fails with a RedisError (not retried: it may have run): a Redis
 # that stops answering (a stalled host, a half-open connection) must not hang a gateway or a provisioner.
 # Blocking reads (pub/sub, XREAD) wait in slices shorter than this, so they may wait longer in all.
 REDIS_TIMEOUT_S = 5.0
 EVENTS_MAXLEN = 10_000
+WORKLOAD_BUCKET_S = 10
+WORKLOAD_TTL_S = 3600
+WORKLOAD_FIELDS = ("requests", "input_sum", "input_sq", "output_sum", "output_sq")
 NODE_STATUSES = ("pending", "ready", "preempted", "terminated", "failed")
 REPLICA_STATUSES = ("starting", "ready", "draining", "switching", "failed", "stopped")
 
@@ -463,6 +472,32 @@ class StateStore:
         )
         retry = 0.0 if allowed else (window + 1) * 60 - now
         return RateDecision(bool(allowed), retry, int(req), int(tok))
+
+    # -- observed workload ---------------------------------------------------------------------------
+    async def record_workload(self, counts: dict[str, float], now: float | None = None) -> None:
+        """Add a gateway's counts (``WORKLOAD_FIELDS``) to the current bucket."""
+        now = time.time() if now is None else now
+        key = self.key("workload", int(now // WORKLOAD_BUCKET_S))
+        async with self.r.pipeline(transaction=True) as pipe:
+            for name in WORKLOAD_FIELDS:
+                if counts.get(name):
+                    pipe.hincrbyfloat(key, name, float(counts[name]))
+            pipe.expire(key, WORKLOAD_TTL_S)
+            await pipe.execute()
+
+    async def workload_window(self, seconds: float, now: float | None = None) -> WorkloadSample:
+        """The counts of the whole buckets of the last ``seconds`` (the current, partial bucket left out)."""
+        from planner.observed_workload import WorkloadSample
+
+        now = time.time() if now is None else now
+        last = int(now // WORKLOAD_BUCKET_S) - 1
+        first = last - max(1, int(seconds // WORKLOAD_BUCKET_S)) + 1
+        async with self.r.pipeline(transaction=False) as pipe:
+            for bucket in range(first, last + 1):
+                pipe.hmget(self.key("workload", bucket), *WORKLOAD_FIELDS)
+            rows = await pipe.execute()
+        totals = [sum(float(row[i] or 0) for row in rows) for i in range(len(WORKLOAD_FIELDS))]
+        return WorkloadSample(float((last - first + 1) * WORKLOAD_BUCKET_S), *totals)
 
     # -- controller lease ----------------------------------------------------------------------------
     async def acquire_leader(self, owner: str, ttl_s: float = 5.0) -> bool:

@@ -526,3 +526,59 @@ async def test_a_controller_whose_redis_is_gone_backs_off(tmp_path: Any, caplog:
     lines = [r.getMessage() for r in caplog.records]
     pauses = [m.rsplit(" in ", 1)[1] for m in lines if "take the controller lease" in m]
     assert pauses[:2] == ["1 s", "2 s"] and len(pauses) <= 3, pauses
+
+
+async def _observe(state: StateStore, requests: int, prompt: float, output: float, ago_s: float = 15.0) -> None:
+    """What gateways would record after ``requests`` requests of these mean lengths (10% spread)."""
+    import time
+
+    await state.record_workload({"requests": requests, "input_sum": prompt * requests,
+                                 "input_sq": 1.01 * prompt * prompt * requests, "output_sum": output * requests,
+                                 "output_sq": 1.01 * output * output * requests}, now=time.time() - ago_s)
+
+
+async def test_a_workload_shift_flips_roles_for_the_observed_mix_and_later_plans_plan_for_it(fresh: Any) -> None:
+    """The plan was made for 256-token prompts and 64-token outputs (2 prefill, 2 decode); the gateways now see
+    32-token prompts and 512-token outputs. The controller reschedules for that mix (a prefill replica becomes a
+    decode one: +50% goodput on the estimate), publishes it, switches the replica, and from then on plans for the
+    observed workload; the same mix seen again is no new shift."""
+    state = fresh()
+    c = Running(TestController(state, RecordOnlyProvisioner(state), config(workload_check_s=0), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the replicas")
+    version = (await state.get_plan()).version
+    await _observe(state, 200, 32, 512)
+    assert await c.controller.check_workload() == "workload_shift"
+    plan = await state.get_plan()
+    assert plan.version == version + 1
+    assert sorted(r.role for r in plan.replicas) == ["decode", "decode", "decode", "prefill"]
+    assert plan.workload["trace"].startswith("observed: 200 requests")
+    assert plan.workload["output"]["mean"] == pytest.approx(512)
+    shifted = [e for e in await state.events() if e.kind == "workload_shift"][-1]
+    assert "mean prompt 256 -> 32 tokens, mean output 64 -> 512 tokens" in shifted.reason
+    assert shifted.data["gain"] > 0.1 and shifted.data["goodput_after"] > shifted.data["goodput_kept"]
+
+    async def switched() -> bool:
+        return sorted(r.role for r in (await state.replicas()).values()) == ["decode", "decode", "decode", "prefill"]
+
+    await eventually(switched, "the flipped replica to switch role")
+    assert c.controller._workload()[0].mean_output == pytest.approx(512, rel=0.01)
+    assert await c.controller.check_workload() is None  # the plan's own (observed) mix: no shift
+    await c.stop()
+
+
+async def test_a_shift_that_does_not_pay_keeps_the_plan_and_is_not_solved_again(fresh: Any) -> None:
+    """Prompts twice as long (past the 1.5x ratio) but the same phases stay best: the plan is kept, said once;
+    a window with too few requests says nothing."""
+    state = fresh()
+    c = Running(TestController(state, RecordOnlyProvisioner(state), config(workload_check_s=0), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the replicas")
+    version = (await state.get_plan()).version
+    await _observe(state, 10, 32, 512)
+    assert await c.controller.check_workload() is None  # 10 < workload_min_requests
+    await _observe(state, 190, 1024, 64, ago_s=25)  # 200 in the window, mean prompt ~980: past 1.5x of 256
+    assert await c.controller.check_workload() == "workload_shift.kept"
+    assert await c.controller.check_workload() is None  # the same mix: not re-solved
+    assert (await state.get_plan()).version == version
+    kept = [e for e in await state.events() if e.kind == "workload_shift.kept"]
+    assert len(kept) == 1 and "plan kept" in kept[0].reason and kept[0].data["gain"] < 0.1
+    await c.stop()

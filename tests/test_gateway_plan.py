@@ -189,3 +189,31 @@ async def test_admin_keys_limits_revocation_and_metrics(state: StateStore, redis
             assert name in text, name
         assert 'ts_gateway_requests_total{route="/v1/chat/completions",status="429"} 1.0' in text
         assert 'ts_gateway_requests_total{route="/v1/chat/completions",status="200"} 3.0' in text
+
+
+async def test_the_gateway_records_the_lengths_it_serves_for_the_controller(state: StateStore, redis_url: str) -> None:
+    """Each finished request's prompt and output lengths reach the deployment's workload buckets in Redis (the
+    controller's view of the workload shift): 12 pass-through answers of 7-token prompts and 5 output tokens, and
+    4 streams (the gateway's own token-exact path) of 3 and 9."""
+    import time
+
+    await state.publish_plan(plan(0.5, 0.5))
+    async with deployment(state, redis_url) as (gw, _, session):
+        await asyncio.to_thread(gw.wait_ready)
+        for n, prompt, out, stream in ((12, 7, 5, False), (4, 3, 9, True)):
+            body = {"input_ids": list(range(10, 10 + prompt)), "stream": stream,
+                    "sampling_params": {"max_new_tokens": out, "temperature": 0, "ignore_eos": True}}
+            for _ in range(n):
+                async with session.post(gw.url + "/generate", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    text = await r.text()
+                    assert f'"completion_tokens":{out}' in text.replace(" ", "")
+        seen = None
+        for _ in range(100):  # the gateway flushes every 5 s
+            seen = await state.workload_window(60, now=time.time() + 10)  # the current bucket too
+            if seen.requests >= 16:
+                break
+            await asyncio.sleep(0.2)
+    assert seen is not None and seen.requests == 16
+    assert (seen.input_sum, seen.input_sq) == (12 * 7 + 4 * 3, 12 * 49 + 4 * 9)
+    assert (seen.output_sum, seen.output_sq) == (12 * 5 + 4 * 9, 12 * 25 + 4 * 81)

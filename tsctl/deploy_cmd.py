@@ -76,6 +76,10 @@ def up(
     port: int = typer.Option(8000, "--port", help="gateway port (0, or taken: any free port)"),
     seed: int = typer.Option(0, "--seed"),
     timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait until the gateway is ready"),
+    follow_workload: bool = typer.Option(
+        True, "--follow-workload/--fixed-workload",
+        help="re-decide phases when the length mix the gateway serves shifts from --input-len/--output-len "
+             "(lightweight reschedule, no weight reload), or keep the plan made for them"),
 ) -> None:
     """Plan, rent, start workers and the gateway; print the URL, an API key and a curl line."""
     problem = bad_deployment_name(deployment) or _bad_up_argument(
@@ -102,6 +106,7 @@ def up(
         spot=spot, disaggregate=local if disaggregate is None else disaggregate,
         catalogs=[os.path.abspath(c) for c in catalog], seed=seed,
         max_nodes=max_nodes or (4 if local else MAX_GPUS),
+        workload_check_s=ControllerConfig.workload_check_s if follow_workload else 0.0,
     )
     dep = Deployment(name=deployment, mode="local" if local else "cloud", redis_url="", budget=budget, model=cfg.model)
     cfg.workdir = str(dep.dir / "nodes")

@@ -1,0 +1,71 @@
+"""What the gateway serves, counted for the controller: finished requests and their prompt and output lengths.
+
+The request path only adds to five floats; a background task adds them to the shared 10 s bucket in Redis every
+``FLUSH_S`` (``StateStore.record_workload``, HINCRBYFLOAT, so every gateway's counts sum). The controller reads
+the buckets back to see the workload shift (``planner.observed_workload``). A flush that fails (Redis away)
+keeps the counts for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from planner.state import WORKLOAD_FIELDS, StateStore
+
+log = logging.getLogger("gateway")
+
+FLUSH_S = 5.0
+STREAM_TAIL_BYTES = 4096  # how much of a relayed stream's end is kept to find its lengths in
+_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+
+def _last_int(pattern: re.Pattern[bytes], data: bytes) -> int | None:
+    """The last match (a stream's final event carries the totals)."""
+    found = pattern.findall(data)
+    return int(found[-1]) if found else None
+
+
+class WorkloadMeter:
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(WORKLOAD_FIELDS, 0.0)
+
+    def record(self, prompt_tokens: int, output_tokens: int) -> None:
+        """One finished request."""
+        c = self.counts
+        c["requests"] += 1
+        c["input_sum"] += prompt_tokens
+        c["input_sq"] += prompt_tokens * prompt_tokens
+        c["output_sum"] += output_tokens
+        c["output_sq"] += output_tokens * output_tokens
+
+    def record_answer(self, data: bytes) -> None:
+        """A pass-through answer's lengths, from decode's last ``prompt_tokens`` and ``completion_tokens``
+        (SGLang's ``meta_info``, or OpenAI's ``usage``) in ``data``: a JSON body, or the end of a stream. Best
+        effort: the gateway does not parse what it relays, so an answer without them is not counted."""
+        prompt = _last_int(_PROMPT, data)
+        output = _last_int(_COMPLETION, data)
+        if prompt is not None and output is not None:
+            self.record(prompt, output)
+
+    async def flush(self, state: StateStore) -> None:
+        """Add what was counted since the last flush to Redis (kept here if Redis fails)."""
+        if not self.counts["requests"]:
+            return
+        taken, self.counts = self.counts, dict.fromkeys(WORKLOAD_FIELDS, 0.0)
+        try:
+            await state.record_workload(taken)
+        except Exception:
+            for k, v in taken.items():
+                self.counts[k] += v
+            raise
+
+    async def run(self, state: StateStore, every_s: float = FLUSH_S) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.flush(state)
+            except Exception as e:  # Redis away: the counts wait for the next flush
+                log.warning("cannot record the workload in Redis: %s", e)
