@@ -196,6 +196,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
             "reschedules": kinds.count("reschedule"), "replacements": kinds.count("replan"),
             "role_switches": kinds.count("role_switch"), "controller_restarts": kinds.count("controller.started") - 1,
             "service_crashes": [c["crashed"] for c in crashes], "service_restarts": kinds.count("service.restarted"),
+            "workload_shifts": kinds.count("workload_shift"),
+            "workload_shifts_kept": kinds.count("workload_shift.kept"),
             "preempted_while_controller_down": sum(bool(p["node"]) and down[0] <= p["t"] <= down[1]
                                                    for p in preemptions),
             "spend_per_hour": snap["spend_per_hour"], "budget_per_hour": snap["budget_per_hour"]}
