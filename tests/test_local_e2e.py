@@ -153,6 +153,13 @@ def test_preemption_loses_no_request_and_heals(cluster: LocalCluster) -> None:
     assert after["spend_per_hour"] <= after["budget_per_hour"]
     print(f"tokens served per node after healing: {served}")
     assert any(served.get(n, 0) > 0 for n in new_nodes), (served, new_nodes)
+    # the gateway counted what it served for the controller: short chats, not the 256/64 the plan was made for
+    seen = after["workload"]["observed"]
+    assert seen["requests"] > 0 and 10 < seen["mean_prompt"] < 100 and 1 <= seen["mean_output"] <= 24, seen
+    # the controller looks every 15 s: it decides on the shifted mix (kept, or phases re-decided)
+    shifts = cluster.wait_for(lambda s: events_of(s, "workload_shift") + events_of(s, "workload_shift.kept"), 45,
+                              f"a decision on the shifted mix; controller log: {cluster.log('controller')[-2000:]}")
+    print(f"workload seen: {seen}; shift decisions: {[e['reason'] for e in shifts]}")
 
 
 def _served_by_node(c: LocalCluster, snap: dict[str, Any]) -> dict[str, float]:

@@ -387,6 +387,9 @@ def _color(status: str) -> str:
 
 
 # -- status ----------------------------------------------------------------------------------------------------
+OBSERVED_WINDOW_S = 120.0  # the window `tsctl status` shows the served workload over (the controller's default)
+
+
 async def snapshot(state: StateStore, events: int = 10) -> dict[str, Any]:
     """Everything `tsctl status` shows, as plain data (also the --json output)."""
     nodes = await state.nodes()
@@ -397,6 +400,7 @@ async def snapshot(state: StateStore, events: int = 10) -> dict[str, Any]:
     live = [n for n in nodes.values() if n.status in ("pending", "ready")]
     spend = sum(n.price_per_hour for n in live)
     alive_map = await state.alive([n.id for n in live])
+    seen = await state.workload_window(OBSERVED_WINDOW_S)
     return {
         "deployment": state.deployment,
         "plan_version": plan.version if plan else 0,
@@ -412,7 +416,22 @@ async def snapshot(state: StateStore, events: int = 10) -> dict[str, Any]:
         "routing": [{"prefill": r.prefill, "decode": r.decode, "weight": round(r.weight, 4)}
                     for r in (plan.routing if plan else [])],
         "events": [{"id": e.id, "ts": e.ts, "kind": e.kind, "reason": e.reason} for e in recent],
+        "workload": {"planned": _mean_lengths(plan.workload) if plan else None,
+                     "observed": {"window_s": seen.seconds, "requests": seen.requests, "rate": round(seen.rate, 3),
+                                  "mean_prompt": round(seen.mean_input, 1),
+                                  "mean_output": round(seen.mean_output, 1)}},
     }
+
+
+def _mean_lengths(workload: dict[str, Any]) -> dict[str, Any] | None:
+    """A plan's workload as the means it was planned for (and whether the gateways measured it)."""
+    from planner.observed_workload import is_observed
+
+    try:
+        return {"mean_prompt": workload["input"]["mean"], "mean_output": workload["output"]["mean"],
+                "rate": workload["rate"], "observed": is_observed(workload)}
+    except (KeyError, TypeError):
+        return None
 
 
 def services(dep: Deployment) -> dict[str, dict[str, Any]]:
@@ -486,6 +505,14 @@ def status_tables(snap: dict[str, Any], loads: dict[str, Any]) -> list[Any]:
     for e in snap["events"]:
         events.add_row(time.strftime("%H:%M:%S", time.localtime(e["ts"])), e["kind"], escape(e["reason"][:100]))
     parts: list[Any] = [head]
+    wl = snap.get("workload") or {}
+    planned, seen = wl.get("planned"), wl.get("observed") or {}
+    if planned or seen.get("requests"):
+        plan_part = (f"planned for {planned['mean_prompt']:.0f}/{planned['mean_output']:.0f} tokens"
+                     + (" (measured)" if planned["observed"] else "")) if planned else "no plan workload"
+        parts.append(f"workload: {plan_part}; last {seen.get('window_s', 0):.0f} s: {seen.get('requests', 0):.0f} "
+                     f"requests, {seen.get('rate', 0):.2f} req/s, mean {seen.get('mean_prompt', 0):.0f}/"
+                     f"{seen.get('mean_output', 0):.0f} tokens (prompt/output)")
     if "services" in snap:
         parts.append("  ".join(f"{name} " + ("[green]running[/green]" if svc["running"] else "[red]down[/red]")
                                for name, svc in snap["services"].items()))
