@@ -285,3 +285,15 @@ def test_a_reload_without_a_socket_starts_the_new_run_once_the_old_one_has_exite
     assert proc.poll() is None
     log = _read_stderr_so_far(proc)
     assert b"svc reloaded" in log and b"restart 1" not in log
+
+
+def test_a_run_that_replaced_a_working_one_is_restarted_when_it_fails_early(
+        tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]) -> None:
+    """After a reload the new run is not a first start: failing within ``MIN_UPTIME_S`` (5 s here) gets it
+    restarted, not the keepalive ended (which would take the service down for good)."""
+    proc, runs = _keepalive(tmp_path, "serve,exit:3/0.2,serve", min_uptime=5.0)
+    cleanup.append(proc)
+    _wait(lambda: _runs(runs), 20, "the first run")
+    os.kill(proc.pid, signal.SIGHUP)
+    _wait(lambda: len(_runs(runs)) == 3, 20, "the failed new run to be restarted")
+    assert proc.poll() is None and b"restart 1" in _read_stderr_so_far(proc)

@@ -92,6 +92,7 @@ class Keepalive:
         self.stop_signal: int | None = None
         self.reload_asked = False
         self.restarts = 0
+        self.reloads = 0  # a run that replaced a working one is not a first start: its failure is restarted
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_signal = signum
@@ -131,6 +132,7 @@ class Keepalive:
 
     def _reloaded(self, old: subprocess.Popen[bytes]) -> None:
         pid = self.child.pid if self.child else None
+        self.reloads += 1
         log.info("%s reloaded: pid %s replaces pid %d", self.name, pid, old.pid)
         self._report("service.reloaded", {"service": self.name, "pid": pid, "replaced_pid": old.pid})
 
@@ -190,7 +192,7 @@ class Keepalive:
             uptime = time.monotonic() - self.started
             if self.stop_signal is not None or code == 0:
                 return self._leave(exit_status(code))
-            if self.restarts == 0 and uptime < MIN_UPTIME_S:
+            if self.restarts == 0 and self.reloads == 0 and uptime < MIN_UPTIME_S:
                 log.error("%s could not start (%s after %.1f s); not restarting it", self.name, describe(code), uptime)
                 return self._leave(exit_status(code))
             quick_failures = quick_failures + 1 if uptime < STABLE_S else 1
