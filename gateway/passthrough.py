@@ -142,11 +142,11 @@ async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamRe
             await _relay_merged(resp, ex, up, first)
         else:
             await resp.write(first)
-            tail = first
+            before_last, last = b"", first  # the final event (the lengths) is in the last two chunks
             while chunk := await up.readany():
                 await resp.write(chunk)
-                tail = tail[-STREAM_TAIL_BYTES:] + chunk
-            gw.workload.record_answer(tail[-2 * STREAM_TAIL_BYTES:])
+                before_last, last = last, chunk
+            gw.workload.record_answer((before_last + last)[-2 * STREAM_TAIL_BYTES:])
         outcome = True
         await resp.write_eof()
         gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)

@@ -17,7 +17,7 @@ from planner.state import WORKLOAD_FIELDS, StateStore
 log = logging.getLogger("gateway")
 
 FLUSH_S = 5.0
-STREAM_TAIL_BYTES = 4096  # how much of a relayed stream's end is kept to find its lengths in
+STREAM_TAIL_BYTES = 4096  # half of how much of a relayed stream's end is searched for its lengths
 _PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 

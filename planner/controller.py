@@ -218,12 +218,14 @@ class Controller:
         log.info("%s: plan v%d (%s)", kind, version, reason)
         return version
 
-    async def _rescheduled(self, plan: Plan, **change: Any) -> tuple[Plan, Any, float]:
+    async def _rescheduled(self, plan: Plan, workload: Any = None, **change: Any) -> tuple[Plan, Any, float]:
         """The lightweight reschedule of ``plan`` after ``change`` (``lost_nodes``, ``new_instances`` or
-        ``placed``) for the deployment's workload and SLO, in a thread; with its solve time in ms."""
+        ``placed``) for the deployment's SLO and workload (or ``workload``), in a thread; with its solve time
+        in ms."""
         from planner.reschedule import reschedule
 
-        workload, slo = self._workload()
+        planned, slo = self._workload()
+        workload = workload or planned
         t0 = time.perf_counter()
         new_plan, changes = await asyncio.to_thread(reschedule, plan, workload=workload, slo=slo, **change)
         return new_plan, changes, round((time.perf_counter() - t0) * 1000, 2)
@@ -366,12 +368,7 @@ class Controller:
             plan = self.plan
             if plan is None:
                 return None
-            from planner.reschedule import reschedule
-
-            _, slo = self._workload()
-            t0 = time.perf_counter()
-            new_plan, changes = await asyncio.to_thread(reschedule, plan, workload=observed, slo=slo)
-            solve_ms = round((time.perf_counter() - t0) * 1000, 2)
+            new_plan, changes, solve_ms = await self._rescheduled(plan, workload=observed)
             gain = changes.goodput_after / changes.goodput_kept - 1 if changes.goodput_kept > 0 else float("inf")
             seen = {"observed": observed.to_dict(), "requests": sample.requests, "window_s": sample.seconds,
                     "goodput_kept": round(changes.goodput_kept, 4), "goodput_after": round(changes.goodput_after, 4),

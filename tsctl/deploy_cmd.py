@@ -211,9 +211,8 @@ def _start_embedded_redis(dep: Deployment, tries: int = 5) -> tuple[str, int | N
     problem = RedisUnavailable("no try made")
     for _ in range(tries):
         port = free_port()
-        url = f"redis://127.0.0.1:{port}/0"
         server = EmbeddedRedis(port=port, workdir=str(workdir), persist=True)
-        keepalive = python_module("tsctl.keepalive", "redis", "--redis-url", url, "--deployment", dep.name, "--")
+        keepalive = _keepalive_command(dep, "redis", f"redis://127.0.0.1:{port}/0")
         try:
             return server.start(detach=True, wrapper=keepalive), server.pid
         except RedisUnavailable as e:
@@ -237,9 +236,12 @@ def _start_gateway(dep: Deployment) -> int:
 
 def _start_service(dep: Deployment, name: str, argv: list[str], *options: str) -> int:
     """``argv`` under ``tsctl.keepalive`` (restarted when it crashes, each restart an event); the keepalive's pid."""
-    keepalive = python_module("tsctl.keepalive", name, "--redis-url", dep.redis_url, "--deployment", dep.name,
-                              *options, "--")
-    return spawn_detached([*keepalive, *argv], dep.log_path(name))
+    return spawn_detached([*_keepalive_command(dep, name, dep.redis_url, *options), *argv], dep.log_path(name))
+
+
+def _keepalive_command(dep: Deployment, name: str, redis_url: str, *options: str) -> list[str]:
+    """The ``tsctl.keepalive`` prefix for service ``name``, its restarts recorded in ``redis_url``."""
+    return python_module("tsctl.keepalive", name, "--redis-url", redis_url, "--deployment", dep.name, *options, "--")
 
 
 def service_pid(keepalive_pid: int | None) -> int | None:
@@ -438,16 +440,10 @@ def services(dep: Deployment) -> dict[str, dict[str, Any]]:
     """Whether this machine's services run: the controller, the gateway and an embedded Redis, each under its
     keepalive (``pid`` is the service's, None while the keepalive waits to restart it)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, keeper in _keepalive_pids(dep).items():
+    for name, keeper in dep.pids().items():
         pid = service_pid(keeper)
         out[name] = {"running": pid is not None, "pid": pid, "keepalive_pid": keeper if alive(keeper) else None}
     return out
-
-
-def _keepalive_pids(dep: Deployment) -> dict[str, int | None]:
-    """The keepalive of each service this machine runs for ``dep`` (Redis only when it is our embedded one)."""
-    named = {"controller": dep.controller_pid, "gateway": dep.gateway_pid}
-    return named | ({"redis": dep.redis_pid} if dep.redis_pid else {})
 
 
 def _public(rec: Any) -> dict[str, Any]:
@@ -701,7 +697,7 @@ def chaos_crash(
     dep, state = _state_for(deployment, None)
     if dep is None:
         raise fail(f"no deployment {deployment!r} on this machine")
-    keepalives = _keepalive_pids(dep)
+    keepalives = dep.pids()  # each service's keepalive (Redis only when it is our embedded one)
     if service not in keepalives:
         raise fail(f"service must be one of {', '.join(keepalives)}, not {service!r}"
                    + ("" if dep.redis_pid else " (this deployment's Redis is not ours: REDIS_URL)"))
