@@ -26,7 +26,7 @@ from gateway.http import CLIENT_GONE, start_sse
 from gateway.sse import DONE
 from gateway.upstream import Exchange, UpstreamError, splice_bootstrap
 from gateway.upstream_http import UpstreamIOError, UpstreamResponse
-from gateway.workload_meter import STREAM_TAIL_BYTES
+from gateway.workload_meter import StreamTail
 
 log = logging.getLogger("gateway.passthrough")
 
@@ -142,11 +142,12 @@ async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamRe
             await _relay_merged(resp, ex, up, first)
         else:
             await resp.write(first)
-            before_last, last = b"", first  # the final event (the lengths) is in the last two chunks
+            tail = StreamTail()
+            tail.add(first)
             while chunk := await up.readany():
                 await resp.write(chunk)
-                before_last, last = last, chunk
-            gw.workload.record_answer((before_last + last)[-2 * STREAM_TAIL_BYTES:])
+                tail.add(chunk)
+            gw.workload.record_answer(tail.data())
         outcome = True
         await resp.write_eof()
         gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)

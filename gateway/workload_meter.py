@@ -17,7 +17,7 @@ from planner.state import WORKLOAD_FIELDS, StateStore
 log = logging.getLogger("gateway")
 
 FLUSH_S = 5.0
-STREAM_TAIL_BYTES = 4096  # half of how much of a relayed stream's end is searched for its lengths
+STREAM_TAIL_BYTES = 4096  # how much of a relayed stream's end is searched for its lengths
 _PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 
@@ -26,6 +26,23 @@ def _last_int(pattern: re.Pattern[bytes], data: bytes) -> int | None:
     """The last match (a stream's final event carries the totals)."""
     found = pattern.findall(data)
     return int(found[-1]) if found else None
+
+
+class StreamTail:
+    """The last ``STREAM_TAIL_BYTES`` (at least) of a stream relayed chunk by chunk, wherever the chunks split its
+    final event (which carries the lengths). Trimmed once per ``STREAM_TAIL_BYTES`` added, so keeping it costs
+    a constant per byte however small the chunks are."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if len(self._buf) > 2 * STREAM_TAIL_BYTES:
+            del self._buf[:-STREAM_TAIL_BYTES]
+
+    def data(self) -> bytes:
+        return bytes(self._buf)
 
 
 class WorkloadMeter:

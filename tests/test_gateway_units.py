@@ -17,6 +17,7 @@ from gateway.tokenizer import ByteTokenizer, IncrementalDetokenizer, TextTokeniz
 from gateway.upstream import splice_bootstrap
 from gateway.validation import parse_chat, parse_completion, parse_generate, parse_object
 from gateway.workers import CircuitBreaker, WorkerPool
+from gateway.workload_meter import STREAM_TAIL_BYTES, StreamTail, WorkloadMeter
 from planner.plan import Instance, Plan, ReplicaSpec, Route
 from planner.state import ReplicaRecord
 
@@ -503,3 +504,22 @@ async def test_admin_key_routes_answer_503_when_redis_is_down() -> None:
     finally:
         await runner.cleanup()
         await state.r.aclose()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_relayed_streams_lengths_are_found_however_its_chunks_split(seed: int) -> None:
+    """A pass-through stream is relayed as the network cut it; its final event's lengths are counted once,
+    wherever they fall across chunks of any size (1 byte up to a few KiB), and an earlier event's do not count."""
+    rng = random.Random(seed)
+    events = [b'data: {"text": "%s", "meta_info": {"prompt_tokens": 11, "completion_tokens": %d}}\n\n'
+              % (b"x" * rng.randrange(0, 3000), i + 1) for i in range(rng.randrange(1, 12))]
+    stream, tail, at = b"".join(events) + b"data: [DONE]\n\n", StreamTail(), 0
+    while at < len(stream):
+        step = rng.choice((1, 7, 64, 900, 5000))
+        tail.add(stream[at:at + step])
+        at += step
+    assert len(tail.data()) <= 2 * STREAM_TAIL_BYTES and stream.endswith(tail.data())
+    meter = WorkloadMeter()
+    meter.record_answer(tail.data())
+    assert meter.counts["requests"] == 1
+    assert (meter.counts["input_sum"], meter.counts["output_sum"]) == (11, len(events))
