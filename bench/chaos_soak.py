@@ -179,6 +179,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         model = (await r.json())["data"][0]["id"]
     base, hit = Phase("baseline"), Phase("chaos")
     await load(base, url, key, model, args.streams, time.monotonic() + args.duration, args.max_tokens)
+    base_slo = (await asyncio.to_thread(dep.status)).get("slo") or {}
     preemptions: list[dict[str, Any]] = []
     until = time.monotonic() + args.duration
     outage: list[dict[str, Any]] = []
@@ -200,7 +201,16 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
             "workload_shifts_kept": kinds.count("workload_shift.kept"),
             "preempted_while_controller_down": sum(bool(p["node"]) and down[0] <= p["t"] <= down[1]
                                                    for p in preemptions),
+            "slo_missed": kinds.count("slo.missed"), "slo_met": kinds.count("slo.met"),
+            "gateway_slo": {"baseline": base_slo, "chaos": snap.get("slo") or {}},
             "spend_per_hour": snap["spend_per_hour"], "budget_per_hour": snap["budget_per_hour"]}
+
+
+def _gateway_view(slo: dict[str, Any]) -> str:
+    """The gateway's own view at the end of a phase: the share of its last 120 s within the plan's SLO."""
+    if slo.get("attainment") is None:
+        return "-"
+    return f"{slo['attainment']:.1%} of {slo['judged']:.0f}, TTFT p99 <= {slo['ttft_p99_at_most_s']}s"
 
 
 def ratio(a: float, b: float) -> float:
@@ -238,15 +248,17 @@ def main() -> None:
     b, c = out["baseline"], out["chaos"]
     table = Table(title=f"chaos soak: {args.streams} streams, {args.duration:.0f} s a phase, a node preempted every "
                         f"~{args.interval:.0f} s ({out['preemptions']} preemptions)")
-    for col in ("phase", "ok", "failed", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"):
+    for col in ("phase", "ok", "failed", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99",
+                "within the SLO (gateway, last 120 s)"):
         table.add_column(col)
     for name, s in (("baseline", b), ("chaos", c)):
         table.add_row(name, str(s["ok"]), str(s["failed"]), f"{s['ttft_p50_s']:.3f}s", f"{s['ttft_p99_s']:.3f}s",
-                      f"{s['e2e_p50_s']:.3f}s", f"{s['e2e_p99_s']:.3f}s")
+                      f"{s['e2e_p50_s']:.3f}s", f"{s['e2e_p99_s']:.3f}s", _gateway_view(out["gateway_slo"][name]))
     Console().print(table)
     print(f"logs: {home / 'deployments' / dep.name}")
     print(f"up in {up_s:.1f}s; reschedules {out['reschedules']}, replacements {out['replacements']}, role switches "
-          f"{out['role_switches']}; spend ${out['spend_per_hour']}/h of ${out['budget_per_hour']}/h")
+          f"{out['role_switches']}; slo.missed {out['slo_missed']}, slo.met {out['slo_met']}; spend "
+          f"${out['spend_per_hour']}/h of ${out['budget_per_hour']}/h")
     result = {"bench": "chaos_soak", **vars(args), **out, "up_seconds": round(up_s, 1),
               "failed_ratio": ratio(c["failed"], c["ok"] + c["failed"]),
               "ttft_p99_ratio": ratio(c["ttft_p99_s"], b["ttft_p99_s"]),

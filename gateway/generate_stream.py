@@ -78,6 +78,7 @@ async def serve_generate_stream(request: web.Request, gw: Gateway, body: dict[st
     gen = TokenGeneration(gw, list(req.input_ids), sampling, req.max_new_tokens, extra=extra)
     rewrite = _Rewriter(gw, gen)
     resp: web.StreamResponse | None = None
+    t_first: float | None = None
     try:
         async with contextlib.aclosing(gen.steps()) as steps:
             try:
@@ -85,7 +86,8 @@ async def serve_generate_stream(request: web.Request, gw: Gateway, body: dict[st
                     if resp is None:
                         resp = await start_sse(request)
                         gen.delivered = True
-                        gw.metrics.observe(gw.metrics.ttft, route, time.perf_counter() - t0)
+                        t_first = time.perf_counter()
+                        gw.metrics.observe(gw.metrics.ttft, route, t_first - t0)
                     await resp.write(rewrite(step))
             except ApiError as e:
                 if resp is None:
@@ -101,5 +103,8 @@ async def serve_generate_stream(request: web.Request, gw: Gateway, body: dict[st
     except CLIENT_GONE:
         request["final_status"] = 499
         return resp or web.Response(status=499)
-    gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)
+    now = time.perf_counter()
+    gw.metrics.observe(gw.metrics.e2e, route, now - t0)
+    if t_first is not None:
+        gw.workload.timed_span(t_first - t0, now - t0, len(gen.output_ids))
     return resp

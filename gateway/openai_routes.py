@@ -183,3 +183,4 @@ def _observe(gw: Gateway, route: str, t0: float, t_first: float | None, n_out: i
         m.observe(m.ttft, route, t_first - t0)
         if n_out > 1:
             m.observe(m.tpot, route, (now - t_first) / (n_out - 1))
+        gw.workload.timed_span(t_first - t0, now - t0, n_out)

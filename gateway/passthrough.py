@@ -137,7 +137,8 @@ async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamRe
     outcome: bool | None = None
     resp = await start_sse(request)
     try:
-        gw.metrics.observe(gw.metrics.ttft, route, time.perf_counter() - t0)
+        ttft = time.perf_counter() - t0
+        gw.metrics.observe(gw.metrics.ttft, route, ttft)
         if want_logprobs and not ex.pair.colocated:
             await _relay_merged(resp, ex, up, first)
         else:
@@ -147,7 +148,7 @@ async def _relay(request: web.Request, gw: Gateway, ex: Exchange, up: UpstreamRe
             while chunk := await up.readany():
                 await resp.write(chunk)
                 tail.add(chunk)
-            gw.workload.record_answer(tail.data())
+            gw.workload.record_answer(tail.data(), ttft, time.perf_counter() - t0)
         outcome = True
         await resp.write_eof()
         gw.metrics.observe(gw.metrics.e2e, route, time.perf_counter() - t0)

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from gateway.context import Gateway
 from gateway.routing import RoutingTable, plan_table
+from gateway.workload_meter import slo_targets
 from planner.plan import PlanError
 from planner.state import StateStore
 
@@ -42,6 +43,7 @@ class PlanWatcher:
             plan = await self.state.get_plan()
             replicas = await self.state.replicas()
             self.refreshes += 1
+            self.gw.workload.slo = slo_targets(plan.slo) if plan is not None else None
             if plan is None:
                 table = RoutingTable([], version=0, source="plan")
             else:

@@ -1,6 +1,7 @@
-"""What the gateway serves, counted for the controller: finished requests and their prompt and output lengths.
+"""What the gateway serves, counted for the controller: finished requests, their prompt and output lengths, their
+TTFT and TPOT (histograms) and whether they met the plan's SLO.
 
-The request path only adds to five floats; a background task adds them to the shared 10 s bucket in Redis every
+The request path only adds to a few floats; a background task adds them to the shared 10 s bucket in Redis every
 ``FLUSH_S`` (``StateStore.record_workload``, HINCRBYFLOAT, so every gateway's counts sum). The controller reads
 the buckets back to see the workload shift (``planner.observed_workload``). A flush that fails (Redis away)
 keeps the counts for the next one.
@@ -9,10 +10,12 @@ keeps the counts for the next one.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import re
+from typing import Any
 
-from planner.state import WORKLOAD_FIELDS, StateStore
+from planner.state import LATENCY_BOUNDS_S, WORKLOAD_FIELDS, StateStore
 
 log = logging.getLogger("gateway")
 
@@ -45,9 +48,34 @@ class StreamTail:
         return bytes(self._buf)
 
 
+def slo_targets(slo: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(TTFT, TPOT) in seconds from a plan's ``slo``; None when the plan has none (e.g. a hand-written one)."""
+    try:
+        return float(slo["ttft_s"]), float(slo["tpot_s"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class WorkloadMeter:
     def __init__(self) -> None:
         self.counts = dict.fromkeys(WORKLOAD_FIELDS, 0.0)
+        self.slo: tuple[float, float] | None = None  # (TTFT, TPOT) targets of the plan in use
+
+    def timed(self, ttft_s: float, tpot_s: float | None) -> None:
+        """One answered request's TTFT (arrival at the gateway to its first token) and TPOT (mean time per output
+        token after the first; None with one token), judged against the plan's SLO when there is one."""
+        c = self.counts
+        c[f"ttft_{bisect.bisect_left(LATENCY_BOUNDS_S, ttft_s)}"] += 1
+        if tpot_s is not None:
+            c[f"tpot_{bisect.bisect_left(LATENCY_BOUNDS_S, tpot_s)}"] += 1
+        if self.slo is not None:
+            ttft_max, tpot_max = self.slo
+            c["judged"] += 1
+            c["slo_met"] += ttft_s <= ttft_max and (tpot_s is None or tpot_s <= tpot_max)
+
+    def timed_span(self, ttft_s: float, e2e_s: float, output_tokens: int) -> None:
+        """``timed`` from when the first and the last token went out."""
+        self.timed(ttft_s, (e2e_s - ttft_s) / (output_tokens - 1) if output_tokens > 1 else None)
 
     def record(self, prompt_tokens: int, output_tokens: int) -> None:
         """One finished request."""
@@ -58,18 +86,21 @@ class WorkloadMeter:
         c["output_sum"] += output_tokens
         c["output_sq"] += output_tokens * output_tokens
 
-    def record_answer(self, data: bytes) -> None:
+    def record_answer(self, data: bytes, ttft_s: float | None = None, e2e_s: float | None = None) -> None:
         """A pass-through answer's lengths, from decode's last ``prompt_tokens`` and ``completion_tokens``
-        (SGLang's ``meta_info``, or OpenAI's ``usage``) in ``data``: a JSON body, or the end of a stream. Best
-        effort: the gateway does not parse what it relays, so an answer without them is not counted."""
+        (SGLang's ``meta_info``, or OpenAI's ``usage``) in ``data``: a JSON body, or the end of a stream; with its
+        timing when it was streamed (a whole answer's first token is not seen). Best effort: the gateway does not
+        parse what it relays, so an answer without them is not counted."""
         prompt = _last_int(_PROMPT, data)
         output = _last_int(_COMPLETION, data)
         if prompt is not None and output is not None:
             self.record(prompt, output)
+            if ttft_s is not None and e2e_s is not None:
+                self.timed_span(ttft_s, e2e_s, output)
 
     async def flush(self, state: StateStore) -> None:
         """Add what was counted since the last flush to Redis (kept here if Redis fails)."""
-        if not self.counts["requests"]:
+        if not any(self.counts.values()):
             return
         taken, self.counts = self.counts, dict.fromkeys(WORKLOAD_FIELDS, 0.0)
         try:

@@ -86,7 +86,8 @@ class ControllerConfig:
     drain_timeout_s: float = 30.0
     workdir: str = ""
     # a workload shift: the gateways' measured length mix, over the last window, against the plan's
-    workload_check_s: float = 15.0  # how often to look (0: never)
+    workload_check_s: float = 15.0  # how often to look at the live SLO and the length mix (0: never)
+    follow_workload: bool = True  # act on a shift of the length mix (False: only the live SLO is watched)
     workload_window_s: float = 120.0
     workload_min_requests: int = 50  # fewer in the window: too few to say
     workload_shift_ratio: float = 1.5  # a mean prompt or output length this many times the plan's (or 1/x)
@@ -195,6 +196,7 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agents: dict[str, Any] = {}
         self._shift_considered: Any = None  # an observed Workload judged not worth re-deciding phases for
+        self._slo_missed = False  # whether the last SLO check saw the attainment target missed
 
     # -- planning -----------------------------------------------------------------------------------
     def _workload(self) -> Any:
@@ -337,25 +339,60 @@ class Controller:
 
     # -- workload shift --------------------------------------------------------------------------------
     async def _watch_workload(self, stop: asyncio.Event) -> None:
-        """Every ``workload_check_s``: has the length mix the gateways serve moved away from the plan's?"""
+        """Every ``workload_check_s``: is the SLO met live, and has the length mix the gateways serve moved away
+        from the plan's?"""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.cfg.workload_check_s)
             if stop.is_set():
                 return
             try:
-                await self.check_workload()
+                sample = await self.state.workload_window(self.cfg.workload_window_s)
+                await self.check_slo(sample)
+                if self.cfg.follow_workload:
+                    await self.check_workload(sample)
             except Exception as e:  # Redis away, a reschedule that failed: look again next time
                 log.warning("workload check failed: %s", e)
 
-    async def check_workload(self) -> str | None:
+    async def check_slo(self, sample: Any = None) -> str | None:
+        """Say when the share of requests the gateways served within the plan's TTFT and TPOT (over the last
+        ``workload_window_s``) falls under the attainment target (``slo.missed``, with the served rate against
+        the plan's expected goodput: overload or a slow replica), and when it is back (``slo.met``). Once per
+        change; None when nothing changed or too few requests were judged."""
+        if sample is None:
+            sample = await self.state.workload_window(self.cfg.workload_window_s)
+        plan, attained = self.plan, sample.attainment
+        if plan is None or attained is None or sample.judged < self.cfg.workload_min_requests:
+            return None
+        _, slo = self._workload()
+        missed = attained < slo.attainment
+        if missed == self._slo_missed:
+            return None
+        self._slo_missed = missed
+        goodput = float(plan.expected.get("goodput_rps") or 0)
+        p90 = {what: sample.latency_quantile(what, 0.9) for what in ("ttft", "tpot")}
+        seen = {"attainment": round(attained, 4), "target": slo.attainment, "judged": sample.judged,
+                "window_s": sample.seconds, "rate": round(sample.rate, 3), "expected_goodput_rps": goodput,
+                "ttft_p90_at_most_s": p90["ttft"], "tpot_p90_at_most_s": p90["tpot"]}
+        said = (f"{attained:.1%} of {sample.judged:.0f} requests over {sample.seconds:.0f} s within TTFT "
+                f"{slo.ttft_s:g}s and TPOT {slo.tpot_s:g}s (target {slo.attainment:.0%})")
+        if not missed:
+            await self.state.emit("slo.met", said, **seen)
+            return "slo.met"
+        load = (f"; serving {sample.rate:.2f} req/s, " + ("over" if sample.rate > goodput else "within")
+                + f" the plan's expected goodput of {goodput:.2f}") if goodput else ""
+        await self.state.emit("slo.missed", said + load, **seen)
+        return "slo.missed"
+
+    async def check_workload(self, sample: Any = None) -> str | None:
         """Reschedule for the observed workload when it shifted and re-deciding phases pays
         (``workload_min_gain``); else record that the plan was kept. Returns the event kind, or None when
         nothing shifted (or too little was seen)."""
         from planner.observed_workload import shift, to_workload
 
         cfg = self.cfg
-        sample = await self.state.workload_window(cfg.workload_window_s)
+        if sample is None:
+            sample = await self.state.workload_window(cfg.workload_window_s)
         if sample.requests < cfg.workload_min_requests or self.plan is None:
             return None
         planned, _ = self._workload()

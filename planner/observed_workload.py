@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from planner.state import LATENCY_BOUNDS_S
 from planner.workload import Lengths, Workload
 
 OBSERVED = "observed"  # the start of a Workload's ``trace`` when the gateways measured it
@@ -29,6 +30,38 @@ class WorkloadSample:
     input_sq: float = 0.0
     output_sum: float = 0.0
     output_sq: float = 0.0
+    judged: float = 0.0  # requests timed against the plan's SLO (TTFT known), and those that met it
+    slo_met: float = 0.0
+    ttft_hist: tuple[float, ...] = ()  # counts per ``LATENCY_BOUNDS_S`` bucket (and one past the last)
+    tpot_hist: tuple[float, ...] = ()
+
+    @classmethod
+    def from_counts(cls, seconds: float, counts: dict[str, float]) -> WorkloadSample:
+        """From ``StateStore`` field totals (``WORKLOAD_FIELDS``)."""
+        n = len(LATENCY_BOUNDS_S) + 1
+        scalars = ("requests", "input_sum", "input_sq", "output_sum", "output_sq", "judged", "slo_met")
+        return cls(seconds, *(counts.get(k, 0.0) for k in scalars),
+                   ttft_hist=tuple(counts.get(f"ttft_{i}", 0.0) for i in range(n)),
+                   tpot_hist=tuple(counts.get(f"tpot_{i}", 0.0) for i in range(n)))
+
+    @property
+    def attainment(self) -> float | None:
+        """The share of judged requests that met both targets; None when none was judged."""
+        return self.slo_met / self.judged if self.judged else None
+
+    def latency_quantile(self, what: str, q: float) -> float | None:
+        """The upper bound of the bucket holding the ``q`` quantile of ``what`` ("ttft" or "tpot"): the quantile is
+        at most this (inf past the last bound); None when nothing was timed."""
+        hist = self.ttft_hist if what == "ttft" else self.tpot_hist
+        total = sum(hist)
+        if not total:
+            return None
+        seen = 0.0
+        for i, count in enumerate(hist):
+            seen += count
+            if seen >= q * total:
+                return LATENCY_BOUNDS_S[i] if i < len(LATENCY_BOUNDS_S) else math.inf
+        return math.inf
 
     @property
     def rate(self) -> float:

@@ -20,8 +20,10 @@ write node records and events. Keys are namespaced per deployment as ``ts:{deplo
 - ``ts:{d}:rl:{keyhash}:{minute}`` (hash with TTL): request and token counters (fields req, tok) of
   one key in one minute window.
 - ``ts:{d}:workload:{bucket}`` (hash with TTL): what the gateways finished in one ``WORKLOAD_BUCKET_S`` window
-  (fields requests, input_sum, input_sq, output_sum, output_sq), added with HINCRBYFLOAT by every gateway; the
-  controller reads a window of them back to see the workload shift (``planner.observed_workload``).
+  (fields requests, input_sum, input_sq, output_sum, output_sq; judged and slo_met: requests timed against the
+  plan's SLO and those that met it; ttft_{i}, tpot_{i}: latency histograms over ``LATENCY_BOUNDS_S``), added
+  with HINCRBYFLOAT by every gateway; the controller reads a window of them back to see the workload shift
+  (``planner.observed_workload``) and whether the SLO is met live, and ``tsctl status`` shows them.
 - ``ts:{d}:controller:leader`` (string with TTL): the controller holding the lease; one acts at a time.
 - ``ts:{d}:meta`` (hash): deployment facts (gateway URL, budget, model, local/cloud, started_at).
 - ``ts:{d}:budget:limit`` (string, int micro-USD/h): the hourly budget the provisioners enforce.
@@ -60,7 +62,12 @@ REDIS_TIMEOUT_S = 5.0
 EVENTS_MAXLEN = 10_000
 WORKLOAD_BUCKET_S = 10
 WORKLOAD_TTL_S = 3600
-WORKLOAD_FIELDS = ("requests", "input_sum", "input_sq", "output_sum", "output_sq")
+# Latency histogram buckets (upper bounds, seconds; one more bucket past the last) for TTFT and TPOT: fixed, so
+# every gateway's counts add up in Redis and a window's quantiles can be read back (as a bucket's upper bound).
+LATENCY_BOUNDS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+LATENCY_FIELDS = tuple(f"{what}_{i}" for what in ("ttft", "tpot") for i in range(len(LATENCY_BOUNDS_S) + 1))
+WORKLOAD_FIELDS = ("requests", "input_sum", "input_sq", "output_sum", "output_sq", "judged", "slo_met",
+                   *LATENCY_FIELDS)
 NODE_STATUSES = ("pending", "ready", "preempted", "terminated", "failed")
 REPLICA_STATUSES = ("starting", "ready", "draining", "switching", "failed", "stopped")
 
@@ -496,8 +503,8 @@ class StateStore:
             for bucket in range(first, last + 1):
                 pipe.hmget(self.key("workload", bucket), *WORKLOAD_FIELDS)
             rows = await pipe.execute()
-        totals = [sum(float(row[i] or 0) for row in rows) for i in range(len(WORKLOAD_FIELDS))]
-        return WorkloadSample(float((last - first + 1) * WORKLOAD_BUCKET_S), *totals)
+        totals = {name: sum(float(row[i] or 0) for row in rows) for i, name in enumerate(WORKLOAD_FIELDS)}
+        return WorkloadSample.from_counts(float((last - first + 1) * WORKLOAD_BUCKET_S), totals)
 
     # -- controller lease ----------------------------------------------------------------------------
     async def acquire_leader(self, owner: str, ttl_s: float = 5.0) -> bool:

@@ -582,3 +582,38 @@ async def test_a_shift_that_does_not_pay_keeps_the_plan_and_is_not_solved_again(
     kept = [e for e in await state.events() if e.kind == "workload_shift.kept"]
     assert len(kept) == 1 and "plan kept" in kept[0].reason and kept[0].data["gain"] < 0.1
     await c.stop()
+
+
+async def test_the_controller_says_when_the_live_slo_is_missed_and_when_it_is_met_again(fresh: Any) -> None:
+    """The gateways judged 100 requests and 70 met the SLO (under the 90% target): one ``slo.missed`` event with
+    the served rate against the plan's expected goodput, not repeated while it lasts; 1,000 more that met it lift
+    the window to 97%: one ``slo.met``. Too few judged requests say nothing."""
+    import time
+
+    state = fresh()
+    plan = four_node_plan()
+    plan.expected["goodput_rps"] = 0.5
+    await state.publish_plan(plan)
+    c = Running(TestController(state, RecordOnlyProvisioner(state), config(workload_check_s=0), tick_s=0.05))
+
+    async def planned() -> bool:
+        return c.controller.plan is not None
+
+    await eventually(planned, "the controller's plan")
+    judged = {"requests": 10, "judged": 10, "slo_met": 5, "ttft_6": 10}
+    await state.record_workload(judged, now=time.time() - 25)
+    assert await c.controller.check_slo() is None  # 10 < workload_min_requests
+    await state.record_workload({"requests": 90, "judged": 90, "slo_met": 65, "ttft_7": 90}, now=time.time() - 25)
+    assert await c.controller.check_slo() == "slo.missed"
+    assert await c.controller.check_slo() is None  # still missed: said once
+    missed = [e for e in await state.events() if e.kind == "slo.missed"]
+    assert len(missed) == 1 and missed[0].data["attainment"] == pytest.approx(0.7)
+    assert "70.0% of 100 requests" in missed[0].reason and "TTFT 5s and TPOT 0.5s (target 90%)" in missed[0].reason
+    assert "serving 0.83 req/s, over the plan's expected goodput of 0.50" in missed[0].reason
+    assert missed[0].data["ttft_p90_at_most_s"] == 2.0
+    await state.record_workload({"requests": 1000, "judged": 1000, "slo_met": 1000, "ttft_3": 1000},
+                                now=time.time() - 15)
+    assert await c.controller.check_slo() == "slo.met"
+    met = [e for e in await state.events() if e.kind == "slo.met"]
+    assert len(met) == 1 and met[0].data["attainment"] == pytest.approx(1070 / 1100, abs=1e-4)
+    await c.stop()

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from gateway.launcher import GatewayProcess
+from planner.observed_workload import WorkloadSample
 from planner.plan import Instance, Plan, ReplicaSpec, Route
 from planner.state import ReplicaRecord, StateStore
 from replicas.process import EngineProcess
@@ -217,3 +218,52 @@ async def test_the_gateway_records_the_lengths_it_serves_for_the_controller(stat
     assert seen is not None and seen.requests == 16
     assert (seen.input_sum, seen.input_sq) == (12 * 7 + 4 * 3, 12 * 49 + 4 * 9)
     assert (seen.output_sum, seen.output_sq) == (12 * 5 + 4 * 9, 12 * 25 + 4 * 81)
+
+
+async def test_the_gateway_judges_what_it_serves_against_the_plans_slo(state: StateStore, redis_url: str) -> None:
+    """Every timed path (token-exact /generate streams, pass-through text streams, OpenAI chat whole and
+    streamed) counts a TTFT and TPOT and whether they met the plan's SLO; a whole pass-through answer (its first
+    token unseen) is counted but not judged. Under a 60 s SLO all 12 meet it; under the next plan's 1 us TTFT
+    none of 4 more does."""
+    import time
+
+    loose = plan(0.5, 0.5)
+    loose.slo = {"ttft_s": 60.0, "tpot_s": 60.0, "attainment": 0.9}
+    await state.publish_plan(loose)
+    tokens = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}
+    bodies = [("/generate", {"input_ids": [11, 12, 13], "stream": True, "sampling_params": tokens}),
+              ("/generate", {"text": "hello there", "stream": True, "sampling_params": tokens}),
+              ("/v1/chat/completions", {"model": "emulated", "messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 4}),
+              ("/v1/chat/completions", {"model": "emulated", "messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 4, "stream": True})]
+
+    async def served(judged: float) -> WorkloadSample | None:
+        seen = None
+        for _ in range(100):  # the gateway flushes every 5 s
+            seen = await state.workload_window(60, now=time.time() + 10)  # the current bucket too
+            if seen.judged >= judged:
+                return seen
+            await asyncio.sleep(0.2)
+        return seen
+
+    async with deployment(state, redis_url) as (gw, _, session):
+        await asyncio.to_thread(gw.wait_ready)
+        for path, body in bodies * 3 + [("/generate", {"text": "whole", "sampling_params": tokens})] * 2:
+            async with session.post(gw.url + path, json=body) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+        seen = await served(12)
+        assert (seen.requests, seen.judged, seen.slo_met) == (14, 12, 12)
+        tight = plan(0.5, 0.5)
+        tight.slo = {"ttft_s": 1e-6, "tpot_s": 60.0, "attainment": 0.9}
+        version = await state.publish_plan(tight)
+        await wait_version(session, gw.url, version)
+        for path, body in bodies:
+            async with session.post(gw.url + path, json=body) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+        seen = await served(16)
+    assert (seen.judged, seen.slo_met) == (16, 12) and seen.attainment == 0.75
+    assert sum(seen.ttft_hist) == 16 and sum(seen.tpot_hist) == 16  # 4 tokens each: every TPOT known
+    assert seen.latency_quantile("ttft", 0.5) <= 2.0

@@ -160,6 +160,13 @@ def test_preemption_loses_no_request_and_heals(cluster: LocalCluster) -> None:
     shifts = cluster.wait_for(lambda s: events_of(s, "workload_shift") + events_of(s, "workload_shift.kept"), 45,
                               f"a decision on the shifted mix; controller log: {cluster.log('controller')[-2000:]}")
     print(f"workload seen: {seen}; shift decisions: {[e['reason'] for e in shifts]}")
+    # and judged each answer against the plan's SLO: `tsctl status` shows the live attainment and latencies
+    slo = after["slo"]
+    print(f"live SLO: {slo}")
+    assert slo["judged"] > 0 and slo["attainment"] is not None and slo["target"]["ttft_s"] > 0, slo
+    assert slo["ttft_p50_at_most_s"] is not None and slo["tpot_p50_at_most_s"] is not None, slo
+    text = " ".join(cluster.tsctl("status", "-d", cluster.name).stdout.split())
+    assert "SLO: " in text and f"within TTFT {slo['target']['ttft_s']:g}s" in text, text
 
 
 def _served_by_node(c: LocalCluster, snap: dict[str, Any]) -> dict[str, float]:

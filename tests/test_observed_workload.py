@@ -51,3 +51,43 @@ async def test_gateways_counts_add_up_per_bucket_and_the_window_leaves_the_curre
     assert (seen.seconds, seen.requests, seen.input_sum, seen.input_sq, seen.output_sum, seen.output_sq) == (
         30.0, 4, 20, 100, 8, 16)
     assert seen.rate == pytest.approx(4 / 30)
+
+
+def test_the_meter_judges_each_answer_against_the_plans_slo_and_buckets_its_latencies() -> None:
+    """TTFT and TPOT land in their histogram buckets; a request counts as met only within both targets (one
+    output token: TTFT alone); without an SLO nothing is judged, but the latencies are still counted."""
+    from gateway.workload_meter import WorkloadMeter, slo_targets
+
+    meter = WorkloadMeter()
+    meter.timed(0.3, 0.04)  # before any plan: histograms only
+    assert meter.counts["judged"] == 0 and meter.counts["ttft_5"] == 1 and meter.counts["tpot_2"] == 1
+    meter.slo = slo_targets({"ttft_s": 0.5, "tpot_s": 0.05, "attainment": 0.9})
+    assert slo_targets({}) is None and slo_targets({"ttft_s": "x", "tpot_s": 1}) is None
+    meter.timed_span(0.2, 0.2 + 9 * 0.05, 10)  # TPOT exactly at the target: met
+    meter.timed(0.6, 0.01)  # TTFT over
+    meter.timed(0.1, 0.2)  # TPOT over
+    meter.timed_span(0.4, 0.4, 1)  # one token: judged on TTFT alone
+    assert (meter.counts["judged"], meter.counts["slo_met"]) == (4, 2)
+    assert meter.counts["ttft_11"] == 0 and sum(meter.counts[f"ttft_{i}"] for i in range(12)) == 5
+    assert sum(meter.counts[f"tpot_{i}"] for i in range(12)) == 4
+
+
+async def test_a_windows_attainment_and_latency_quantiles_add_up_over_gateways(state: StateStore) -> None:
+    """Two gateways' SLO counts and latency histograms sum in Redis; the window's quantiles are the bucket
+    bounds that hold them (past the last bound: inf)."""
+    from gateway.workload_meter import WorkloadMeter
+
+    now = (time.time() // WORKLOAD_BUCKET_S) * WORKLOAD_BUCKET_S + 5
+    for ttfts in ([0.04] * 48 + [0.3] * 2, [0.04] * 48 + [0.8, 40.0]):  # two gateways, 100 answers
+        meter = WorkloadMeter()
+        meter.slo = (0.5, 1.0)
+        for ttft in ttfts:
+            meter.timed(ttft, 0.015)
+        await state.record_workload(meter.counts, now=now - 15)
+    seen = await state.workload_window(30, now=now)
+    assert (seen.judged, seen.slo_met) == (100, 98) and seen.attainment == pytest.approx(0.98)
+    assert seen.latency_quantile("ttft", 0.5) == 0.05 and seen.latency_quantile("ttft", 0.97) == 0.5
+    assert seen.latency_quantile("ttft", 0.99) == 1.0 and seen.latency_quantile("ttft", 1.0) == float("inf")
+    assert seen.latency_quantile("tpot", 0.99) == 0.02
+    empty = await state.workload_window(30, now=now + 3600)
+    assert empty.attainment is None and empty.latency_quantile("tpot", 0.5) is None

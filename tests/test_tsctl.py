@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from planner.state import NodeRecord, StateStore
 from provisioner import process_group
 from provisioner.process_group import parse_pgid
-from tsctl.deploy_cmd import _release_leftovers
+from tsctl.deploy_cmd import _release_leftovers, _slo_line
 from tsctl.runtime import Deployment
 
 
@@ -158,3 +159,17 @@ def test_down_finds_local_nodes_when_redis_and_the_controller_are_gone(tmp_path:
 
         for node_id in tagged_node_ids(name):  # a failing run of this test leaves nothing behind either
             kill_node(None, node_tag(name, node_id))
+
+
+def test_status_says_the_live_slo_attainment_and_latency_quantiles() -> None:
+    """The status line: the share within both targets (red under the target), TTFT / TPOT quantiles as bucket
+    bounds ("> 30 s" past the last); nothing when no request was judged or the plan has no SLO."""
+    slo = {"target": {"ttft_s": 5.0, "tpot_s": 0.5, "attainment": 0.9}, "window_s": 120.0, "judged": 1140.0,
+           "attainment": 0.8, "ttft_p50_at_most_s": 0.1, "ttft_p90_at_most_s": 2.0, "ttft_p99_at_most_s": math.inf,
+           "tpot_p50_at_most_s": 0.02, "tpot_p90_at_most_s": 0.05, "tpot_p99_at_most_s": 0.1}
+    line = _slo_line(slo)
+    assert line.startswith("SLO: [red]80.0%[/red] of 1,140 requests in the last 120 s within TTFT 5s and TPOT 0.5s")
+    assert "(target 90%)" in line and "TTFT p50 <= 0.1 s, p90 <= 2 s, p99 > 30 s" in line
+    assert "TPOT p50 <= 0.02 s, p90 <= 0.05 s, p99 <= 0.1 s" in line
+    assert "[green]95.0%[/green]" in _slo_line({**slo, "attainment": 0.95})
+    assert _slo_line({**slo, "attainment": None}) == "" and _slo_line({**slo, "target": {}}) == ""

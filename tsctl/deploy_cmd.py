@@ -14,7 +14,7 @@ import os
 import secrets
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -38,6 +38,9 @@ from tsctl.runtime import (
     spawn_detached,
     stop_process,
 )
+
+if TYPE_CHECKING:
+    from planner.plan import Plan
 
 console = Console()
 err = Console(stderr=True)
@@ -79,7 +82,8 @@ def up(
     follow_workload: bool = typer.Option(
         True, "--follow-workload/--fixed-workload",
         help="re-decide phases when the length mix the gateway serves shifts from --input-len/--output-len "
-             "(lightweight reschedule, no weight reload), or keep the plan made for them"),
+             "(lightweight reschedule, no weight reload), or keep the plan made for them (the live SLO is watched "
+             "either way)"),
 ) -> None:
     """Plan, rent, start workers and the gateway; print the URL, an API key and a curl line."""
     problem = bad_deployment_name(deployment) or _bad_up_argument(
@@ -106,7 +110,7 @@ def up(
         spot=spot, disaggregate=local if disaggregate is None else disaggregate,
         catalogs=[os.path.abspath(c) for c in catalog], seed=seed,
         max_nodes=max_nodes or (4 if local else MAX_GPUS),
-        workload_check_s=ControllerConfig.workload_check_s if follow_workload else 0.0,
+        follow_workload=follow_workload,
     )
     dep = Deployment(name=deployment, mode="local" if local else "cloud", redis_url="", budget=budget, model=cfg.model)
     cfg.workdir = str(dep.dir / "nodes")
@@ -422,7 +426,19 @@ async def snapshot(state: StateStore, events: int = 10) -> dict[str, Any]:
                      "observed": {"window_s": seen.seconds, "requests": seen.requests, "rate": round(seen.rate, 3),
                                   "mean_prompt": round(seen.mean_input, 1),
                                   "mean_output": round(seen.mean_output, 1)}},
+        "slo": _live_slo(plan, seen),
     }
+
+
+def _live_slo(plan: Plan | None, seen: Any) -> dict[str, Any]:
+    """The plan's SLO and how the gateways met it over the window: the share of requests within both targets,
+    and TTFT / TPOT quantiles as the upper bound of their histogram bucket (None: nothing timed;
+    inf, null in JSON: past the last bound, 30 s)."""
+    attained = seen.attainment
+    return {"target": plan.slo if plan else {}, "window_s": seen.seconds, "judged": seen.judged,
+            "attainment": round(attained, 4) if attained is not None else None,
+            **{f"{what}_p{q}_at_most_s": seen.latency_quantile(what, q / 100)
+               for what in ("ttft", "tpot") for q in (50, 90, 99)}}
 
 
 def _mean_lengths(workload: dict[str, Any]) -> dict[str, Any] | None:
@@ -509,10 +525,30 @@ def status_tables(snap: dict[str, Any], loads: dict[str, Any]) -> list[Any]:
         parts.append(f"workload: {plan_part}; last {seen.get('window_s', 0):.0f} s: {seen.get('requests', 0):.0f} "
                      f"requests, {seen.get('rate', 0):.2f} req/s, mean {seen.get('mean_prompt', 0):.0f}/"
                      f"{seen.get('mean_output', 0):.0f} tokens (prompt/output)")
+    if slo_line := _slo_line(snap.get("slo") or {}):
+        parts.append(slo_line)
     if "services" in snap:
         parts.append("  ".join(f"{name} " + ("[green]running[/green]" if svc["running"] else "[red]down[/red]")
                                for name, svc in snap["services"].items()))
     return [*parts, nodes, reps, events]
+
+
+def _slo_line(slo: dict[str, Any]) -> str:
+    """``SLO: 97.0% of 1,140 requests in the last 120 s within TTFT 5s / TPOT 0.5s (target 90%); TTFT p50 <= ...``"""
+    target, attained = slo.get("target") or {}, slo.get("attainment")
+    if attained is None or "ttft_s" not in target:
+        return ""
+    goal = target.get("attainment", 0.9)
+    color = "green" if attained >= goal else "red"
+
+    def at_most(v: float | None) -> str:
+        return "-" if v is None else ("> 30 s" if v == math.inf else f"<= {v:g} s")
+
+    quantiles = "; ".join(f"{what.upper()} " + ", ".join(f"p{q} {at_most(slo.get(f'{what}_p{q}_at_most_s'))}"
+                                                      for q in (50, 90, 99)) for what in ("ttft", "tpot"))
+    return (f"SLO: [{color}]{attained:.1%}[/{color}] of {slo['judged']:,.0f} requests in the last "
+            f"{slo['window_s']:.0f} s within TTFT {target['ttft_s']:g}s and TPOT {target['tpot_s']:g}s (target "
+            f"{goal:.0%}); {quantiles}")
 
 
 def _state_for(deployment: str, redis_url: str | None) -> tuple[Deployment | None, StateStore]:
