@@ -48,6 +48,7 @@ LOST = ("preempted", "terminated", "failed")
 LIVE = ("pending", "ready")
 CONFIG_META_KEY = "controller_config"
 REPLACEMENTS_META_KEY = "controller_replacements"  # lost node id -> its replacement's id ("" = not chosen yet)
+SCALE_UPS_META_KEY = "controller_scale_ups"  # node id -> the Instance being rented to meet the SLO (not yet folded in)
 # A multi-node SGLang replica's rank 0 listens on its --dist-init-addr port and the next ~8 (SGLang's ZMQ
 # sockets), so replicas are 16 ports apart: 20000-28191, clear of the engine ports the SkyPilot task opens
 # (30000-30031) and of Linux's ephemeral range (32768-), where the agents draw engine ports.
@@ -92,6 +93,10 @@ class ControllerConfig:
     workload_min_requests: int = 50  # fewer in the window: too few to say
     workload_shift_ratio: float = 1.5  # a mean prompt or output length this many times the plan's (or 1/x)
     workload_min_gain: float = 0.1  # re-decide phases only for this much more goodput than keeping them
+    # a missed live SLO: rent one more instance within the budget and max_nodes (``planner.scale_up``), then
+    # wait this long (the window must see the new capacity) before judging again
+    scale_up: bool = False
+    scale_up_cooldown_s: float = 120.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ControllerConfig:
@@ -197,6 +202,9 @@ class Controller:
         self._agents: dict[str, Any] = {}
         self._shift_considered: Any = None  # an observed Workload judged not worth re-deciding phases for
         self._slo_missed = False  # whether the last SLO check saw the attainment target missed
+        self._scaling: dict[str, Instance] = {}  # node id -> instance rented to meet the SLO; in Redis too
+        self._scaled_at = 0.0  # when the last scale-up was decided (time.time())
+        self._scale_refused = ""  # the last refusal said (said once)
 
     # -- planning -----------------------------------------------------------------------------------
     def _workload(self) -> Any:
@@ -253,6 +261,7 @@ class Controller:
                 await self._publish(plan, "plan.created", "initial plan", plan_s=time.perf_counter() - t0,
                                     cost_per_hour=plan.cost_per_hour, replicas=len(plan.replicas))
             await self._resume_replacements()  # before the first pass, so it releases none of them
+            await self._resume_scale_ups()
             watcher = asyncio.create_task(self._follow_events(events))
             if self.cfg.workload_check_s > 0:
                 self._spawn(self._watch_workload(stop), "workload-watch")
@@ -349,6 +358,8 @@ class Controller:
             try:
                 sample = await self.state.workload_window(self.cfg.workload_window_s)
                 await self.check_slo(sample)
+                if self.cfg.scale_up:
+                    await self.check_scale_up(sample)
                 if self.cfg.follow_workload:
                     await self.check_workload(sample)
             except Exception as e:  # Redis away, a reschedule that failed: look again next time
@@ -385,6 +396,94 @@ class Controller:
                 + f" the plan's expected goodput of {goodput:.2f}") if goodput else ""
         await self.state.emit("slo.missed", said + load, **seen)
         return "slo.missed"
+
+    async def check_scale_up(self, sample: Any = None) -> str | None:
+        """While the live SLO is missed: rent the one instance that adds the most goodput per dollar to the plan
+        as it runs (``planner.scale_up``), within the budget and ``max_nodes`` GPUs; it is folded in once ready
+        (make before break, as a replacement). One at a time, not while a replacement is under way, and not
+        again before ``scale_up_cooldown_s``. Returns ``scale_up``, ``scale_up.refused`` (said once per
+        reason) or None."""
+        from planner.observed_workload import to_workload
+        from planner.scale_up import choose_addition
+        from planner.scheduler import resolve_offers
+
+        cfg = self.cfg
+        if sample is None:
+            sample = await self.state.workload_window(cfg.workload_window_s)
+        plan = self.plan
+        if not self._slo_missed or plan is None or self._scaling or self._replacing:
+            return None
+        if time.time() - self._scaled_at < cfg.scale_up_cooldown_s:
+            return None
+        planned, slo = self._workload()
+        workload = to_workload(sample, planned.rate) if sample.requests >= cfg.workload_min_requests else planned
+        node_id = await self._free_node_id()
+        offers = await asyncio.to_thread(resolve_offers, offers_of(cfg))
+        add = await asyncio.to_thread(choose_addition, plan, offers, workload, slo, budget=cfg.budget,
+                                      max_gpus=cfg.max_nodes, spot=cfg.spot, node_id=node_id)
+        if add is None:
+            used = sum(i.gpu_count for i in plan.instances)
+            reason = (f"SLO missed, and no offer within the ${max(0.0, cfg.budget - plan.cost_per_hour):.2f}/h left "
+                      f"of the budget and {max(0, cfg.max_nodes - used)} GPU(s) left of --max-nodes adds goodput")
+            if reason == self._scale_refused:
+                return None
+            self._scale_refused = reason
+            await self.state.emit("scale_up.refused", reason)
+            return "scale_up.refused"
+        self._scale_refused, self._scaled_at = "", time.time()
+        inst = add.instance
+        self._scaling[inst.id] = inst
+        await self._save_scale_ups()
+        await self.state.emit("scale_up", f"SLO missed: renting {inst.instance_type} ({inst.gpu_count}x "
+                              f"{inst.gpu_type}, ${inst.price_per_hour:.2f}/h) as {inst.id}: goodput "
+                              f"{add.goodput_now:.2f} -> {add.goodput_after:.2f} req/s on the served mix",
+                              **add.to_dict())
+        self._spawn(self._scale_up(inst), f"scale-up-{inst.id}")
+        return "scale_up"
+
+    async def _scale_up(self, inst: Instance) -> None:
+        """Rent ``inst`` (its id recorded in Redis first, so no pass releases it) and fold it in once ready;
+        one that fails to come up is released."""
+        from provisioner.base import NodeRequest
+
+        t0 = time.time()
+        try:
+            if await self.state.get_node(inst.id) is None:
+                await self.provisioner.acquire(NodeRequest.from_instance(inst))
+            ready = await self.provisioner.wait_ready(inst.id, timeout_s=self.cfg.replace_ready_timeout_s)
+        except Exception as e:  # refused by the budget, no capacity, never ready
+            await self.state.emit("scale_up.failed", f"{inst.id}: {type(e).__name__}: {e}", node=inst.id)
+            live = await self.state.get_node(inst.id)
+            if live is not None and live.status in LIVE:
+                await self._release(inst.id, "scale-up did not come up")
+        else:
+            await self.fold_in([ready], reason=f"scale-up for the SLO: {inst.id}", started_at=t0)
+        finally:
+            self._scaling.pop(inst.id, None)
+            await self._save_scale_ups()
+
+    async def _save_scale_ups(self) -> None:
+        async with self._persist_lock:
+            await self.state.set_meta(**{SCALE_UPS_META_KEY: {k: asdict(v) for k, v in self._scaling.items()}})
+
+    async def _resume_scale_ups(self) -> None:
+        """Finish the scale-ups a previous controller recorded (fold in, or release what never came up)."""
+        saved = (await self.state.meta()).get(SCALE_UPS_META_KEY)
+        if not isinstance(saved, dict):
+            return
+        for node_id, inst in saved.items():
+            if node_id not in self._scaling and isinstance(inst, dict):
+                self._scaling[node_id] = Instance(**inst)
+                self._spawn(self._scale_up(self._scaling[node_id]), f"scale-up-{node_id}")
+
+    async def _free_node_id(self) -> str:
+        """``n{k}`` for the lowest k no node of this deployment (planned, recorded, being rented) has used."""
+        taken = set(await self.state.nodes()) | set(self._scaling) | set(self._replacing.values())
+        taken |= {i.id for i in self.plan.instances} if self.plan else set()
+        k = 0
+        while f"n{k}" in taken:
+            k += 1
+        return f"n{k}"
 
     async def check_workload(self, sample: Any = None) -> str | None:
         """Reschedule for the observed workload when it shifted and re-deciding phases pays
@@ -662,7 +761,7 @@ class Controller:
         # 4. nodes the plan no longer has (not awaited replacements). The current plan, not this pass's
         # snapshot: a replacement folded in during the awaits above is in it (and no longer awaited).
         planned = {i.id for i in self.plan.instances} if self.plan is not None else plan_nodes
-        awaited = set(self._replacing.values())
+        awaited = set(self._replacing.values()) | set(self._scaling)
         for nid, node in nodes.items():
             if nid not in planned and nid not in awaited and node.status in LIVE \
                     and f"release-{nid}" not in self._busy:

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 # compiling these modules and pytest rewrote a plugin module's source.
 import planner.reschedule
 import planner.scheduler  # noqa: F401
-from planner.controller import REPLACEMENTS_META_KEY, Controller, ControllerConfig
+from planner.controller import REPLACEMENTS_META_KEY, SCALE_UPS_META_KEY, Controller, ControllerConfig
 from planner.plan import Instance, Plan, ReplicaSpec, Route
 from planner.state import NodeRecord, ReplicaRecord, StateStore
 from provisioner.base import NodeRequest, Provisioner, ProvisionError
@@ -616,4 +616,75 @@ async def test_the_controller_says_when_the_live_slo_is_missed_and_when_it_is_me
     assert await c.controller.check_slo() == "slo.met"
     met = [e for e in await state.events() if e.kind == "slo.met"]
     assert len(met) == 1 and met[0].data["attainment"] == pytest.approx(1070 / 1100, abs=1e-4)
+    await c.stop()
+
+
+async def _missed(state: StateStore, c: Running) -> None:
+    """The gateways judged 100 requests of short chats, 50 within the SLO: the controller sees the miss."""
+    import time
+
+    await state.record_workload({"requests": 100, "input_sum": 4000, "input_sq": 1.01 * 40 * 40 * 100,
+                                 "output_sum": 2400, "output_sq": 1.01 * 24 * 24 * 100, "judged": 100, "slo_met": 50},
+                                now=time.time() - 15)
+    assert await c.controller.check_slo() == "slo.missed"
+
+
+async def test_a_missed_slo_rents_the_instance_adding_most_goodput_per_dollar_and_folds_it_in(fresh: Any) -> None:
+    """With --scale-up, a missed SLO rents one more node within the budget and --max-nodes (the four L4s are the
+    catalog's capacity, so another type), folds it in once ready (a replica on it, routing re-solved), and waits
+    out the cooldown; with --max-nodes reached it says so, once."""
+    state = fresh()
+    cfg = config(workload_check_s=0, scale_up=True, scale_up_cooldown_s=0.0, max_nodes=5)
+    c = Running(TestController(state, RecordOnlyProvisioner(state), cfg, tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the replicas")
+    await _missed(state, c)
+    assert await c.controller.check_scale_up() == "scale_up"
+    decided = [e for e in await state.events() if e.kind == "scale_up"][-1]
+    assert decided.data["node"] == "n4" and decided.data["instance_type"] != "local-L4"
+    assert decided.data["goodput_after"] > decided.data["goodput_now"]
+    assert decided.data["price_per_hour"] <= BUDGET - 4 * SPOT_L4
+
+    async def folded() -> bool:
+        plan = await state.get_plan()
+        return plan is not None and "n4" in {i.id for i in plan.instances} and \
+            any("n4" in r.node_ids for r in plan.replicas) and not (await state.meta()).get(SCALE_UPS_META_KEY)
+
+    await eventually(folded, "the new node folded into the plan")
+    replan = [e for e in await state.events() if e.kind == "replan"][-1]
+    assert "scale-up for the SLO: n4" in replan.reason
+    await eventually(lambda: all_replicas_ready(state, 5), "the new node's replica")
+    assert await c.controller.check_scale_up() == "scale_up.refused"  # 5 GPUs: --max-nodes reached
+    refused = [e for e in await state.events() if e.kind == "scale_up.refused"]
+    assert len(refused) == 1 and "0 GPU(s) left of --max-nodes" in refused[0].reason
+    assert await c.controller.check_scale_up() is None  # said once
+    await c.stop()
+
+
+async def test_no_scale_up_without_the_flag_without_a_miss_or_in_the_cooldown(fresh: Any) -> None:
+    state = fresh()
+    c = Running(TestController(state, RecordOnlyProvisioner(state),
+                               config(workload_check_s=0, scale_up=True, max_nodes=6), tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the replicas")
+    assert await c.controller.check_scale_up() is None  # no miss seen
+    await _missed(state, c)
+    assert await c.controller.check_scale_up() == "scale_up"
+    await eventually(lambda: all_replicas_ready(state, 5), "the new node's replica")
+    assert await c.controller.check_scale_up() is None  # within the 120 s cooldown
+    await c.stop()
+
+
+async def test_a_scale_up_left_by_a_stopped_controller_is_folded_in_by_the_next(fresh: Any) -> None:
+    """The node being rented is recorded in Redis before it is asked for; a successor finishes the job instead
+    of releasing it as a node the plan does not have."""
+    state = fresh()
+    inst = Instance("n4", "local-T4", "T4", 1, True, 0.16, "local", "local")
+    await state.set_meta(**{SCALE_UPS_META_KEY: {"n4": {**inst.__dict__}}})
+    c = Running(TestController(state, RecordOnlyProvisioner(state), config(workload_check_s=0), tick_s=0.05))
+
+    async def folded() -> bool:
+        plan = await state.get_plan()
+        return plan is not None and "n4" in {i.id for i in plan.instances}
+
+    await eventually(folded, "the recorded scale-up folded in")
+    assert c.controller.provisioner.acquired.count("n4") == 1 and "n4" not in c.controller.provisioner.released
     await c.stop()

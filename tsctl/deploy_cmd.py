@@ -84,6 +84,11 @@ def up(
         help="re-decide phases when the length mix the gateway serves shifts from --input-len/--output-len "
              "(lightweight reschedule, no weight reload), or keep the plan made for them (the live SLO is watched "
              "either way)"),
+    scale_up: bool = typer.Option(
+        False, "--scale-up",
+        help="while the live SLO is missed, rent one more instance at a time (the one adding the most goodput per "
+             "dollar) within --budget and --max-nodes; it is folded in once ready. Nodes are not given back when "
+             "the load falls"),
 ) -> None:
     """Plan, rent, start workers and the gateway; print the URL, an API key and a curl line."""
     problem = bad_deployment_name(deployment) or _bad_up_argument(
@@ -110,7 +115,7 @@ def up(
         spot=spot, disaggregate=local if disaggregate is None else disaggregate,
         catalogs=[os.path.abspath(c) for c in catalog], seed=seed,
         max_nodes=max_nodes or (4 if local else MAX_GPUS),
-        follow_workload=follow_workload,
+        follow_workload=follow_workload, scale_up=scale_up,
     )
     dep = Deployment(name=deployment, mode="local" if local else "cloud", redis_url="", budget=budget, model=cfg.model)
     cfg.workdir = str(dep.dir / "nodes")
