@@ -55,8 +55,11 @@ class EventSubscription:
         return event
 
     async def next(self, timeout_s: float) -> NodeEvent:
-        """The next event, or TimeoutError after ``timeout_s``."""
-        return await asyncio.wait_for(self.__anext__(), timeout_s)
+        """The next event, or TimeoutError after ``timeout_s``. ``asyncio.timeout``, not ``wait_for``: on Python
+        3.11 ``wait_for`` drops a cancellation that lands as an event arrives, and the waiter (a controller's
+        ``wait_ready`` being stopped) would go on waiting instead of ending."""
+        async with asyncio.timeout(timeout_s):
+            return await self.__anext__()
 
     def close(self) -> None:
         self._hub.unsubscribe(self)
