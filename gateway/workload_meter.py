@@ -3,7 +3,8 @@ TTFT and TPOT (histograms) and whether they met the plan's SLO.
 
 The request path only adds to a few floats; a background task adds them to the shared 10 s bucket in Redis every
 ``FLUSH_S`` (``StateStore.record_workload``, HINCRBYFLOAT, so every gateway's counts sum). The controller reads
-the buckets back to see the workload shift (``planner.observed_workload``). A flush that fails (Redis away)
+the buckets back to see the workload shift (``planner.observed_workload``) and whether the SLO is met live
+(``Controller.check_slo``), and ``tsctl status`` shows both. A flush that fails (Redis away)
 keeps the counts for the next one.
 """
 
