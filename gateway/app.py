@@ -176,14 +176,20 @@ def _model_card(gw: Gateway, name: str) -> dict[str, object]:
 async def handle_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     await gw.auth.authenticate(request.headers.get("Authorization"))
-    return _json({"object": "list", "data": [_model_card(gw, m) for m in gw.model.ids]})
+    return _json({"object": "list", "data": [_model_card(gw, m) for m in _served_ids(gw)]})
+
+
+def _served_ids(gw: Gateway) -> list[str]:
+    """The model ids workers gave, or the plan's model until a worker has answered: a gateway that has just
+    restarted (its plan read before it serves) must not list no model while discovery is under way."""
+    return gw.model.ids or ([gw.table.model] if gw.table.model else [])
 
 
 async def handle_model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     await gw.auth.authenticate(request.headers.get("Authorization"))
     name = request.match_info["model"]
-    if name not in gw.model.ids:
+    if name not in _served_ids(gw):
         raise ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
     return _json(_model_card(gw, name))
 

@@ -267,3 +267,25 @@ async def test_the_gateway_judges_what_it_serves_against_the_plans_slo(state: St
     assert (seen.judged, seen.slo_met) == (16, 12) and seen.attainment == 0.75
     assert sum(seen.ttft_hist) == 16 and sum(seen.tpot_hist) == 16  # 4 tokens each: every TPOT known
     assert seen.latency_quantile("ttft", 0.5) <= 2.0
+
+
+async def test_a_gateway_whose_workers_have_not_answered_yet_lists_the_plans_model(state: StateStore,
+                                                                                  redis_url: str) -> None:
+    """Model discovery asks a worker; until one answers (a gateway just restarted, workers still booting) the
+    plan's model is what /v1/models lists and what /v1/models/{id} knows, not nothing."""
+    await state.publish_plan(plan(0.5, 0.5))
+    for rid, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
+        await state.put_replica(ReplicaRecord(rid, [rid], role, url="http://127.0.0.1:9", bootstrap_port=9,
+                                              status="ready"))
+    gw = GatewayProcess(["--redis-url", redis_url, "--deployment", state.deployment, "--no-auth"])
+    try:
+        await asyncio.to_thread(gw.start)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.url + "/v1/models") as r:
+                assert r.status == 200 and [m["id"] for m in (await r.json())["data"]] == ["emulated"]
+            async with session.get(gw.url + "/v1/models/emulated") as r:
+                assert r.status == 200
+            async with session.get(gw.url + "/v1/models/other") as r:
+                assert r.status == 404
+    finally:
+        gw.stop()
