@@ -49,6 +49,7 @@ LIVE = ("pending", "ready")
 CONFIG_META_KEY = "controller_config"
 REPLACEMENTS_META_KEY = "controller_replacements"  # lost node id -> its replacement's id ("" = not chosen yet)
 SCALE_UPS_META_KEY = "controller_scale_ups"  # node id -> the Instance being rented to meet the SLO (not yet folded in)
+SCALED_NODES_META_KEY = "controller_scaled_nodes"  # node ids scale-ups folded in, oldest first (scale down gives back)
 # A multi-node SGLang replica's rank 0 listens on its --dist-init-addr port and the next ~8 (SGLang's ZMQ
 # sockets), so replicas are 16 ports apart: 20000-28191, clear of the engine ports the SkyPilot task opens
 # (30000-30031) and of Linux's ephemeral range (32768-), where the agents draw engine ports.
@@ -97,6 +98,9 @@ class ControllerConfig:
     # wait this long (the window must see the new capacity) before judging again
     scale_up: bool = False
     scale_up_cooldown_s: float = 120.0
+    # ... and gives back the newest node it rented once the SLO has been met with room (p90 TTFT and TPOT at most
+    # half their targets) this long, and the plan without it is still estimated to serve twice the served rate
+    scale_down_after_s: float = 300.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ControllerConfig:
@@ -205,6 +209,8 @@ class Controller:
         self._scaling: dict[str, Instance] = {}  # node id -> instance rented to meet the SLO; in Redis too
         self._scaled_at = 0.0  # when the last scale-up was decided (time.time())
         self._scale_refused = ""  # the last refusal said (said once)
+        self._roomy_since: float | None = None  # since when the SLO has been met with room (time.time())
+        self._draining: set[str] = set()  # nodes a scale down dropped from the plan, left to finish their requests
 
     # -- planning -----------------------------------------------------------------------------------
     def _workload(self) -> Any:
@@ -360,6 +366,7 @@ class Controller:
                 await self.check_slo(sample)
                 if self.cfg.scale_up:
                     await self.check_scale_up(sample)
+                    await self.check_scale_down(sample)
                 if self.cfg.follow_workload:
                     await self.check_workload(sample)
             except Exception as e:  # Redis away, a reschedule that failed: look again next time
@@ -458,9 +465,92 @@ class Controller:
                 await self._release(inst.id, "scale-up did not come up")
         else:
             await self.fold_in([ready], reason=f"scale-up for the SLO: {inst.id}", started_at=t0)
+            if self.plan is not None and inst.id in {i.id for i in self.plan.instances}:
+                scaled = await self._scaled_nodes()
+                await self.state.set_meta(**{SCALED_NODES_META_KEY: [*scaled, inst.id]})
         finally:
             self._scaling.pop(inst.id, None)
             await self._save_scale_ups()
+
+    async def _scaled_nodes(self) -> list[str]:
+        """The nodes scale-ups added that the plan still has, oldest first."""
+        saved = (await self.state.meta()).get(SCALED_NODES_META_KEY)
+        planned = {i.id for i in self.plan.instances} if self.plan is not None else set()
+        return [n for n in saved if n in planned] if isinstance(saved, list) else []
+
+    async def check_scale_down(self, sample: Any = None) -> str | None:
+        """Give back the newest node a scale-up rented once the SLO has been met with room for
+        ``scale_down_after_s`` (since the last scale change too): every share of the window within the target,
+        p90 TTFT and TPOT at most half theirs, and the plan without the node still estimated to serve twice the
+        served rate. The new plan goes out first (gateways stop sending to it), its replicas finish what they
+        hold (``drain_timeout_s`` at most), then the node is released. Returns ``scale_down`` or None."""
+        from planner.observed_workload import to_workload
+
+        cfg = self.cfg
+        if sample is None:
+            sample = await self.state.workload_window(cfg.workload_window_s)
+        plan, now = self.plan, time.time()
+        attained = sample.attainment
+        if plan is None or attained is None or sample.judged < cfg.workload_min_requests or self._slo_missed:
+            self._roomy_since = None
+            return None
+        _, slo = self._workload()
+        ttft, tpot = sample.latency_quantile("ttft", 0.9), sample.latency_quantile("tpot", 0.9)
+        roomy = attained >= slo.attainment and ttft is not None and ttft <= slo.ttft_s / 2 and \
+            (tpot is None or tpot <= slo.tpot_s / 2)
+        if not roomy:
+            self._roomy_since = None
+            return None
+        self._roomy_since = self._roomy_since or now
+        if now - max(self._roomy_since, self._scaled_at) < cfg.scale_down_after_s:
+            return None
+        if self._scaling or self._replacing or self._draining:
+            return None
+        scaled = await self._scaled_nodes()
+        if not scaled:
+            return None
+        node_id = scaled[-1]
+        planned, _ = self._workload()
+        async with self._plan_lock:
+            plan = self.plan
+            if plan is None or node_id not in {i.id for i in plan.instances}:
+                return None
+            new_plan, changes, solve_ms = await self._rescheduled(plan, workload=to_workload(sample, planned.rate),
+                                                                  lost_nodes=[node_id])
+            if changes.goodput_after < 2 * sample.rate:
+                return None
+            self._scaled_at, self._roomy_since = now, None
+            self._draining.add(node_id)
+            await self.state.set_meta(**{SCALED_NODES_META_KEY: [n for n in scaled if n != node_id]})
+            await self._publish(new_plan, "scale_down", f"SLO met with room for {cfg.scale_down_after_s:g}s "
+                                f"({attained:.1%}, p90 TTFT <= {ttft:g}s): giving back {node_id}, goodput "
+                                f"{changes.goodput_kept:.2f} -> {changes.goodput_after:.2f} req/s est.",
+                                removed=[node_id], solve_ms=solve_ms, changes=_changes_dict(changes),
+                                expected=new_plan.expected)
+        self._spawn(self._drain_and_release(plan, node_id), f"scale-down-{node_id}")
+        self._wake.set()
+        return "scale_down"
+
+    async def _drain_and_release(self, old_plan: Plan, node_id: str) -> None:
+        """Wait until the dropped node's replicas hold no request (or ``drain_timeout_s``), then stop them and
+        release the node."""
+        import aiohttp
+
+        records = await self.state.replicas()
+        dropped = [records[r.id] for r in old_plan.replicas if node_id in r.node_ids and r.id in records]
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+                while time.monotonic() < deadline:  # polling the engines: they announce nothing
+                    if not await _holding(http, [r.url for r in dropped if r.url]):
+                        break
+                    await asyncio.sleep(0.2)
+            nodes = await self.state.nodes()
+            for rec in dropped:
+                await self._stop_replica(rec, nodes)
+            await self._release(node_id, "scale down")
+        finally:
+            self._draining.discard(node_id)
 
     async def _save_scale_ups(self) -> None:
         async with self._persist_lock:
@@ -756,12 +846,12 @@ class Controller:
         # 3. replicas the plan no longer has
         wanted = {r.id for r in plan.replicas}
         for rid, rec in records.items():
-            if rid not in wanted and rid not in self._busy:
+            if rid not in wanted and rid not in self._busy and not set(rec.node_ids) & self._draining:
                 self._run_busy(rid, self._stop_replica(rec, nodes))
         # 4. nodes the plan no longer has (not awaited replacements). The current plan, not this pass's
         # snapshot: a replacement folded in during the awaits above is in it (and no longer awaited).
         planned = {i.id for i in self.plan.instances} if self.plan is not None else plan_nodes
-        awaited = set(self._replacing.values()) | set(self._scaling)
+        awaited = set(self._replacing.values()) | set(self._scaling) | self._draining
         for nid, node in nodes.items():
             if nid not in planned and nid not in awaited and node.status in LIVE \
                     and f"release-{nid}" not in self._busy:
@@ -934,6 +1024,20 @@ def strands_its_role(plan: Plan, rec: ReplicaRecord, records: dict[str, ReplicaR
         return False
     return any(s.role == rec.role and s.id != rec.id and (s.id not in records or records[s.id].status != "ready")
                for s in plan.replicas)
+
+
+async def _holding(http: Any, urls: list[str]) -> bool:
+    """Whether any of these engines still holds a request (SGLang's ``/get_load``); one that does not answer
+    holds nothing we could wait for."""
+    for url in urls:
+        try:
+            async with http.get(url + "/get_load") as r:
+                loads = await r.json()
+            if sum(int(d.get("num_reqs", 0)) for d in loads):
+                return True
+        except Exception:
+            continue
+    return False
 
 
 def _servable(records: list[ReplicaRecord]) -> bool:

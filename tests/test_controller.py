@@ -22,7 +22,13 @@ import redis.asyncio as aioredis
 # compiling these modules and pytest rewrote a plugin module's source.
 import planner.reschedule
 import planner.scheduler  # noqa: F401
-from planner.controller import REPLACEMENTS_META_KEY, SCALE_UPS_META_KEY, Controller, ControllerConfig
+from planner.controller import (
+    REPLACEMENTS_META_KEY,
+    SCALE_UPS_META_KEY,
+    SCALED_NODES_META_KEY,
+    Controller,
+    ControllerConfig,
+)
 from planner.plan import Instance, Plan, ReplicaSpec, Route
 from planner.state import NodeRecord, ReplicaRecord, StateStore
 from provisioner.base import NodeRequest, Provisioner, ProvisionError
@@ -688,3 +694,61 @@ async def test_a_scale_up_left_by_a_stopped_controller_is_folded_in_by_the_next(
     await eventually(folded, "the recorded scale-up folded in")
     assert c.controller.provisioner.acquired.count("n4") == 1 and "n4" not in c.controller.provisioner.released
     await c.stop()
+
+
+async def test_the_node_a_scale_up_rented_is_given_back_once_the_slo_is_met_with_room(fresh: Any) -> None:
+    """After a scale-up, a window met with room (99% within, p90 TTFT far under half the target) gives the
+    newest scaled node back: a plan without it first, then its replica stopped and the node released; the four
+    nodes of the original plan stay, and nothing more is given back."""
+    import time
+
+    state = fresh()
+    prov = RecordOnlyProvisioner(state)
+    cfg = config(workload_check_s=0, scale_up=True, scale_up_cooldown_s=0.0, scale_down_after_s=0.0, max_nodes=5)
+    c = Running(TestController(state, prov, cfg, tick_s=0.05))
+    await eventually(lambda: all_replicas_ready(state), "the replicas")
+    await _missed(state, c)
+    assert await c.controller.check_scale_down() is None  # missed: no room
+    assert await c.controller.check_scale_up() == "scale_up"
+    await eventually(lambda: all_replicas_ready(state, 5), "the new node's replica")
+    assert (await state.meta())[SCALED_NODES_META_KEY] == ["n4"]
+    await state.record_workload({"requests": 5000, "input_sum": 200000, "input_sq": 1.01 * 40 * 40 * 5000,
+                                 "output_sum": 120000, "output_sq": 1.01 * 24 * 24 * 5000, "judged": 5000,
+                                 "slo_met": 5000, "ttft_0": 5000}, now=time.time() - 15)
+    assert await c.controller.check_slo() == "slo.met"
+    assert await c.controller.check_scale_down() == "scale_down"
+    event = [e for e in await state.events() if e.kind == "scale_down"][-1]
+    assert event.data["removed"] == ["n4"] and "giving back n4" in event.reason
+
+    async def given_back() -> bool:
+        plan = await state.get_plan()
+        return "n4" in prov.released and "n4" not in {i.id for i in plan.instances} and \
+            not any("n4" in r.node_ids for r in (await state.replicas()).values())
+
+    await eventually(given_back, "n4 released and its replica stopped")
+    assert sorted(i.id for i in (await state.get_plan()).instances) == ["n0", "n1", "n2", "n3"]
+    assert not prov.released[:-1] and (await state.meta())[SCALED_NODES_META_KEY] == []
+    assert await c.controller.check_scale_down() is None  # nothing scaled left
+    await c.stop()
+
+
+async def test_a_scale_down_waits_for_an_engine_that_still_holds_a_request() -> None:
+    """The drain asks the engine itself (SGLang's /get_load): busy while a 2 s answer runs, idle after; an engine
+    that does not answer holds nothing to wait for."""
+    import aiohttp
+
+    from planner.controller import _holding
+    from replicas.process import EngineProcess
+
+    engine = EngineProcess("emulated", role="both", extra_args=["--emulate-decode-ms-per-step", "50"])
+    await engine.astart()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            assert not await _holding(http, [engine.url, "http://127.0.0.1:9"])
+            body = {"text": "hi", "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
+            answer = asyncio.create_task(http.post(engine.url + "/generate", json=body))
+            await eventually(lambda: _holding(http, [engine.url]), "the engine to hold the request", 10)
+            (await answer).release()
+            assert not await _holding(http, [engine.url])
+    finally:
+        engine.stop()

@@ -87,8 +87,8 @@ def up(
     scale_up: bool = typer.Option(
         False, "--scale-up",
         help="while the live SLO is missed, rent one more instance at a time (the one adding the most goodput per "
-             "dollar) within --budget and --max-nodes; it is folded in once ready. Nodes are not given back when "
-             "the load falls"),
+             "dollar) within --budget and --max-nodes; it is folded in once ready. Once the SLO has been met "
+             "with room for 5 minutes the newest such node is given back (after its requests finish)"),
 ) -> None:
     """Plan, rent, start workers and the gateway; print the URL, an API key and a curl line."""
     problem = bad_deployment_name(deployment) or _bad_up_argument(
