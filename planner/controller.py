@@ -50,6 +50,7 @@ CONFIG_META_KEY = "controller_config"
 REPLACEMENTS_META_KEY = "controller_replacements"  # lost node id -> its replacement's id ("" = not chosen yet)
 SCALE_UPS_META_KEY = "controller_scale_ups"  # node id -> the Instance being rented to meet the SLO (not yet folded in)
 SCALED_NODES_META_KEY = "controller_scaled_nodes"  # node ids scale-ups folded in, oldest first (scale down gives back)
+SCALED_AT_META_KEY = "controller_scaled_at"  # when the last scale up or down was decided (kept by a successor)
 # A multi-node SGLang replica's rank 0 listens on its --dist-init-addr port and the next ~8 (SGLang's ZMQ
 # sockets), so replicas are 16 ports apart: 20000-28191, clear of the engine ports the SkyPilot task opens
 # (30000-30031) and of Linux's ephemeral range (32768-), where the agents draw engine ports.
@@ -207,7 +208,7 @@ class Controller:
         self._shift_considered: Any = None  # an observed Workload judged not worth re-deciding phases for
         self._slo_missed = False  # whether the last SLO check saw the attainment target missed
         self._scaling: dict[str, Instance] = {}  # node id -> instance rented to meet the SLO; in Redis too
-        self._scaled_at = 0.0  # when the last scale-up was decided (time.time())
+        self._scaled_at = 0.0  # when the last scale up or down was decided (time.time()); in Redis too
         self._scale_refused = ""  # the last refusal said (said once)
         self._roomy_since: float | None = None  # since when the SLO has been met with room (time.time())
         self._draining: set[str] = set()  # nodes a scale down dropped from the plan, left to finish their requests
@@ -438,6 +439,7 @@ class Controller:
             await self.state.emit("scale_up.refused", reason)
             return "scale_up.refused"
         self._scale_refused, self._scaled_at = "", time.time()
+        await self.state.set_meta(**{SCALED_AT_META_KEY: self._scaled_at})
         inst = add.instance
         self._scaling[inst.id] = inst
         await self._save_scale_ups()
@@ -520,6 +522,7 @@ class Controller:
             if changes.goodput_after < 2 * sample.rate:
                 return None
             self._scaled_at, self._roomy_since = now, None
+            await self.state.set_meta(**{SCALED_AT_META_KEY: now})
             self._draining.add(node_id)
             await self.state.set_meta(**{SCALED_NODES_META_KEY: [n for n in scaled if n != node_id]})
             await self._publish(new_plan, "scale_down", f"SLO met with room for {cfg.scale_down_after_s:g}s "
@@ -557,8 +560,12 @@ class Controller:
             await self.state.set_meta(**{SCALE_UPS_META_KEY: {k: asdict(v) for k, v in self._scaling.items()}})
 
     async def _resume_scale_ups(self) -> None:
-        """Finish the scale-ups a previous controller recorded (fold in, or release what never came up)."""
-        saved = (await self.state.meta()).get(SCALE_UPS_META_KEY)
+        """Finish the scale-ups a previous controller recorded (fold in, or release what never came up), and keep
+        its cooldown (a restarted controller that sees the same miss must not rent again at once)."""
+        meta = await self.state.meta()
+        with contextlib.suppress(TypeError, ValueError):
+            self._scaled_at = float(meta.get(SCALED_AT_META_KEY) or 0.0)
+        saved = meta.get(SCALE_UPS_META_KEY)
         if not isinstance(saved, dict):
             return
         for node_id, inst in saved.items():
