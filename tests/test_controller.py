@@ -752,3 +752,25 @@ async def test_a_scale_down_waits_for_an_engine_that_still_holds_a_request() -> 
             assert not await _holding(http, [engine.url])
     finally:
         engine.stop()
+
+
+async def test_a_successor_keeps_the_scale_up_cooldown(fresh: Any) -> None:
+    """A controller restarted right after a scale-up sees the same miss but does not rent again before the
+    cooldown (seen live: a restart rented a second node at once)."""
+    state = fresh()
+    cfg = config(workload_check_s=0, scale_up=True, max_nodes=6)
+    a = Running(TestController(state, RecordOnlyProvisioner(state), cfg, tick_s=0.05, owner="a"))
+    await eventually(lambda: all_replicas_ready(state), "the replicas")
+    await _missed(state, a)
+    assert await a.controller.check_scale_up() == "scale_up"
+    await eventually(lambda: all_replicas_ready(state, 5), "the new node's replica")
+    await a.stop()
+    b = Running(TestController(state, RecordOnlyProvisioner(state), cfg, tick_s=0.05, owner="b"))
+
+    async def resumed() -> bool:
+        return b.controller._scaled_at > 0
+
+    await eventually(resumed, "b to read the cooldown")
+    assert await b.controller.check_slo() == "slo.missed"
+    assert await b.controller.check_scale_up() is None
+    await b.stop()
