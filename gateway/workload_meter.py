@@ -16,7 +16,7 @@ import logging
 import re
 from typing import Any
 
-from planner.state import LATENCY_BOUNDS_S, WORKLOAD_FIELDS, StateStore
+from planner.state import LATENCY_BOUNDS_S, LATENCY_KEYS, WORKLOAD_FIELDS, StateStore
 
 log = logging.getLogger("gateway")
 
@@ -66,9 +66,9 @@ class WorkloadMeter:
         """One answered request's TTFT (arrival at the gateway to its first token) and TPOT (mean time per output
         token after the first; None with one token), judged against the plan's SLO when there is one."""
         c = self.counts
-        c[f"ttft_{bisect.bisect_left(LATENCY_BOUNDS_S, ttft_s)}"] += 1
+        c[LATENCY_KEYS["ttft"][bisect.bisect_left(LATENCY_BOUNDS_S, ttft_s)]] += 1
         if tpot_s is not None:
-            c[f"tpot_{bisect.bisect_left(LATENCY_BOUNDS_S, tpot_s)}"] += 1
+            c[LATENCY_KEYS["tpot"][bisect.bisect_left(LATENCY_BOUNDS_S, tpot_s)]] += 1
         if self.slo is not None:
             ttft_max, tpot_max = self.slo
             c["judged"] += 1

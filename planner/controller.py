@@ -383,9 +383,7 @@ class Controller:
         plan, attained = self.plan, sample.attainment
         if plan is None or attained is None or sample.judged < self.cfg.workload_min_requests:
             return None
-        from planner.workload import SLO
-
-        slo = SLO.from_dict(plan.slo) if plan.slo else self._workload()[1]  # the one the gateways judge by
+        slo = self._judged_slo(plan)
         missed = attained < slo.attainment
         if missed == self._slo_missed:
             return None
@@ -404,6 +402,12 @@ class Controller:
                 + f" the plan's expected goodput of {goodput:.2f}") if goodput else ""
         await self.state.emit("slo.missed", said + load, **seen)
         return "slo.missed"
+
+    def _judged_slo(self, plan: Plan) -> Any:
+        """The SLO the gateways judge answers by: the plan's (``plan.slo``), else the deployment's."""
+        from planner.workload import SLO
+
+        return SLO.from_dict(plan.slo) if plan.slo else self._workload()[1]
 
     async def check_scale_up(self, sample: Any = None) -> str | None:
         """While the live SLO is missed: rent the one instance that adds the most goodput per dollar to the plan
@@ -496,7 +500,7 @@ class Controller:
         if plan is None or attained is None or sample.judged < cfg.workload_min_requests or self._slo_missed:
             self._roomy_since = None
             return None
-        _, slo = self._workload()
+        slo = self._judged_slo(plan)
         ttft, tpot = sample.latency_quantile("ttft", 0.9), sample.latency_quantile("tpot", 0.9)
         roomy = attained >= slo.attainment and ttft is not None and ttft <= slo.ttft_s / 2 and \
             (tpot is None or tpot <= slo.tpot_s / 2)
@@ -530,30 +534,25 @@ class Controller:
                                 f"{changes.goodput_kept:.2f} -> {changes.goodput_after:.2f} req/s est.",
                                 removed=[node_id], solve_ms=solve_ms, changes=_changes_dict(changes),
                                 expected=new_plan.expected)
-        self._spawn(self._drain_and_release(plan, node_id), f"scale-down-{node_id}")
-        self._wake.set()
+        self._spawn(self._drain(node_id), f"scale-down-{node_id}")
         return "scale_down"
 
-    async def _drain_and_release(self, old_plan: Plan, node_id: str) -> None:
-        """Wait until the dropped node's replicas hold no request (or ``drain_timeout_s``), then stop them and
-        release the node."""
+    async def _drain(self, node_id: str) -> None:
+        """Hold back the reconcile pass's stop and release of ``node_id`` (no longer in the plan) until its
+        replicas hold no request, or ``drain_timeout_s``; then let it do them."""
         import aiohttp
 
-        records = await self.state.replicas()
-        dropped = [records[r.id] for r in old_plan.replicas if node_id in r.node_ids and r.id in records]
+        urls = [r.url for r in (await self.state.replicas()).values() if node_id in r.node_ids and r.url]
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
                 while time.monotonic() < deadline:  # polling the engines: they announce nothing
-                    if not await _holding(http, [r.url for r in dropped if r.url]):
+                    if not await _holding(http, urls):
                         break
                     await asyncio.sleep(0.2)
-            nodes = await self.state.nodes()
-            for rec in dropped:
-                await self._stop_replica(rec, nodes)
-            await self._release(node_id, "scale down")
         finally:
             self._draining.discard(node_id)
+            self._wake.set()
 
     async def _save_scale_ups(self) -> None:
         async with self._persist_lock:

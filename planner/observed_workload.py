@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.state import LATENCY_BOUNDS_S
+from planner.state import LATENCY_BOUNDS_S, LATENCY_KEYS
 from planner.workload import Lengths, Workload
 
 OBSERVED = "observed"  # the start of a Workload's ``trace`` when the gateways measured it
@@ -38,11 +38,10 @@ class WorkloadSample:
     @classmethod
     def from_counts(cls, seconds: float, counts: dict[str, float]) -> WorkloadSample:
         """From ``StateStore`` field totals (``WORKLOAD_FIELDS``)."""
-        n = len(LATENCY_BOUNDS_S) + 1
         scalars = ("requests", "input_sum", "input_sq", "output_sum", "output_sq", "judged", "slo_met")
         return cls(seconds, *(counts.get(k, 0.0) for k in scalars),
-                   ttft_hist=tuple(counts.get(f"ttft_{i}", 0.0) for i in range(n)),
-                   tpot_hist=tuple(counts.get(f"tpot_{i}", 0.0) for i in range(n)))
+                   ttft_hist=tuple(counts.get(k, 0.0) for k in LATENCY_KEYS["ttft"]),
+                   tpot_hist=tuple(counts.get(k, 0.0) for k in LATENCY_KEYS["tpot"]))
 
     @property
     def attainment(self) -> float | None:

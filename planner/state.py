@@ -65,7 +65,8 @@ WORKLOAD_TTL_S = 3600
 # Latency histogram buckets (upper bounds, seconds; one more bucket past the last) for TTFT and TPOT: fixed, so
 # every gateway's counts add up in Redis and a window's quantiles can be read back (as a bucket's upper bound).
 LATENCY_BOUNDS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-LATENCY_FIELDS = tuple(f"{what}_{i}" for what in ("ttft", "tpot") for i in range(len(LATENCY_BOUNDS_S) + 1))
+LATENCY_KEYS = {what: tuple(f"{what}_{i}" for i in range(len(LATENCY_BOUNDS_S) + 1)) for what in ("ttft", "tpot")}
+LATENCY_FIELDS = (*LATENCY_KEYS["ttft"], *LATENCY_KEYS["tpot"])
 WORKLOAD_FIELDS = ("requests", "input_sum", "input_sq", "output_sum", "output_sq", "judged", "slo_met",
                    *LATENCY_FIELDS)
 NODE_STATUSES = ("pending", "ready", "preempted", "terminated", "failed")

@@ -27,7 +27,7 @@ from rich.table import Table
 from planner.controller import CONFIG_META_KEY, ControllerConfig
 from planner.embedded_redis import REDIS_URL_ENV, EmbeddedRedis, RedisUnavailable, check_redis, free_port
 from planner.offers import MAX_GPUS
-from planner.state import StateStore
+from planner.state import LATENCY_BOUNDS_S, StateStore
 from replicas.engine.backends import unknown_model
 from tsctl.runtime import (
     Deployment,
@@ -547,7 +547,7 @@ def _slo_line(slo: dict[str, Any]) -> str:
     color = "green" if attained >= goal else "red"
 
     def at_most(v: float | None) -> str:
-        return "-" if v is None else ("> 30 s" if v == math.inf else f"<= {v:g} s")
+        return "-" if v is None else (f"> {LATENCY_BOUNDS_S[-1]:g} s" if v == math.inf else f"<= {v:g} s")
 
     quantiles = "; ".join(f"{what.upper()} " + ", ".join(f"p{q} {at_most(slo.get(f'{what}_p{q}_at_most_s'))}"
                                                       for q in (50, 90, 99)) for what in ("ttft", "tpot"))
